@@ -1,0 +1,32 @@
+"""hf-paged: a paged KV cache (PagedAttention) for a plain ``model.generate``.
+
+    import hf_paged
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="paged")
+    out = model.generate(**inputs, return_dict_in_generate=True)
+    out.past_key_values.memory_stats()
+
+Importing the package registers the ``"paged"`` attention and mask functions with transformers and
+installs the generate hooks (both idempotent).
+"""
+
+from .attention import dense_attention, paged_attention_forward, paged_mask, register
+from .block_pool import BlockPool, OutOfBlocksError
+from .cache import PagedCache, PagedForward
+from .generation import UnsupportedModelError, check_supported, install
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockPool",
+    "OutOfBlocksError",
+    "PagedCache",
+    "PagedForward",
+    "UnsupportedModelError",
+    "check_supported",
+    "dense_attention",
+    "paged_attention_forward",
+    "paged_mask",
+]
+
+register()
+install()

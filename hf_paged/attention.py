@@ -1,0 +1,106 @@
+"""The ``"paged"`` attention implementation: its registration, its mask function and dispatch.
+
+transformers looks attention up by name (``AttentionInterface``) and builds masks with a function
+registered under the same name (``AttentionMaskInterface``; without one, padded batches silently
+lose their mask). Our mask function does not build a mask: when the forward uses a
+:class:`~hf_paged.cache.PagedCache` it returns that forward's :class:`~hf_paged.cache.PagedForward`
+(block table, seq_lens, query positions), which the attention function receives as its
+``attention_mask``. Without a paged cache (a plain forward with the model's own DynamicCache, or
+no cache) both fall back to a dense boolean mask and a dense attention in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import PagedForward, _backend_for, take_pending_cache
+
+ATTN_NAME = "paged"
+
+
+def paged_mask(*args, **kwargs):
+    """Mask function registered as ``"paged"`` (called by transformers' create_*_mask)."""
+    cache = take_pending_cache()
+    attention_mask = kwargs.get("attention_mask")
+    if cache is not None:
+        device = kwargs.get("device")
+        if device is None:
+            device = attention_mask.device if attention_mask is not None else torch.device("cpu")
+        return cache.begin_forward(
+            attention_mask if (attention_mask is None or attention_mask.dim() == 2) else None,
+            q_len=kwargs["q_length"],
+            batch_size=kwargs["batch_size"],
+            device=torch.device(device),
+            dtype=kwargs.get("dtype"),
+        )
+    kwargs["allow_is_causal_skip"] = False  # the dense fallback always wants an explicit mask
+    return sdpa_mask(*args, **kwargs)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as ``"paged"``.
+
+    ``query`` is ``[B, Hq, Q, D]``; returns ``([B, Q, Hq, D], None)``. With a paged cache, K/V are
+    read from the layer's block pool through the block table (``key``/``value`` are only this
+    forward's new tokens, already stored by ``PagedCache.update``).
+    """
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    sliding_window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    sinks = s_aux if s_aux is not None else kwargs.get("sinks")
+    if isinstance(attention_mask, PagedForward):
+        fwd = attention_mask.on(query.device)
+        k_pool, v_pool = fwd.cache.layer_pools(module.layer_idx)
+        out = _backend_for(query.device).paged_attention(
+            query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
+            sliding_window=sliding_window, softcap=softcap, sinks=sinks, max_seq_len=fwd.max_seq_len,
+        )
+        return out, None
+    dropout = dropout if module.training else 0.0
+    return dense_attention(query, key, value, attention_mask, scaling, softcap, sinks, dropout), None
+
+
+def dense_attention(query, key, value, mask, scaling, softcap=None, sinks=None, dropout=0.0):
+    """Plain attention over contiguous K/V ``[B, Hkv, K, D]`` with a 4D boolean mask (True = keep)."""
+    b, hq, q, d = query.shape
+    groups = hq // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    if sinks is not None:
+        sink = sinks.float().view(1, hq, 1, 1).expand(b, hq, q, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs)  # fully masked rows (pad queries) give zeros, not NaN
+    if dropout:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous()
+
+
+def register() -> None:
+    """Register ``"paged"`` with transformers (idempotent: registering again replaces the same entries)."""
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, paged_mask)

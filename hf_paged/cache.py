@@ -1,0 +1,627 @@
+"""The paged KV cache: block tables, slots and the transformers ``Cache`` contract.
+
+Data path of one forward pass (see ``attention.py`` for the hooks that drive it):
+
+1. transformers' mask builder calls ``cache.get_mask_sizes`` and then our mask function, which
+   calls :meth:`PagedCache.begin_forward` with the 2D padding mask. That allocates blocks for the
+   new tokens (pads are never stored), schedules copy-on-write of shared tail blocks, and builds
+   the per-forward metadata (:class:`PagedForward`: block table, seq_lens, query positions, slot
+   mapping) ONCE, as int32 tensors on the device.
+2. every attention layer calls ``cache.update(k, v, layer_idx)``: the layer's pending block copies
+   run (one launch), the new K/V are stored by slot mapping (one launch), and the new K/V are
+   returned unchanged.
+3. the attention function reads K/V straight from the layer's pool through the block table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from .block_pool import BlockPool, OutOfBlocksError
+
+_MEMORY_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_memory(value: int | float | str) -> int:
+    """Bytes from an int or a string such as ``"2GiB"``, ``"512 MB"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _MEMORY_UNITS:
+        raise ValueError(
+            f"hf_paged: cannot read the memory size {value!r}; use bytes (an int) or a string such as "
+            f"'2GiB', '1500MB'."
+        )
+    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+
+
+# The cache that most recently answered ``get_mask_sizes``: transformers' mask builder calls it
+# right before the mask function, which takes it from here (the mask function is not given the
+# cache). Cleared as soon as it is taken, so it never outlives one mask construction.
+_PENDING_MASK_CACHE: PagedCache | None = None
+
+
+def take_pending_cache() -> PagedCache | None:
+    global _PENDING_MASK_CACHE
+    cache, _PENDING_MASK_CACHE = _PENDING_MASK_CACHE, None
+    return cache
+
+
+@dataclass
+class PagedForward:
+    """What one forward pass needs to write and read the paged cache, built once per forward.
+
+    It is what the mask function returns, so every attention layer receives it as its
+    ``attention_mask``. Tensors live on ``device``; :meth:`on` gives copies for other devices
+    (``device_map`` across GPUs), made once per device and forward.
+    """
+
+    cache: PagedCache
+    q_len: int
+    block_table: torch.Tensor  # int32 [B, max_blocks_per_row]
+    seq_lens: torch.Tensor  # int32 [B], stored tokens per row after this forward
+    query_pos: torch.Tensor  # int32 [B, Q], stored index of each new token, -1 for pads
+    slot_mapping: torch.Tensor  # int32 [B, Q], block * block_size + offset, -1 for pads
+    copy_src: torch.Tensor | None  # int64 [N] copy-on-write sources (None: no copies)
+    copy_dst: torch.Tensor | None
+    max_seq_len: int  # host-side bound on seq_lens (no device sync needed to size kernels)
+    new_logical_len: int
+    layers_done: set = field(default_factory=set)
+    _per_device: dict = field(default_factory=dict)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.layers_done)
+
+    def on(self, device: torch.device) -> PagedForward:
+        if self.block_table.device == device:
+            return self
+        moved = self._per_device.get(device)
+        if moved is None:
+            def mv(t):
+                return None if t is None else t.to(device, non_blocking=True)
+            moved = PagedForward(
+                self.cache, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
+                mv(self.slot_mapping), mv(self.copy_src), mv(self.copy_dst), self.max_seq_len,
+                self.new_logical_len, self.layers_done,
+            )
+            self._per_device[device] = moved
+        return moved
+
+
+class PagedCache(Cache):
+    """KV cache kept in fixed-size blocks (PagedAttention).
+
+    Stores, per layer, a pool of K and V blocks ``[num_blocks, block_size, num_kv_heads, head_dim]``;
+    one block table per row (shared by all layers) maps each row's token ``i`` to block
+    ``table[i // block_size]``, offset ``i % block_size``. Pad tokens of left-padded batches are
+    never stored; rows that share a prefix (beams, ``num_return_sequences`` copies) share blocks,
+    copy-on-write. Memory grows a block at a time as sequences grow.
+
+    Use it through ``attn_implementation="paged"`` (``generate`` then creates one), or pass
+    ``past_key_values=PagedCache(config=model.config, block_size=..., max_memory="4GiB")`` to
+    choose the block size or cap the memory. ``memory_stats()`` reports what is held and used.
+
+    Args:
+        config: the model config (needed only to turn ``max_memory`` into a number of blocks).
+        block_size: tokens per block (a multiple of 16 for the Triton kernels).
+        max_blocks: cap on the number of blocks in the pool.
+        max_memory: cap on the pool's bytes over all layers (int or e.g. ``"4GiB"``).
+        share_prefixes: store identical full prompt blocks of different rows once.
+    """
+
+    def __init__(
+        self,
+        config=None,
+        block_size: int = 16,
+        max_blocks: int | None = None,
+        max_memory: int | str | None = None,
+        share_prefixes: bool = True,
+    ):
+        super().__init__(layers=[])
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}")
+        if max_blocks is not None and max_memory is not None:
+            raise ValueError("hf_paged: pass max_blocks or max_memory, not both")
+        self.config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.block_size = block_size
+        self.max_memory = parse_memory(max_memory) if max_memory is not None else None
+        self.share_prefixes = share_prefixes
+        self.pool = BlockPool(max_blocks=max_blocks)
+        self.key_cache: list[torch.Tensor | None] = []
+        self.value_cache: list[torch.Tensor | None] = []
+        self.block_tables: list[list[int]] = []
+        self.seq_lens: list[int] = []  # tokens stored per row
+        self.pad_lens: list[int] = []  # left pads per row (logical positions never stored)
+        self._logical_len = 0  # padded length, as a DynamicCache would count it
+        self._forward: PagedForward | None = None
+        self._prefill_tokens: torch.Tensor | None = None  # token ids of the next prefill, for hashing
+
+    # ================================================================ transformers contract
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._logical_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        global _PENDING_MASK_CACHE
+        if isinstance(query_length, torch.Tensor):  # older signature: cache_position
+            query_length = query_length.shape[0]
+        _PENDING_MASK_CACHE = self
+        past = self._logical_len
+        if self._forward is not None and not self._forward.started and self._forward.q_len == query_length:
+            past = self._forward.new_logical_len - query_length
+        return past + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self._logical_len
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.block_tables) if self.block_tables else -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.block_tables)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.key_cache)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.key_cache)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.key_cache)
+
+    def __len__(self) -> int:
+        return len(self.key_cache)
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedCache(rows={len(self.block_tables)}, block_size={self.block_size}, "
+            f"blocks_used={self.pool.num_used}/{self.pool.num_blocks}, layers={len(self.key_cache)})"
+        )
+
+    def activate_past_recording(self):
+        pass  # every token is kept: crop can always roll back
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- update
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new K/V of one layer (pads skipped) and return them unchanged.
+
+        The attention function reads the layer's whole context from the pool through the block
+        table of the current :class:`PagedForward`, so nothing is concatenated here.
+        """
+        fwd = self._forward
+        if fwd is None or layer_idx in fwd.layers_done:
+            raise RuntimeError(
+                "hf_paged: PagedCache.update was called with no paged metadata for this forward. The "
+                "model must build its attention mask through transformers' masking utilities with "
+                "attn_implementation='paged' (a precomputed 4D attention_mask is not supported), and "
+                "PagedCache must be used with attn_implementation='paged'."
+            )
+        if not fwd.layers_done:  # the forward is happening: commit its logical length
+            self._logical_len = fwd.new_logical_len
+        fwd.layers_done.add(layer_idx)
+        if key_states.shape[0] != fwd.block_table.shape[0] or key_states.shape[2] != fwd.q_len:
+            raise ValueError(
+                f"hf_paged: layer {layer_idx} gave K/V of shape {tuple(key_states.shape)} but this forward "
+                f"has {fwd.block_table.shape[0]} rows of {fwd.q_len} tokens"
+            )
+        k_pool, v_pool = self._layer_pools(layer_idx, key_states, value_states)
+        meta = fwd.on(key_states.device)
+        backend = _backend_for(key_states.device)
+        if meta.copy_src is not None:
+            backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
+        backend.store_kv(key_states, value_states, k_pool, v_pool, meta.slot_mapping)
+        return key_states, value_states
+
+    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def _layer_pools(self, layer_idx, key_states, value_states):
+        while len(self.key_cache) <= layer_idx:
+            self.key_cache.append(None)
+            self.value_cache.append(None)
+        k_pool = self.key_cache[layer_idx]
+        need = self.pool.num_blocks
+        if k_pool is None:
+            _, h, _, d = key_states.shape
+            dv = value_states.shape[-1]
+            shape = (need, self.block_size, h, d)
+            self.key_cache[layer_idx] = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
+            self.value_cache[layer_idx] = torch.empty(
+                shape[:3] + (dv,), dtype=value_states.dtype, device=value_states.device
+            )
+        elif k_pool.shape[0] < need:
+            # The pool grew: enlarge this layer's tensors, keeping the stored blocks.
+            for pools in (self.key_cache, self.value_cache):
+                old = pools[layer_idx]
+                new = torch.empty((need,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+                new[: old.shape[0]].copy_(old)
+                pools[layer_idx] = new
+        elif key_states.dtype != k_pool.dtype:
+            raise TypeError(
+                f"hf_paged: layer {layer_idx} gave K/V in {key_states.dtype} but its cache holds "
+                f"{k_pool.dtype}; one PagedCache serves one dtype (call cache.reset() or make a new cache)."
+            )
+        return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    # ---------------------------------------------------------------- begin_forward
+    def begin_forward(
+        self,
+        attention_mask: torch.Tensor | None,
+        q_len: int,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> PagedForward:
+        """Allocate blocks for this forward's new tokens and build its metadata (once per forward)."""
+        fwd = self._forward
+        if fwd is not None and not fwd.started and fwd.q_len == q_len and fwd.block_table.shape[0] == batch_size:
+            return fwd  # a second mask (e.g. sliding-window layers) of the same forward
+
+        if not self.block_tables:
+            self.block_tables = [[] for _ in range(batch_size)]
+            self.seq_lens = [0] * batch_size
+            self.pad_lens = [0] * batch_size
+        elif batch_size != len(self.block_tables):
+            raise ValueError(
+                f"hf_paged: this forward has batch size {batch_size} but the cache holds "
+                f"{len(self.block_tables)} rows (call cache.reset() before reusing it for another batch)"
+            )
+        self._resolve_memory_cap(dtype)
+
+        bs = self.block_size
+        seq_before = np.asarray(self.seq_lens, dtype=np.int64)
+        n_new, pads = self._new_token_counts(attention_mask, q_len, batch_size, seq_before)
+
+        # --- allocation (all or nothing) -------------------------------------------------
+        seq_after = seq_before + n_new
+        blocks_after = -(-seq_after // bs)
+        need_per_row = [int(blocks_after[b]) - len(self.block_tables[b]) for b in range(batch_size)]
+        cow_rows = [
+            b for b in range(batch_size)
+            if n_new[b] > 0 and seq_before[b] % bs != 0 and self.pool.ref_count(self.block_tables[b][-1]) > 1
+        ]
+        reuse, row_hashes = self._plan_prefix_reuse(n_new, pads, seq_before, q_len)
+        total = sum(need_per_row) + len(cow_rows) - sum(len(r) for r in reuse.values())
+        try:
+            fresh = self.pool.allocate(total)
+        except OutOfBlocksError as e:
+            raise OutOfBlocksError(
+                e.needed, e.available, e.max_blocks,
+                hint=f"(block_size={bs}; rows={batch_size}; longest row would hold {int(seq_after.max())} tokens)",
+            ) from None
+        fresh.reverse()
+        copies: list[tuple[int, int]] = []
+        for b in cow_rows:  # copy-on-write of shared, partially filled tail blocks
+            table = self.block_tables[b]
+            src = table[-1]
+            dst = fresh.pop()
+            table[-1] = dst
+            copies.append((src, dst))
+            self.pool.decref([src])  # after allocate: a freed src is never handed out as a dst
+        skip_until = np.zeros(batch_size, dtype=np.int64)  # stored index below which a row reuses blocks
+        for b in range(batch_size):
+            table = self.block_tables[b]
+            for ref in reuse.get(b, ()):
+                blk = ref if isinstance(ref, int) else self.block_tables[ref[0]][ref[1]]
+                self.pool.incref([blk])
+                table.append(blk)
+            skip_until[b] = len(table) * bs if b in reuse else 0
+            table.extend(fresh.pop() for _ in range(int(blocks_after[b]) - len(table)))
+        assert not fresh
+        for b, hashes in row_hashes.items():
+            for i, h in enumerate(hashes):
+                if self.block_tables[b][i] not in self.pool.block_hash:
+                    self.pool.register_hash(self.block_tables[b][i], h)
+        for b in range(batch_size):
+            if seq_before[b] == 0:
+                self.pad_lens[b] += int(pads[b])
+        self.seq_lens = [int(x) for x in seq_after]
+
+        # --- metadata, vectorised (no per-token Python loops) ------------------------------
+        max_blocks = max(1, max(len(t) for t in self.block_tables))
+        block_table = np.zeros((batch_size, max_blocks), dtype=np.int32)
+        for b, table in enumerate(self.block_tables):
+            block_table[b, : len(table)] = table
+        j = np.arange(q_len, dtype=np.int64)[None, :]
+        query_pos = seq_before[:, None] + j - pads[:, None]
+        is_real = j >= pads[:, None]
+        query_pos = np.where(is_real, query_pos, -1)
+        safe_pos = np.maximum(query_pos, 0)
+        blk = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64)
+        slot = blk * bs + safe_pos % bs
+        slot = np.where(is_real & (query_pos >= skip_until[:, None]), slot, -1)
+        n_copies = len(copies)
+        packed = np.concatenate([
+            block_table.ravel(), seq_after.astype(np.int32), query_pos.astype(np.int32).ravel(),
+            slot.astype(np.int32).ravel(), np.asarray([c[0] for c in copies] + [c[1] for c in copies], np.int32),
+        ])
+        host = torch.from_numpy(packed)
+        if device.type == "cuda":
+            dev = host.pin_memory().to(device, non_blocking=True)
+        else:
+            dev = host.to(device)
+        o = 0
+        def take(n, shape):
+            nonlocal o
+            t = dev[o:o + n].view(shape)
+            o += n
+            return t
+        bt = take(batch_size * max_blocks, (batch_size, max_blocks))
+        sl = take(batch_size, (batch_size,))
+        qp = take(batch_size * q_len, (batch_size, q_len))
+        sm = take(batch_size * q_len, (batch_size, q_len))
+        src = take(n_copies, (n_copies,)).long() if n_copies else None
+        dst = take(n_copies, (n_copies,)).long() if n_copies else None
+        self._forward = PagedForward(
+            cache=self, q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
+            copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
+            new_logical_len=self._logical_len + q_len,
+        )
+        return self._forward
+
+    def _new_token_counts(self, attention_mask, q_len, batch_size, seq_before):
+        """Per row: how many of the ``q_len`` new tokens are real, and how many are left pads."""
+        must_read = attention_mask is not None and (
+            self._logical_len == 0 or attention_mask.device.type == "cpu"
+        )
+        # After the prefill, generate only appends real tokens: reading the mask on the GPU every
+        # step would cost a host-device synchronisation, so it is read on the prefill only.
+        if not must_read:
+            n = np.full(batch_size, q_len, dtype=np.int64)
+            return n, np.zeros(batch_size, dtype=np.int64)
+        new = attention_mask[:, -q_len:].to("cpu", torch.bool).numpy()
+        if new.shape != (batch_size, q_len):
+            raise ValueError(
+                f"hf_paged: attention_mask of shape {tuple(attention_mask.shape)} does not cover "
+                f"{batch_size} rows x {q_len} new tokens"
+            )
+        # Left padding only: within a row, once a real token appears, no pad may follow.
+        bad = (new[:, 1:] < new[:, :-1]).any(axis=1) | ((seq_before > 0) & ~new.all(axis=1))
+        if bad.any():
+            raise ValueError(
+                f"hf_paged: row {int(np.flatnonzero(bad)[0])} of the attention_mask has a pad after a real "
+                f"token. The paged cache stores left-padded batches only: set "
+                f"tokenizer.padding_side = 'left'."
+            )
+        n = new.sum(axis=1).astype(np.int64)
+        return n, q_len - n
+
+    # ---------------------------------------------------------------- prefix sharing
+    def set_prefill_tokens(self, input_ids: torch.Tensor | None) -> None:
+        """Token ids of the next forward's new tokens ``[B, Q]``, so that identical full prompt
+        blocks (same tokens from the row's first token on) are stored once."""
+        self._prefill_tokens = input_ids
+
+    def _plan_prefix_reuse(self, n_new, pads, seq_before, q_len):
+        """Which full prompt blocks of rows that start in this forward already exist.
+
+        Returns ``reuse`` (row -> leading blocks to reference: a block id from the pool, or
+        ``(row, i)`` for block ``i`` of an earlier row of this forward, not yet allocated) and
+        ``row_hashes`` (row -> chained hashes of its full blocks, registered once allocated).
+        Hashes chain over the tokens from the row's first real token, so a hit means the same
+        tokens at the same positions: the same K/V.
+        """
+        tokens, self._prefill_tokens = self._prefill_tokens, None
+        if not self.share_prefixes or tokens is None or tuple(tokens.shape) != (len(n_new), q_len):
+            return {}, {}
+        tokens = tokens.to("cpu").numpy()
+        bs = self.block_size
+        reuse: dict[int, list] = {}
+        row_hashes: dict[int, list[int]] = {}
+        first_seen: dict[int, tuple[int, int]] = {}  # hash -> (row, block index) in this forward
+        for b in range(len(n_new)):
+            if seq_before[b] != 0:
+                continue
+            row = tokens[b, int(pads[b]):]
+            hashes, h = [], 0
+            for i in range(int(n_new[b]) // bs):
+                h = hash((h, row[i * bs:(i + 1) * bs].tobytes()))
+                hashes.append(h)
+            refs: list = []
+            for h in hashes:
+                hit = self.pool.lookup_hash(h)
+                if hit is None:
+                    hit = first_seen.get(h)
+                if hit is None:
+                    break
+                refs.append(hit)
+            for i in range(len(refs), len(hashes)):
+                first_seen.setdefault(hashes[i], (b, i))
+            if refs:
+                reuse[b] = refs
+            row_hashes[b] = hashes
+        return reuse, row_hashes
+
+    # ---------------------------------------------------------------- row operations
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: row ``i`` becomes old row ``beam_idx[i]``. Tables move, K/V do not."""
+        idx = beam_idx.tolist() if isinstance(beam_idx, torch.Tensor) else list(beam_idx)
+        self._select_rows(idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        self._select_rows(idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_rows([i for i in range(len(self.block_tables)) for _ in range(repeats)])
+
+    def _select_rows(self, idx: list[int]) -> None:
+        if not self.block_tables:
+            return
+        self._forward = None
+        old = self.block_tables
+        if any(i < 0 or i >= len(old) for i in idx):
+            raise IndexError(f"hf_paged: row index out of range for a cache of {len(old)} rows: {idx}")
+        new = [list(old[i]) for i in idx]
+        for t in new:
+            self.pool.incref(t)
+        for t in old:
+            self.pool.decref(t)
+        self.block_tables = new
+        self.seq_lens = [self.seq_lens[i] for i in idx]
+        self.pad_lens = [self.pad_lens[i] for i in idx]
+
+    def fork_rows(self, idx: list[int]) -> None:
+        """Public alias of row selection with repetition: rows share blocks copy-on-write."""
+        self._select_rows(idx)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` logical positions (a negative value drops that many)."""
+        if max_length < 0:
+            max_length = self._logical_len + max_length
+        max_length = max(0, max_length)
+        if max_length >= self._logical_len:
+            return
+        self._forward = None
+        bs = self.block_size
+        for b, table in enumerate(self.block_tables):
+            keep_tokens = max(0, min(self.seq_lens[b], max_length - self.pad_lens[b]))
+            keep_blocks = -(-keep_tokens // bs)
+            dropped = table[keep_blocks:]
+            del table[keep_blocks:]
+            self.pool.decref(dropped)
+            if keep_tokens % bs and self.pool.ref_count(table[-1]) == 1:
+                self.pool.forget_hash(table[-1])  # it becomes partial and will be written again
+            self.seq_lens[b] = keep_tokens
+            self.pad_lens[b] = min(self.pad_lens[b], max_length)
+        self._logical_len = max_length
+
+    def reset(self) -> None:
+        """Forget every row; blocks return to the pool (its tensors stay allocated for reuse)."""
+        self.pool.reset()
+        self.block_tables, self.seq_lens, self.pad_lens = [], [], []
+        self._logical_len = 0
+        self._forward = None
+        self._prefill_tokens = None
+
+    # ---------------------------------------------------------------- memory
+    def _bytes_per_token(self) -> int:
+        """K+V bytes of one token over all layers (from the pools, else from the config)."""
+        if self.key_cache and all(k is not None for k in self.key_cache):
+            return sum(
+                (k[0, 0].numel() * k.element_size() + v[0, 0].numel() * v.element_size())
+                for k, v in zip(self.key_cache, self.value_cache)
+            )
+        return 0
+
+    def _resolve_memory_cap(self, dtype: torch.dtype | None) -> None:
+        if self.max_memory is None or self.pool.max_blocks is not None:
+            return
+        per_token = self._bytes_per_token() or _config_bytes_per_token(self.config, dtype)
+        if not per_token:
+            raise ValueError(
+                "hf_paged: max_memory needs the model config to size a block: pass "
+                "PagedCache(config=model.config, max_memory=...) or use max_blocks."
+            )
+        max_blocks = self.max_memory // (per_token * self.block_size)
+        if max_blocks < 1:
+            raise ValueError(
+                f"hf_paged: max_memory={self.max_memory} bytes is less than one block "
+                f"({per_token * self.block_size} bytes at block_size={self.block_size})"
+            )
+        self.pool.max_blocks = max_blocks
+
+    def memory_stats(self) -> dict:
+        """What the cache holds and uses, and what a DynamicCache would hold for the same rows.
+
+        Keys: ``block_size``, ``blocks_total`` (held by the pool), ``blocks_used`` (distinct blocks
+        referenced by some row), ``blocks_shared`` (referenced more than once), ``rows``,
+        ``tokens_logical`` (sum of the rows' non-pad lengths), ``tokens_stored`` (distinct stored
+        token slots), ``tokens_dense`` (rows x padded length: a DynamicCache's tokens),
+        ``bytes_per_token``, ``bytes_reserved`` (pool tensors), ``bytes_used``, ``bytes_dense``,
+        ``saving`` (bytes_dense / bytes_used).
+        """
+        bs = self.block_size
+        filled: dict[int, int] = {}
+        for table, n in zip(self.block_tables, self.seq_lens):
+            for i, blk in enumerate(table):
+                filled[blk] = max(filled.get(blk, 0), min(bs, n - i * bs))
+        per_token = self._bytes_per_token()
+        reserved = sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for k, v in zip(self.key_cache, self.value_cache) if k is not None
+        )
+        blocks_used = len(filled)
+        rows = len(self.block_tables)
+        bytes_used = blocks_used * bs * per_token
+        bytes_dense = rows * self._logical_len * per_token
+        return {
+            "block_size": bs,
+            "blocks_total": self.pool.num_blocks,
+            "blocks_used": blocks_used,
+            "blocks_shared": sum(1 for b in filled if self.pool.ref_count(b) > 1),
+            "rows": rows,
+            "tokens_logical": int(sum(self.seq_lens)),
+            "tokens_stored": int(sum(filled.values())),
+            "tokens_dense": rows * self._logical_len,
+            "bytes_per_token": per_token,
+            "bytes_reserved": reserved,
+            "bytes_used": bytes_used,
+            "bytes_dense": bytes_dense,
+            "saving": (bytes_dense / bytes_used) if bytes_used else 0.0,
+        }
+
+
+def _config_bytes_per_token(config, dtype) -> int:
+    if config is None:
+        return 0
+    try:
+        layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    except AttributeError:
+        return 0
+    dtype = dtype or getattr(config, "dtype", None) or torch.get_default_dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+_BACKENDS: dict = {}
+
+
+def _backend_for(device: torch.device):
+    """The kernels for tensors on ``device``: Triton on CUDA, the PyTorch reference elsewhere,
+    unless ``HF_PAGED_BACKEND`` forces one (read at each call, so tests can switch it)."""
+    import os
+
+    from .kernels import get_backend
+
+    name = os.environ.get("HF_PAGED_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    backend = _BACKENDS.get((name, device.type))
+    if backend is None:
+        backend = _BACKENDS[(name, device.type)] = get_backend(name)
+    return backend

@@ -1,0 +1,214 @@
+"""Hooks into ``generate`` for models loaded with ``attn_implementation="paged"``.
+
+transformers offers no public hook to choose the cache ``generate`` creates, so we wrap three
+private methods, each guarded by the attention name (every other model runs them unchanged):
+
+- ``PreTrainedModel._check_and_adjust_attn_implementation``: refuse, at load, models whose
+  attention does not go through transformers' attention interface and encoder-decoder models.
+- ``GenerationMixin._prepare_cache_for_generation``: create a :class:`PagedCache` when the user
+  passed no cache.
+- ``GenerationMixin._prefill``: when ``generate`` has expanded prompts for beams or
+  ``num_return_sequences``, run each distinct prompt's prefill once, then fork the rows (blocks by
+  reference, logits broadcast); and hand the prompt tokens to the cache for prefix sharing.
+
+At import we check that each wrapped method still has the signature we wrap, and fail with the
+transformers version in the message if not.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import transformers
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+
+from .attention import ATTN_NAME
+from .cache import PagedCache
+
+# Model types whose attention does not go through transformers' attention interface. Most are
+# caught by ``_supports_attention_backend``; this list also covers versions where the flag is set
+# but the model still builds its own attention classes or ignores the name.
+UNSUPPORTED_MODEL_TYPES = {"falcon", "gptj", "gpt_neo", "bloom", "mpt", "codegen", "xglm"}
+
+_EXPECTED = {
+    "_prepare_cache_for_generation": (
+        GenerationMixin,
+        ["self", "generation_config", "model_kwargs", "generation_mode", "batch_size", "max_cache_length"],
+    ),
+    "_prefill": (GenerationMixin, ["self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"]),
+    "_check_and_adjust_attn_implementation": (PreTrainedModel, ["self", "attn_implementation", "is_init_check"]),
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot keep its KV cache in hf_paged's paged cache."""
+
+
+def _check_signatures() -> None:
+    for name, (owner, expected) in _EXPECTED.items():
+        fn = getattr(owner, name, None)
+        fn = getattr(fn, "__wrapped__", fn)
+        params = list(inspect.signature(fn).parameters) if fn is not None else None
+        if params is None or params[: len(expected)] != expected:
+            raise ImportError(
+                f"hf_paged supports transformers 5.17 and newer releases with "
+                f"{owner.__name__}.{name}{tuple(expected)}; transformers {transformers.__version__} has "
+                f"{params}. Install a supported transformers version (pip install 'transformers>=5.17')."
+            )
+
+
+def is_paged(model) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME
+
+
+def check_supported(model_cls, config) -> None:
+    """Raise :class:`UnsupportedModelError` for models the paged cache cannot serve."""
+    model_type = getattr(config, "model_type", "?")
+    name = getattr(model_cls, "__name__", str(model_cls))
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} (model_type={model_type!r}) is an encoder-decoder model, which is not supported by "
+            f"attn_implementation='paged' (it keeps decoder-only self-attention caches). Load it with "
+            f"attn_implementation='sdpa' or 'eager'."
+        )
+    if model_type in UNSUPPORTED_MODEL_TYPES or not getattr(model_cls, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"{name} (model_type={model_type!r}) does not route its attention through transformers' "
+            f"attention interface, so it is not supported by attn_implementation='paged'. Load it with "
+            f"attn_implementation='sdpa' or 'eager'; supported families include Llama, Mistral, Qwen2/3, "
+            f"Gemma2/3, Phi3, GPT-2, OPT, GPT-NeoX, Starcoder2 and OLMo2."
+        )
+
+
+def _paged_cache_key(model_kwargs: dict) -> str | None:
+    for key in ("cache", "past_key_values"):  # "cache" from transformers 5.2x, "past_key_values" before
+        if isinstance(model_kwargs.get(key), PagedCache):
+            return key
+    return None
+
+
+def _wrap_check_attn(orig):
+    @functools.wraps(orig)
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, *args, **kwargs):
+        if attn_implementation == ATTN_NAME:
+            check_supported(type(self), self.config)
+        return orig(self, attn_implementation, is_init_check, *args, **kwargs)
+
+    return _check_and_adjust_attn_implementation
+
+
+def _wrap_prepare_cache(orig):
+    @functools.wraps(orig)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        if not is_paged(self):
+            return orig(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        check_supported(type(self), self.config)
+        impl = generation_config.cache_implementation
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if impl not in (None, "dynamic") and user_cache is None:
+            raise ValueError(
+                f"hf_paged: the model was loaded with attn_implementation='paged', which keeps its KV cache "
+                f"in a PagedCache; cache_implementation={impl!r} cannot be combined with it. Drop "
+                f"cache_implementation (or pass past_key_values=hf_paged.PagedCache(...) to set the block "
+                f"size or a memory cap)."
+            )
+        out = orig(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if user_cache is None:
+            # Replace the DynamicCache transformers just made, under whatever key this version uses.
+            for key in ("cache", "past_key_values"):
+                if type(model_kwargs.get(key)) is DynamicCache:
+                    model_kwargs[key] = PagedCache(config=self.config)
+        return out
+
+    return _prepare_cache_for_generation
+
+
+def _wrap_prefill(orig):
+    @functools.wraps(orig)
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True, *args, **kwargs):
+        key = _paged_cache_key(model_kwargs) if is_paged(self) else None
+        if key is None:
+            return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
+        cache: PagedCache = model_kwargs[key]
+        fresh = (
+            cache.get_seq_length() == 0
+            and model_kwargs.get("inputs_embeds") is None
+            and getattr(generation_config, "prefill_chunk_size", None) is None
+        )
+        if not fresh or not cache.share_prefixes:
+            return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
+
+        rep, inverse = _distinct_rows(input_ids, model_kwargs.get("attention_mask"))
+        batch = input_ids.shape[0]
+        if len(rep) == batch:
+            cache.set_prefill_tokens(input_ids)
+            return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
+        # generate expanded the prompts (beams / num_return_sequences): prefill each distinct
+        # prompt once, then fork the rows; K/V blocks are shared copy-on-write.
+        rep_t = torch.tensor(rep, device=input_ids.device)
+        sub_kwargs = {k: _take_rows(v, rep_t, batch) for k, v in model_kwargs.items()}
+        cache.set_prefill_tokens(input_ids[rep_t])
+        outputs = orig(self, input_ids[rep_t], generation_config, sub_kwargs, is_first_iteration, *args, **kwargs)
+        cache.fork_rows(inverse)
+        inv_t = torch.tensor(inverse, device=input_ids.device)
+        for name, value in list(outputs.items()):
+            if value is cache:
+                continue
+            outputs[name] = _broadcast_rows(value, inv_t, len(rep))
+        return outputs
+
+    return _prefill
+
+
+def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """First row of each distinct (tokens, mask) prompt, and each row's index among them."""
+    ids = input_ids.cpu().numpy()
+    mask = attention_mask.cpu().numpy() if attention_mask is not None and attention_mask.dim() == 2 else None
+    first: dict[bytes, int] = {}
+    rep: list[int] = []
+    inverse: list[int] = []
+    for b in range(ids.shape[0]):
+        k = ids[b].tobytes() + (mask[b].tobytes() if mask is not None else b"")
+        if k not in first:
+            first[k] = len(rep)
+            rep.append(b)
+        inverse.append(first[k])
+    return rep, inverse
+
+
+def _take_rows(value, rows: torch.Tensor, batch: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.index_select(0, rows.to(value.device))
+    return value
+
+
+def _broadcast_rows(value, inverse: torch.Tensor, n_distinct: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_distinct:
+        return value.index_select(0, inverse.to(value.device))
+    if isinstance(value, tuple):
+        return tuple(_broadcast_rows(v, inverse, n_distinct) for v in value)
+    return value
+
+
+_WRAPPERS = {
+    "_prepare_cache_for_generation": _wrap_prepare_cache,
+    "_prefill": _wrap_prefill,
+    "_check_and_adjust_attn_implementation": _wrap_check_attn,
+}
+
+
+def install() -> None:
+    """Wrap the private methods (idempotent: a method already wrapped by us is left alone)."""
+    _check_signatures()
+    for name, wrap in _WRAPPERS.items():
+        owner = _EXPECTED[name][0]
+        current = getattr(owner, name)
+        if getattr(current, "_hf_paged", False):
+            continue
+        wrapped = wrap(current)
+        wrapped._hf_paged = True
+        setattr(owner, name, wrapped)
