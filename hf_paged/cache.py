@@ -498,10 +498,13 @@ class PagedCache(Cache):
         self._select_rows(idx)
 
     def crop(self, max_length: int) -> None:
-        """Keep the first ``max_length`` logical positions (a negative value drops that many)."""
+        """Drop the last ``-max_length`` positions when negative (transformers >= 5.23 calls
+        ``crop(-n)``, and ``crop(0)`` as a no-op); keep the first ``max_length`` when positive (the
+        older convention). Blocks no longer referenced return to the pool."""
+        if max_length == 0:
+            return
         if max_length < 0:
-            max_length = self._logical_len + max_length
-        max_length = max(0, max_length)
+            max_length = max(0, self._logical_len + max_length)
         if max_length >= self._logical_len:
             return
         self._forward = None

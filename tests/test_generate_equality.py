@@ -1,0 +1,80 @@
+"""paged == stock transformers, token for token, for every supported family (CPU, fp32)."""
+
+import pytest
+import torch
+
+from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+
+from hf_paged import PagedCache
+
+MODELS = sorted(FAMILIES)
+LENGTHS = [5, 41, 23]  # very different lengths: row 0 is mostly padding; longer than the sliding windows
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def pair(request):
+    paged, stock = make_pair(request.param)
+    return request.param, paged, stock
+
+
+def _gen(model, ids, mask, **kw):
+    kw.setdefault("pad_token_id", 0)
+    return model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+
+
+def test_greedy_left_padded(pair):
+    name, paged, stock = pair
+    ids, mask = left_padded_batch(LENGTHS, seed=1)
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, output_logits=True)
+    ref = _gen(stock, ids, mask, **kw)
+    out = _gen(paged, ids, mask, **kw)
+    assert isinstance(cache_of(out), PagedCache)
+    assert torch.equal(out.sequences, ref.sequences), name
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+    stats = cache_of(out).memory_stats()
+    # pads are never stored: each row holds its real prompt + generated tokens (the last one
+    # generated is not fed back), in whole blocks
+    real = [n + 12 - 1 for n in LENGTHS]
+    assert stats["tokens_logical"] == sum(real)
+    assert stats["blocks_used"] == sum(-(-n // 16) for n in real)
+
+
+def test_beam_search_num_return_sequences(pair):
+    name, paged, stock = pair
+    ids, mask = left_padded_batch([9, 30], seed=2)
+    kw = dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False, eos_token_id=None,
+              output_scores=True)
+    ref = _gen(stock, ids, mask, **kw)
+    out = _gen(paged, ids, mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences), name
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=2e-4, rtol=0)
+    stats = cache_of(out).memory_stats()
+    assert stats["blocks_shared"] > 0  # beams share the prompt's blocks
+
+
+def test_seeded_sampling(pair):
+    name, paged, stock = pair
+    ids, mask = left_padded_batch([12, 33], seed=3)
+    kw = dict(max_new_tokens=10, do_sample=True, top_k=0, temperature=1.0, num_return_sequences=3,
+              eos_token_id=None, output_logits=True)
+    torch.manual_seed(1234)
+    ref = _gen(stock, ids, mask, **kw)
+    torch.manual_seed(1234)
+    out = _gen(paged, ids, mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences), name
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+
+
+def test_prompt_lookup_decoding(pair):
+    name, paged, stock = pair
+    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=14, do_sample=False, eos_token_id=None, prompt_lookup_num_tokens=3)
+    ref = _gen(stock, ids, mask, **kw)
+    out = _gen(paged, ids, mask, **kw)
+    plain = _gen(stock, ids, mask, max_new_tokens=14, do_sample=False, eos_token_id=None)
+    assert torch.equal(out.sequences, ref.sequences), name
+    assert torch.equal(out.sequences, plain.sequences), name

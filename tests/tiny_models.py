@@ -1,0 +1,80 @@
+"""Tiny random models of each supported family, built from configs (no hub access needed)."""
+
+import copy
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_paged  # noqa: F401  (registers "paged")
+
+VOCAB = 256
+
+# model_type -> (config overrides, stock attention implementation to compare against)
+FAMILIES = {
+    "llama": ({}, "sdpa"),
+    "mistral": ({"sliding_window": 8}, "sdpa"),  # window shorter than the prompts
+    "qwen2": ({}, "sdpa"),
+    "qwen3": ({"head_dim": 16}, "sdpa"),
+    "gemma2": (
+        {"head_dim": 16, "sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+         "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"]},
+        "eager",  # sdpa cannot soft-cap
+    ),
+    "gemma3_text": (
+        {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+         "layer_types": ["sliding_attention", "full_attention"]},
+        "sdpa",
+    ),
+    "phi3": ({"pad_token_id": 0}, "sdpa"),
+    "gpt2": ({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}, "sdpa"),
+    "opt": ({"ffn_dim": 128, "word_embed_proj_dim": 64, "max_position_embeddings": 512}, "sdpa"),
+    "gpt_neox": ({"rotary_pct": 0.5}, "sdpa"),
+    "starcoder2": ({}, "sdpa"),
+    "olmo2": ({}, "sdpa"),
+}
+
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def make_config(model_type):
+    overrides, _ = FAMILIES[model_type]
+    kwargs = dict(COMMON)
+    if model_type in ("gpt2", "opt"):
+        kwargs.pop("num_key_value_heads")
+    if model_type == "gpt2":
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                  "intermediate_size"):
+            kwargs.pop(k)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_pair(model_type, seed=0, dtype=torch.float32):
+    """(paged model, stock model) with identical random weights."""
+    config = make_config(model_type)
+    stock_impl = FAMILIES[model_type][1]
+    torch.manual_seed(seed)
+    stock = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=stock_impl, dtype=dtype)
+    paged = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="paged", dtype=dtype)
+    paged.load_state_dict(stock.state_dict())
+    return paged.eval(), stock.eval()
+
+
+def left_padded_batch(lengths, seed=0, vocab=VOCAB):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+def cache_of(out):
+    """The cache object of a generate output (``cache`` from transformers 5.2x, else past_key_values)."""
+    return getattr(out, "cache", None) if "cache" in out else out.past_key_values
