@@ -76,6 +76,13 @@ class BlockPool:
         self._free[:0] = range(new_num_blocks - 1, old - 1, -1)
         self.num_blocks = new_num_blocks
 
+    def reserve(self, num_blocks: int) -> None:
+        """Hold capacity for ``num_blocks`` blocks in all (capped by ``max_blocks``), so the
+        cache's tensors are allocated once at that size instead of growing step by step."""
+        if self.max_blocks is not None:
+            num_blocks = min(num_blocks, self.max_blocks)
+        self._grow_to(num_blocks)
+
     # ----------------------------------------------------------------- allocation
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free blocks, each with reference count 1. Grows the pool if allowed."""

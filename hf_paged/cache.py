@@ -464,6 +464,18 @@ class PagedCache(Cache):
             row_hashes[b] = hashes
         return reuse, row_hashes
 
+    def reserve_for_generation(self, prompt_lengths: list[int], rows: int, max_new_tokens: int) -> None:
+        """Size the pool once for a whole ``generate`` call (an upper bound of what it can use).
+
+        ``prompt_lengths`` are the real lengths of the DISTINCT prompts (stored once); each of the
+        ``rows`` sequences then holds at most ``ceil(max_new_tokens / block_size) + 1`` blocks of
+        its own (its new tokens and a copy of a shared partial tail).
+        """
+        bs = self.block_size
+        prompt_blocks = sum(-(-n // bs) for n in prompt_lengths)
+        per_row = -(-max(0, max_new_tokens) // bs) + 1
+        self.pool.reserve(self.pool.num_used + prompt_blocks + rows * per_row)
+
     # ---------------------------------------------------------------- row operations
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam search: row ``i`` becomes old row ``beam_idx[i]``. Tables move, K/V do not."""

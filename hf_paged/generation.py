@@ -139,11 +139,19 @@ def _wrap_prefill(orig):
             and model_kwargs.get("inputs_embeds") is None
             and getattr(generation_config, "prefill_chunk_size", None) is None
         )
-        if not fresh or not cache.share_prefixes:
+        if not fresh:
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
 
-        rep, inverse = _distinct_rows(input_ids, model_kwargs.get("attention_mask"))
+        rep, inverse, lengths = _distinct_rows(input_ids, model_kwargs.get("attention_mask"))
         batch = input_ids.shape[0]
+        if not cache.share_prefixes:
+            rep, inverse = list(range(batch)), list(range(batch))
+        max_new = generation_config.max_new_tokens
+        if max_new is None and generation_config.max_length is not None:
+            max_new = generation_config.max_length - input_ids.shape[1]
+        if max_new is not None:
+            cache._resolve_memory_cap(self.dtype)
+            cache.reserve_for_generation([lengths[r] for r in rep], batch, max_new)
         if len(rep) == batch:
             cache.set_prefill_tokens(input_ids)
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
@@ -165,7 +173,8 @@ def _wrap_prefill(orig):
 
 
 def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """First row of each distinct (tokens, mask) prompt, and each row's index among them."""
+    """First row of each distinct (tokens, mask) prompt, each row's index among them, and each
+    row's real (non-pad) length."""
     ids = input_ids.cpu().numpy()
     mask = attention_mask.cpu().numpy() if attention_mask is not None and attention_mask.dim() == 2 else None
     first: dict[bytes, int] = {}
@@ -177,7 +186,8 @@ def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
             first[k] = len(rep)
             rep.append(b)
         inverse.append(first[k])
-    return rep, inverse
+    lengths = mask.sum(axis=1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+    return rep, inverse, lengths
 
 
 def _take_rows(value, rows: torch.Tensor, batch: int):
