@@ -1,0 +1,243 @@
+"""End-to-end generate benchmark: stock transformers (sdpa, DynamicCache) vs hf_paged, same process.
+
+One random-weight model of the Llama-3.1-8B shape in bf16 (speed does not depend on the weights'
+values); the attention implementation is switched on the SAME model between runs, so both paths
+share weights, warm-up and GPU state. Every workload generates a fixed number of tokens
+(eos_token_id=None, min_new_tokens=max_new_tokens).
+
+    python benchmarks/generate_bench.py                    # everything (about 10 minutes on an H200)
+    python benchmarks/generate_bench.py --only greedy,beam
+    python benchmarks/generate_bench.py --tiny             # a CPU smoke run of the script itself
+
+Prints one JSON line per measurement and a table at the end; writes $OUT/generate_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+import hf_paged
+
+p = argparse.ArgumentParser()
+p.add_argument("--tiny", action="store_true")
+p.add_argument("--only", default="")
+p.add_argument("--budget-gb", type=float, default=12.0, help="memory budget over weights for the batch test")
+args = p.parse_args()
+
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+OUT = os.environ.get("OUT", ".")
+results: list[dict] = []
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+    results.append(kw)
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def want(name):
+    return not args.only or name in args.only.split(",")
+
+
+if args.tiny:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    S = dict(B=4, P=32, N=8, beams=2, nrs=2, cb_n=8, budget_new=4, budget_steps=[2, 4, 8])
+else:
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                      rope_theta=500000.0)
+    S = dict(B=32, P=512, N=256, beams=4, nrs=8, cb_n=256, budget_new=64,
+             budget_steps=[16, 24, 32, 48, 64, 96, 128, 160, 192, 256])
+
+emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
+     triton=getattr(__import__("triton"), "__version__", "?"), hf_paged=hf_paged.__version__,
+     gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"))
+
+if dev == "cuda" and want("bw"):
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    emit(what="copy_bandwidth", TBps=2 * x.numel() / ((time.perf_counter() - t) / 10) / 1e12)
+    del x, y
+    torch.cuda.empty_cache()
+
+with torch.device(dev):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+model.eval()
+model.generation_config.eos_token_id = None
+model.generation_config.pad_token_id = 0
+sync()
+weights = torch.cuda.memory_allocated() if dev == "cuda" else 0
+KV_PER_TOKEN = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * (
+    2 if dtype == torch.bfloat16 else 4)
+
+
+def use(impl):
+    model.set_attn_implementation(impl)
+
+
+def lens_mixed(n, lo, hi, seed=0):
+    r = random.Random(seed)
+    return [r.randint(lo, hi) for _ in range(n)]
+
+
+def batch(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(1, cfg.vocab_size, (n,), generator=g)
+        mask[i, width - n:] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def generate(lengths, new, cache=None, **gen):
+    ids, mask = batch(lengths)
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    extra = {"past_key_values": cache} if cache is not None else {}
+    sync()
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             return_dict_in_generate=True, **gen, **extra)
+    sync()
+    dt = time.perf_counter() - t
+    peak = (torch.cuda.max_memory_allocated() - weights) / 1e9 if dev == "cuda" else 0.0
+    return out, dt, peak
+
+
+def cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def compare(name, lengths, new, **gen):
+    """Stock then paged on the same inputs; ratios and token agreement."""
+    expand = max(gen.get("num_beams", 1), gen.get("num_return_sequences", 1))
+    ideal = (sum(lengths) + len(lengths) * expand * new) * KV_PER_TOKEN / 1e9  # distinct prompt + new tokens
+    row = {"what": name, "ideal_kv_GB": ideal}
+    seqs = {}
+    for impl in ("sdpa", "paged"):
+        use(impl)
+        if gen.get("do_sample"):
+            torch.manual_seed(0)
+        out, dt, peak = generate(lengths, new, **gen)
+        n_seq = out.sequences.shape[0]
+        row[impl] = {"seconds": dt, "new_tokens_per_s": n_seq * new / dt, "peak_over_weights_GB": peak}
+        if impl == "paged":
+            stats = cache_of(out).memory_stats()
+            row[impl].update(kv_used_GB=stats["bytes_used"] / 1e9, kv_reserved_GB=stats["bytes_reserved"] / 1e9,
+                             blocks_shared=stats["blocks_shared"], kv_dense_GB=stats["bytes_dense"] / 1e9)
+        seqs[impl] = out.sequences
+        del out
+    row["speedup"] = row["sdpa"]["seconds"] / row["paged"]["seconds"]
+    row["peak_ratio"] = row["paged"]["peak_over_weights_GB"] / max(row["sdpa"]["peak_over_weights_GB"], 1e-9)
+    row["kv_used_over_ideal"] = row["paged"]["kv_used_GB"] / ideal
+    same = (seqs["sdpa"] == seqs["paged"]).all(dim=1)
+    row["rows_with_identical_tokens"] = f"{int(same.sum())}/{same.numel()}"
+    emit(**row)
+
+
+B, P, N = S["B"], S["P"], S["N"]
+# warm-up of both paths (first generate in a process is ~3x slower: kernel load, autotuning)
+for impl in ("sdpa", "paged"):
+    use(impl)
+    generate([P // 4] * 2, 4)
+    generate([P // 4] * 2, 4, num_beams=2)
+
+if want("greedy"):
+    compare("greedy_uniform", [P] * B, N)
+if want("mixed"):
+    compare("greedy_mixed", lens_mixed(B, P // 8, 2 * P), N)
+if want("beam"):
+    compare("beam", [2 * P] * 4, N // 2, num_beams=S["beams"], do_sample=False)
+if want("sample"):
+    compare("sample_n", [2 * P] * 4, N // 2, do_sample=True, num_return_sequences=S["nrs"])
+
+if want("dataset"):
+    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i, n in enumerate(lens_mixed(S["cb_n"], P // 8, 2 * P, seed=1))]
+    for impl, order in (("sdpa", "given"), ("paged", "given"), ("paged", "sorted")):
+        use(impl)
+        todo = sorted(prompts, key=len, reverse=True) if order == "sorted" else prompts
+        sync()
+        t = time.perf_counter()
+        total = 0
+        for i in range(0, len(todo), B):
+            chunk = todo[i:i + B]
+            width = max(len(x) for x in chunk)
+            ids = torch.tensor([[0] * (width - len(x)) + x for x in chunk], device=dev)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=dev)
+            with torch.no_grad():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N)
+            total += len(chunk) * N
+        sync()
+        dt = time.perf_counter() - t
+        emit(what="dataset_static_batches", impl=impl, order=order, prompts=len(prompts), batch=B, seconds=dt,
+             new_tokens_per_s=total / dt)
+    if want("cb"):
+        use("sdpa")
+        try:
+            gc = GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+            sync()
+            t = time.perf_counter()
+            res = model.generate_batch(inputs=prompts, generation_config=gc)
+            sync()
+            dt = time.perf_counter() - t
+            total = sum(len(r.generated_tokens) for r in res.values())
+            emit(what="dataset_hf_generate_batch", prompts=len(prompts), seconds=dt, new_tokens_per_s=total / dt)
+        except Exception as e:  # report, do not hide
+            emit(what="dataset_hf_generate_batch", error=repr(e)[:300])
+
+if want("budget") and dev == "cuda":
+    # The largest batch of mixed-length prompts (64-1024) whose generate fits a fixed budget of
+    # memory over the weights, for each path: peak measured, not estimated.
+    budget = args.budget_gb
+    for impl in ("sdpa", "paged"):
+        use(impl)
+        best = 0
+        for b in S["budget_steps"]:
+            try:
+                _, dt, peak = generate(lens_mixed(b, P // 8, 2 * P, seed=2), S["budget_new"])
+            except torch.OutOfMemoryError:
+                break
+            emit(what="budget_probe", impl=impl, batch=b, peak_over_weights_GB=peak, seconds=dt)
+            if peak > budget:
+                break
+            best = b
+        emit(what="budget_largest_batch", impl=impl, budget_GB=budget, batch=best)
+
+with open(os.path.join(OUT, "generate_bench.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+print("\n{:<18} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>8}".format(
+    "workload", "stock s", "paged s", "speedup", "stock GB", "paged GB", "peak x", "kv/ideal"), file=sys.stderr)
+for r in results:
+    if "sdpa" in r and "paged" in r and isinstance(r["sdpa"], dict):
+        print("{:<18} {:>10.2f} {:>10.2f} {:>8.2f} {:>10.2f} {:>10.2f} {:>8.2f} {:>8.2f}".format(
+            r["what"], r["sdpa"]["seconds"], r["paged"]["seconds"], r["speedup"], r["sdpa"]["peak_over_weights_GB"],
+            r["paged"]["peak_over_weights_GB"], r["peak_ratio"], r["kv_used_over_ideal"]), file=sys.stderr)

@@ -1,0 +1,43 @@
+"""On a CUDA GPU: the generate equality suite on the Triton kernels (skipped where no GPU exists)."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def cuda_pair(request):
+    paged, stock = make_pair(request.param)
+    return request.param, paged.cuda(), stock.cuda()
+
+
+def _gen(model, ids, mask, **kw):
+    return model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), return_dict_in_generate=True,
+                          pad_token_id=0, eos_token_id=None, **kw)
+
+
+def test_greedy_and_beam_on_triton(cuda_pair, monkeypatch):
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    name, paged, stock = cuda_pair
+    ids, mask = left_padded_batch([5, 41, 23], seed=1)
+    for kw in (dict(max_new_tokens=12, do_sample=False, output_logits=True),
+               dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)):
+        ref = _gen(stock, ids, mask, **kw)
+        out = _gen(paged, ids, mask, **kw)
+        assert torch.equal(out.sequences, ref.sequences), (name, kw)
+        if "output_logits" in kw:
+            for a, b in zip(out.logits, ref.logits):
+                torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # tf32-free fp32: far below
+        assert cache_of(out).key_cache[0].is_cuda
+
+
+def test_prompt_lookup_on_triton(cuda_pair, monkeypatch):
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    name, paged, stock = cuda_pair
+    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=14, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(_gen(paged, ids, mask, **kw).sequences, _gen(stock, ids, mask, **kw).sequences), name
