@@ -15,8 +15,8 @@ Data path of one forward pass (see ``attention.py`` for the hooks that drive it)
 
 from __future__ import annotations
 
-import math
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +66,7 @@ class PagedForward:
     (``device_map`` across GPUs), made once per device and forward.
     """
 
-    cache: PagedCache
+    cache_ref: weakref.ref  # weak: the cache holds this object, a strong ref would make a cycle
     q_len: int
     block_table: torch.Tensor  # int32 [B, max_blocks_per_row]
     seq_lens: torch.Tensor  # int32 [B], stored tokens per row after this forward
@@ -80,6 +80,10 @@ class PagedForward:
     _per_device: dict = field(default_factory=dict)
 
     @property
+    def cache(self) -> PagedCache:
+        return self.cache_ref()
+
+    @property
     def started(self) -> bool:
         return bool(self.layers_done)
 
@@ -91,7 +95,7 @@ class PagedForward:
             def mv(t):
                 return None if t is None else t.to(device, non_blocking=True)
             moved = PagedForward(
-                self.cache, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
+                self.cache_ref, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
                 mv(self.slot_mapping), mv(self.copy_src), mv(self.copy_dst), self.max_seq_len,
                 self.new_logical_len, self.layers_done,
             )
@@ -385,7 +389,7 @@ class PagedCache(Cache):
         src = take(n_copies, (n_copies,)).long() if n_copies else None
         dst = take(n_copies, (n_copies,)).long() if n_copies else None
         self._forward = PagedForward(
-            cache=self, q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
+            cache_ref=weakref.ref(self), q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
             copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
             new_logical_len=self._logical_len + q_len,
         )
@@ -465,16 +469,18 @@ class PagedCache(Cache):
         return reuse, row_hashes
 
     def reserve_for_generation(self, prompt_lengths: list[int], rows: int, max_new_tokens: int) -> None:
-        """Size the pool once for a whole ``generate`` call (an upper bound of what it can use).
+        """Size the pool for a ``generate`` call: an upper bound of what it can use.
 
         ``prompt_lengths`` are the real lengths of the DISTINCT prompts (stored once); each of the
         ``rows`` sequences then holds at most ``ceil(max_new_tokens / block_size) + 1`` blocks of
-        its own (its new tokens and a copy of a shared partial tail).
+        its own (its new tokens and a copy of a shared partial tail). generate calls it with
+        ``max_new_tokens=0`` before the prefill (so the prefill's activations do not sit on top
+        of the decode's reservation) and with the real value after it.
         """
         bs = self.block_size
         prompt_blocks = sum(-(-n // bs) for n in prompt_lengths)
-        per_row = -(-max(0, max_new_tokens) // bs) + 1
-        self.pool.reserve(self.pool.num_used + prompt_blocks + rows * per_row)
+        per_row = -(-max(0, max_new_tokens) // bs) + 1 if max_new_tokens > 0 else 0
+        self.pool.reserve(prompt_blocks + rows * per_row)
 
     # ---------------------------------------------------------------- row operations
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -513,6 +519,7 @@ class PagedCache(Cache):
         """Drop the last ``-max_length`` positions when negative (transformers >= 5.23 calls
         ``crop(-n)``, and ``crop(0)`` as a no-op); keep the first ``max_length`` when positive (the
         older convention). Blocks no longer referenced return to the pool."""
+        max_length = int(max_length)  # transformers 5.17's assisted decoding passes a tensor
         if max_length == 0:
             return
         if max_length < 0:

@@ -149,12 +149,16 @@ def _wrap_prefill(orig):
         max_new = generation_config.max_new_tokens
         if max_new is None and generation_config.max_length is not None:
             max_new = generation_config.max_length - input_ids.shape[1]
+        prompt_lengths = [lengths[r] for r in rep]
         if max_new is not None:
             cache._resolve_memory_cap(self.dtype)
-            cache.reserve_for_generation([lengths[r] for r in rep], batch, max_new)
+            cache.reserve_for_generation(prompt_lengths, batch, 0)
         if len(rep) == batch:
             cache.set_prefill_tokens(input_ids)
-            return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
+            outputs = orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
+            if max_new is not None:
+                cache.reserve_for_generation(prompt_lengths, batch, max_new)
+            return outputs
         # generate expanded the prompts (beams / num_return_sequences): prefill each distinct
         # prompt once, then fork the rows; K/V blocks are shared copy-on-write.
         rep_t = torch.tensor(rep, device=input_ids.device)
@@ -162,6 +166,8 @@ def _wrap_prefill(orig):
         cache.set_prefill_tokens(input_ids[rep_t])
         outputs = orig(self, input_ids[rep_t], generation_config, sub_kwargs, is_first_iteration, *args, **kwargs)
         cache.fork_rows(inverse)
+        if max_new is not None:
+            cache.reserve_for_generation(prompt_lengths, batch, max_new)
         inv_t = torch.tensor(inverse, device=input_ids.device)
         for name, value in list(outputs.items()):
             if value is cache:

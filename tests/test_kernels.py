@@ -1,0 +1,440 @@
+"""Triton kernels vs the PyTorch reference, and the reference vs a naive dense oracle.
+
+On a machine without CUDA the Triton kernels run under Triton's interpreter
+(TRITON_INTERPRET=1, set below before hf_paged.kernels' Triton modules are imported);
+with CUDA they also run on the GPU. Every case draws fresh random data from its own seed:
+ragged seq_lens, partly filled last blocks, shuffled (non-contiguous) block tables whose
+tail entries point at other rows' blocks, recycled blocks full of NaN wherever no valid
+token lives, and NaN-poisoned outputs that must be fully written.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+import hf_paged.kernels as K  # noqa: E402
+from hf_paged.kernels import reference  # noqa: E402
+
+NAN = float("nan")
+
+
+def _cpu_triton_usable() -> bool:
+    if not K.interpreter_enabled():
+        return False
+    try:
+        return K._kernels_interpreted()
+    except ImportError:
+        return False
+
+
+DEVICES = (["cpu"] if _cpu_triton_usable() else []) + (["cuda"] if torch.cuda.is_available() else [])
+if not DEVICES:
+    pytest.skip("no device can run the Triton kernels (no CUDA, interpreter unavailable)", allow_module_level=True)
+
+# bf16 tl.dot is broken in Triton's CPU interpreter (garbage results), so CPU covers
+# fp32 + fp16 and CUDA covers fp32 + bf16.
+DTYPES = {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.bfloat16)}
+TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 6e-2)}  # (rel-norm, max-abs)
+
+
+def _tri():
+    return K.get_backend("triton")
+
+
+def _dtypes(device, seed):
+    # Interpreter time is precious: one dtype per CPU case (alternating); both on CUDA.
+    return DTYPES[device] if device == "cuda" else DTYPES[device][seed % 2:seed % 2 + 1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+class PagedCase:
+    """A randomly laid-out paged KV pool holding `seq_lens` tokens per row."""
+
+    def __init__(self, seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device,
+                 spare_blocks=3, strided_cache=False):
+        g = torch.Generator().manual_seed(seed)
+        self.g = g
+        self.seq_lens_list = list(seq_lens)
+        batch = len(seq_lens)
+        need = [math.ceil(s / block_size) for s in seq_lens]
+        width = max(max(need), 1) + 1  # one junk column past every row's last block
+        num_blocks = sum(need) + spare_blocks
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        if strided_cache:
+            # Heads interleaved with unused heads: non-contiguous kv_head and block strides.
+            base_k = torch.full((num_blocks, block_size, 2 * num_kv_heads, head_dim), NAN, dtype=dtype)
+            base_v = base_k.clone()
+            self.key_cache = base_k.to(device)[:, :, ::2]
+            self.value_cache = base_v.to(device)[:, :, 1::2]
+        else:
+            self.key_cache = torch.full(shape, NAN, dtype=dtype, device=device)
+            self.value_cache = torch.full(shape, NAN, dtype=dtype, device=device)
+        pool = torch.randperm(num_blocks, generator=g)
+        table = torch.zeros(batch, width, dtype=torch.int32)
+        cursor = 0
+        for b, n in enumerate(need):
+            table[b, :n] = pool[cursor:cursor + n].to(torch.int32)
+            cursor += n
+            # Entries past the last block: arbitrary valid ids (here other rows' blocks).
+            table[b, n:] = torch.randint(0, num_blocks, (width - n,), generator=g, dtype=torch.int32)
+        self.block_table = table.to(device)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+        self.block_size = block_size
+        # Fill exactly the valid tokens; everything else stays NaN (recycled garbage).
+        for b, s in enumerate(seq_lens):
+            if s == 0:
+                continue
+            p = torch.arange(s)
+            blk = table[b, p // block_size].long()
+            off = p % block_size
+            self.key_cache[blk.to(device), off.to(device)] = torch.randn(s, num_kv_heads, head_dim, generator=g).to(device, dtype)
+            self.value_cache[blk.to(device), off.to(device)] = torch.randn(s, num_kv_heads, head_dim, generator=g).to(device, dtype)
+
+
+def _query(g, batch, num_q_heads, num_queries, head_dim, dtype, device):
+    # transformers hands [B, H, Q, D] as a transposed view of [B, Q, H, D].
+    return torch.randn(batch, num_queries, num_q_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2)
+
+
+def _check_close(out, ref, dtype):
+    assert torch.isfinite(out).all(), "output has NaN/inf (unwritten or polluted by recycled blocks)"
+    rel_tol, abs_tol = TOL[dtype]
+    o, r = out.double(), ref.double()
+    rel = ((o - r).norm() / r.norm().clamp_min(1e-12)).item()
+    err = (o - r).abs().max().item()
+    assert rel < rel_tol and err < abs_tol, f"rel {rel:.3e} (tol {rel_tol}), max abs {err:.3e} (tol {abs_tol})"
+
+
+# ----------------------------------------------------------------------------- naive oracle
+
+
+def _naive_attention(query, case: PagedCase, query_pos, scale, sliding_window=None, softcap=None, sinks=None):
+    """Per-row, per-head dense float64 attention with an explicit mask."""
+    batch, num_q_heads, num_queries, head_dim = query.shape
+    num_kv_heads = case.key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(batch, num_queries, num_q_heads, head_dim, dtype=torch.float64)
+    table = case.block_table.cpu()
+    for b, s in enumerate(case.seq_lens_list):
+        p = torch.arange(s)
+        blk, off = table[b, p // case.block_size].long(), p % case.block_size
+        keys = case.key_cache.cpu()[blk, off].double()  # [s, Hkv, D]
+        values = case.value_cache.cpu()[blk, off].double()
+        for t in range(num_queries):
+            qp = int(query_pos[b, t])
+            if qp < 0:
+                continue
+            mask = p <= qp
+            if sliding_window is not None:
+                mask &= p > qp - sliding_window
+            for h in range(num_q_heads):
+                kvh = h // group
+                sc = keys[:, kvh] @ query[b, h, t].double().cpu() * scale
+                if softcap is not None:
+                    sc = softcap * torch.tanh(sc / softcap)
+                sc = sc.masked_fill(~mask, -math.inf)
+                if sinks is not None:
+                    sc = torch.cat([sc, sinks[h].double().cpu().reshape(1)])
+                w = torch.softmax(sc, 0)[:s]
+                out[b, t, h] = w @ values[:, kvh]
+    return out
+
+
+@pytest.mark.parametrize(
+    "seed,heads,head_dim,block_size,q_len,feature",
+    [
+        (0, (8, 2), 64, 16, 1, None),
+        (1, (4, 1), 80, 32, 1, "window"),
+        (2, (4, 4), 96, 16, 6, None),
+        (3, (8, 2), 128, 16, 5, "softcap"),
+        (4, (6, 2), 64, 32, 7, "sinks"),
+        (5, (4, 2), 256, 16, 4, "window"),
+    ],
+)
+def test_reference_matches_naive(seed, heads, head_dim, block_size, q_len, feature):
+    g = torch.Generator().manual_seed(100 + seed)
+    seq_lens = [q_len + int(x) for x in torch.randint(0, 50, (3,), generator=g)]
+    case = PagedCase(seed, seq_lens, heads[1], head_dim, block_size, torch.float32, "cpu")
+    query = _query(g, 3, heads[0], q_len, head_dim, torch.float32, "cpu")
+    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32)[None]
+    if q_len > 2:
+        qpos[0, :2] = -1  # left pads
+    kw = {}
+    if feature == "window":
+        kw["sliding_window"] = 9
+    elif feature == "softcap":
+        kw["softcap"] = 3.0
+    elif feature == "sinks":
+        kw["sinks"] = torch.randn(heads[0], generator=g)
+    out = torch.full((3, q_len, heads[0], head_dim), NAN)
+    reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                              head_dim ** -0.5, out=out, **kw)
+    naive = _naive_attention(query, case, qpos, head_dim ** -0.5, **kw)
+    _check_close(out, naive, torch.float32)
+    if q_len > 2:
+        assert (out[0, :2] == 0).all(), "pad queries must produce zeros"
+
+
+def test_reference_chunked_prefill_matches_unchunked(monkeypatch):
+    case = PagedCase(7, [37, 20], 2, 64, 16, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(7)
+    query = _query(g, 2, 4, 20, 64, torch.float32, "cpu")
+    qpos = case.seq_lens[:, None] - 20 + torch.arange(20, dtype=torch.int32)[None]
+    args = (query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 0.125)
+    full = reference.paged_attention(*args)
+    monkeypatch.setattr(reference, "_SCORE_CHUNK_ELEMS", 4 * 37)  # forces 1-3 query rows per chunk
+    _check_close(reference.paged_attention(*args), full, torch.float32)
+
+
+def test_reference_store_and_copy_match_loops():
+    g = torch.Generator().manual_seed(11)
+    cache_k = torch.randn(9, 16, 2, 8, generator=g)
+    cache_v = torch.randn(9, 16, 2, 8, generator=g)
+    key = torch.randn(2, 5, 2, 8, generator=g).transpose(1, 2)
+    value = torch.randn(2, 5, 2, 8, generator=g).transpose(1, 2)
+    slots = torch.tensor([[3, 40, -1, 17, 130], [-5, 0, 99, 100, 16]])
+    exp_k, exp_v = cache_k.clone(), cache_v.clone()
+    for b in range(2):
+        for t in range(5):
+            s = int(slots[b, t])
+            if s >= 0:
+                exp_k[s // 16, s % 16] = key[b, :, t]
+                exp_v[s // 16, s % 16] = value[b, :, t]
+    reference.store_kv(key, value, cache_k, cache_v, slots)
+    assert torch.equal(cache_k, exp_k) and torch.equal(cache_v, exp_v)
+    src, dst = torch.tensor([1, 4]), torch.tensor([7, 2])
+    exp_k[7], exp_k[2], exp_v[7], exp_v[2] = exp_k[1].clone(), exp_k[4].clone(), exp_v[1].clone(), exp_v[4].clone()
+    reference.copy_blocks(cache_k, cache_v, src, dst)
+    assert torch.equal(cache_k, exp_k) and torch.equal(cache_v, exp_v)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _run_attention(device, dtype, seed, heads, head_dim, block_size, seq_lens, q_len, feature=None,
+                   pads=0, strided_cache=False, **tri_kw):
+    num_q_heads, num_kv_heads = heads
+    case = PagedCase(seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device, strided_cache=strided_cache)
+    g = case.g
+    batch = len(seq_lens)
+    query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
+    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
+    if pads:
+        qpos[0, :pads] = -1  # left padding of row 0
+    qpos = qpos.contiguous()
+    kw = {}
+    if feature == "window":
+        kw["sliding_window"] = int(torch.randint(1, 40, (1,), generator=g))
+    elif feature == "softcap":
+        kw["softcap"] = 4.0
+    elif feature == "sinks":
+        kw["sinks"] = (torch.randn(num_q_heads, generator=g) * 2).to(device)
+    scale = head_dim ** -0.5
+    out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
+    res = _tri().paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                 scale, out=out, **kw, **tri_kw)
+    assert res.data_ptr() == out.data_ptr() and res.is_contiguous()
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    scale, **kw)
+    _check_close(out, ref, dtype)
+    if pads:
+        assert (out[0, :pads] == 0).all(), "pad queries must produce zeros"
+    return out
+
+
+DECODE_CASES = [
+    # seed, (Hq, Hkv), head_dim, block_size, seq_lens, feature, splits
+    (0, (8, 2), 64, 16, [1, 17, 50], None, 1),
+    (1, (8, 2), 128, 16, [33, 64, 70], None, 3),
+    (2, (4, 1), 80, 32, [5, 90], "window", 1),
+    (3, (4, 1), 96, 16, [40, 77], "window", 4),
+    (4, (2, 2), 256, 32, [20, 49], "softcap", 2),
+    (5, (6, 2), 128, 16, [31, 16, 1], "sinks", 1),
+    (6, (6, 2), 64, 32, [100, 3], "sinks", 5),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,heads,head_dim,block_size,seq_lens,feature,splits", DECODE_CASES)
+def test_decode(device, seed, heads, head_dim, block_size, seq_lens, feature, splits):
+    for dtype in _dtypes(device, seed):
+        _run_attention(device, dtype, seed, heads, head_dim, block_size, seq_lens, 1, feature,
+                       num_kv_splits=splits, block_n=16 if device == "cpu" else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_pad_row_and_strided_cache(device):
+    dtype = DTYPES[device][0]
+    case = PagedCase(21, [9, 40], 2, 64, 16, dtype, device, strided_cache=True)
+    query = _query(case.g, 2, 4, 1, 64, dtype, device)
+    qpos = torch.tensor([[-1], [39]], dtype=torch.int32, device=device)
+    for splits in (1, 2):
+        out = torch.full((2, 1, 4, 64), NAN, dtype=dtype, device=device)
+        _tri().paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 0.1,
+                               out=out, num_kv_splits=splits, sinks=torch.zeros(4, device=device))
+        ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                        0.1, sinks=torch.zeros(4, device=device))
+        _check_close(out, ref, dtype)
+        assert (out[0] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_auto_splits_and_small_hint(device):
+    # Splits chosen on the host; a max_seq_len hint smaller than the truth must only
+    # cost balance (the last split runs to seq_len), never correctness.
+    dtype = DTYPES[device][0]
+    for hint in (None, 20):
+        _run_attention(device, dtype, 31, (4, 2), 64, 16, [70, 45], 1, None, max_seq_len=hint,
+                       num_kv_splits=None if hint is None else 3)
+
+
+MULTI_CASES = [
+    # seed, (Hq, Hkv), head_dim, block_size, seq_lens, q_len, pads, feature
+    (0, (8, 2), 64, 16, [12, 40], 12, 3, None),       # row 0: prompt with left pads, no prefix
+    (1, (4, 1), 128, 16, [90, 9], 9, 0, None),        # long cached prefix, MQA
+    (2, (4, 4), 80, 32, [30, 55], 7, 2, "window"),
+    (3, (8, 2), 96, 16, [21, 64], 6, 0, "softcap"),
+    (4, (6, 2), 256, 16, [18, 25], 5, 1, "sinks"),
+    (5, (2, 1), 64, 32, [70, 38], 33, 4, None),       # several query tiles
+    (6, (4, 2), 128, 16, [50, 80], 20, 5, "window"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,heads,head_dim,block_size,seq_lens,q_len,pads,feature", MULTI_CASES)
+def test_multi_token(device, seed, heads, head_dim, block_size, seq_lens, q_len, pads, feature):
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    for dtype in _dtypes(device, seed):
+        _run_attention(device, dtype, seed, heads, head_dim, block_size, seq_lens, q_len, feature, pads=pads, **small)
+    if device == "cuda":  # also the default (large) tile config on the GPU
+        _run_attention(device, torch.bfloat16, seed + 50, heads, head_dim, block_size,
+                       [s * 7 for s in seq_lens], q_len * 7, feature, pads=pads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_token_all_pad_tile_and_strided_cache(device):
+    # Row 0 is all pads in its first query tiles (short prompt in a long padded batch).
+    dtype = DTYPES[device][0]
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    _run_attention(device, dtype, 41, (4, 2), 64, 16, [6, 30], 24, None, pads=18, strided_cache=True, **small)
+
+
+def test_unsupported_shapes_raise():
+    dev = DEVICES[0]
+    case = PagedCase(0, [4], 1, 512, 16, torch.float32, dev)
+    q = torch.zeros(1, 1, 1, 512, device=dev)
+    qpos = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+    with pytest.raises(ValueError, match=r"head_dim 512 .*<= 256"):
+        _tri().paged_attention(q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 1.0)
+    case = PagedCase(0, [4], 1, 64, 24, torch.float32, dev)
+    q = torch.zeros(1, 1, 1, 64, device=dev)
+    with pytest.raises(ValueError, match=r"block_size 24 .*multiple of 16"):
+        _tri().paged_attention(q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 1.0)
+
+
+# ----------------------------------------------------------------------------- store / copy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,num_kv_heads,head_dim,block_size,slot_dtype,strided_cache",
+                         [(0, 2, 64, 16, torch.int32, False), (1, 3, 80, 32, torch.int64, True),
+                          (2, 1, 256, 16, torch.int64, False)])
+def test_store_kv(device, seed, num_kv_heads, head_dim, block_size, slot_dtype, strided_cache):
+    dtype = DTYPES[device][seed % 2]
+    g = torch.Generator().manual_seed(seed)
+    batch, q_len, num_blocks = 3, 7, 6
+    case = PagedCase(seed, [0], num_kv_heads, head_dim, block_size, dtype, device, spare_blocks=num_blocks,
+                     strided_cache=strided_cache)
+    # Sentinel contents everywhere, so untouched slots are checkable exactly.
+    case.key_cache.copy_(torch.randn(case.key_cache.shape, generator=g).to(dtype))
+    case.value_cache.copy_(torch.randn(case.value_cache.shape, generator=g).to(dtype))
+    key = torch.randn(batch, q_len, num_kv_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2)
+    value = torch.randn(batch, num_kv_heads, q_len, head_dim, generator=g).to(device, dtype)  # contiguous
+    slots = torch.randperm(num_blocks * block_size, generator=g)[: batch * q_len].reshape(batch, q_len)
+    slots[torch.rand(batch, q_len, generator=g) < 0.3] = -1
+    slots[0, 0] = -7
+    slots = slots.to(device, slot_dtype)
+    exp_k, exp_v = case.key_cache.clone(), case.value_cache.clone()
+    reference.store_kv(key, value, exp_k, exp_v, slots)
+    _tri().store_kv(key, value, case.key_cache, case.value_cache, slots)
+    assert torch.equal(case.key_cache, exp_k) and torch.equal(case.value_cache, exp_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("strided_cache", [False, True])
+def test_copy_blocks(device, strided_cache):
+    dtype = DTYPES[device][1]
+    g = torch.Generator().manual_seed(5)
+    case = PagedCase(5, [0], 2, 80, 16, dtype, device, spare_blocks=10, strided_cache=strided_cache)
+    case.key_cache.copy_(torch.randn(case.key_cache.shape, generator=g).to(dtype))
+    case.value_cache.copy_(torch.randn(case.value_cache.shape, generator=g).to(dtype))
+    exp_k, exp_v = case.key_cache.clone(), case.value_cache.clone()
+    empty = torch.empty(0, dtype=torch.int32, device=device)
+    _tri().copy_blocks(case.key_cache, case.value_cache, empty, empty)
+    assert torch.equal(case.key_cache, exp_k) and torch.equal(case.value_cache, exp_v)
+    src = torch.tensor([3, 0, 9], device=device)
+    dst = torch.tensor([1, 7, 4], device=device, dtype=torch.int32)
+    reference.copy_blocks(exp_k, exp_v, src, dst)
+    _tri().copy_blocks(case.key_cache, case.value_cache, src, dst)
+    assert torch.equal(case.key_cache, exp_k) and torch.equal(case.value_cache, exp_v)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_get_backend_names(monkeypatch):
+    assert K.get_backend("torch").paged_attention is reference.paged_attention
+    with pytest.raises(ValueError, match=r"unknown hf_paged kernel backend 'cuda'; valid backends: torch, triton"):
+        K.get_backend("cuda")
+    monkeypatch.setenv("HF_PAGED_BACKEND", "torch")
+    assert K.get_backend().name == "torch"
+    monkeypatch.setenv("HF_PAGED_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"valid backends: torch, triton"):
+        K.get_backend()
+    monkeypatch.delenv("HF_PAGED_BACKEND")
+    assert K.get_backend().name == ("triton" if torch.cuda.is_available() else "torch")
+    assert "torch" in K.available_backends()
+
+
+CPU_ERROR = r"Triton backend got CPU tensors but the Triton interpreter is not enabled: set TRITON_INTERPRET=1 .*HF_PAGED_BACKEND=torch"
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=CPU_ERROR):
+        K.get_backend("triton")
+    # Per call too: CPU tensors handed to the Triton functions.
+    attention = pytest.importorskip("hf_paged.kernels.attention")
+    q = torch.zeros(1, 1, 1, 64)
+    cache = torch.zeros(2, 16, 1, 64)
+    idx = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=CPU_ERROR):
+        attention.paged_attention(q, cache, cache, idx, idx[0], idx, 1.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU, no-interpreter path")
+def test_triton_without_interpreter_subprocess():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HF_PAGED_BACKEND")}
+    code = (
+        "import hf_paged.kernels as K\n"
+        "assert K.get_backend().name == 'torch'\n"
+        "try:\n    K.get_backend('triton')\nexcept RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout and "HF_PAGED_BACKEND=torch" in res.stdout
