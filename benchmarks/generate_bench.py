@@ -31,6 +31,9 @@ p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
 p.add_argument("--only", default="")
 p.add_argument("--budget-gb", type=float, default=12.0, help="memory budget over weights for the batch test")
+p.add_argument("--full-warmup", action="store_true",
+               help="run each workload once per path, untimed, before timing it (stock's DynamicCache is "
+                    "much slower until the CUDA allocator holds blocks of every size it grows through)")
 args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,6 +147,8 @@ def compare(name, lengths, new, **gen):
     seqs = {}
     for impl in ("sdpa", "paged"):
         use(impl)
+        if args.full_warmup:
+            del generate(lengths, new, **gen)[0]
         if gen.get("do_sample"):
             torch.manual_seed(0)
         out, dt, peak = generate(lengths, new, **gen)
