@@ -15,7 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import PagedForward, _backend_for, take_pending_cache
+from .cache import PagedForward, _backend_for, device_guard, take_pending_cache
 
 ATTN_NAME = "paged"
 
@@ -64,10 +64,11 @@ def paged_attention_forward(
     if isinstance(attention_mask, PagedForward):
         fwd = attention_mask.on(query.device)
         k_pool, v_pool = fwd.cache.layer_pools(module.layer_idx)
-        out = _backend_for(query.device).paged_attention(
-            query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
-            sliding_window=sliding_window, softcap=softcap, sinks=sinks, max_seq_len=fwd.max_seq_len,
-        )
+        with device_guard(query.device):
+            out = _backend_for(query.device).paged_attention(
+                query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
+                sliding_window=sliding_window, softcap=softcap, sinks=sinks, max_seq_len=fwd.max_seq_len,
+            )
         return out, None
     dropout = dropout if module.training else 0.0
     return dense_attention(query, key, value, attention_mask, scaling, softcap, sinks, dropout), None

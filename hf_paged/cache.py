@@ -15,6 +15,7 @@ Data path of one forward pass (see ``attention.py`` for the hooks that drive it)
 
 from __future__ import annotations
 
+import contextlib
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -243,9 +244,10 @@ class PagedCache(Cache):
         k_pool, v_pool = self._layer_pools(layer_idx, key_states, value_states)
         meta = fwd.on(key_states.device)
         backend = _backend_for(key_states.device)
-        if meta.copy_src is not None:
-            backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
-        backend.store_kv(key_states, value_states, k_pool, v_pool, meta.slot_mapping)
+        with device_guard(key_states.device):
+            if meta.copy_src is not None:
+                backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
+            backend.store_kv(key_states, value_states, k_pool, v_pool, meta.slot_mapping)
         return key_states, value_states
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,12 +314,18 @@ class PagedCache(Cache):
         seq_after = seq_before + n_new
         blocks_after = -(-seq_after // bs)
         need_per_row = [int(blocks_after[b]) - len(self.block_tables[b]) for b in range(batch_size)]
+        # Copy-on-write: rows about to write into a shared, partially filled tail block. Of k such
+        # writers of a block with r references, min(k, r - 1) copy it; the last one writes in place.
         cow_rows = [
             b for b in range(batch_size)
             if n_new[b] > 0 and seq_before[b] % bs != 0 and self.pool.ref_count(self.block_tables[b][-1]) > 1
         ]
+        writers: dict[int, int] = {}
+        for b in cow_rows:
+            writers[self.block_tables[b][-1]] = writers.get(self.block_tables[b][-1], 0) + 1
+        n_copies = sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
         reuse, row_hashes = self._plan_prefix_reuse(n_new, pads, seq_before, q_len)
-        total = sum(need_per_row) + len(cow_rows) - sum(len(r) for r in reuse.values())
+        total = sum(need_per_row) + n_copies - sum(len(r) for r in reuse.values())
         try:
             fresh = self.pool.allocate(total)
         except OutOfBlocksError as e:
@@ -327,9 +335,11 @@ class PagedCache(Cache):
             ) from None
         fresh.reverse()
         copies: list[tuple[int, int]] = []
-        for b in cow_rows:  # copy-on-write of shared, partially filled tail blocks
+        for b in cow_rows:
             table = self.block_tables[b]
             src = table[-1]
+            if self.pool.ref_count(src) == 1:
+                continue  # the other sharers copied it away: this row now owns it
             dst = fresh.pop()
             table[-1] = dst
             copies.append((src, dst))
@@ -633,6 +643,17 @@ def _config_bytes_per_token(config, dtype) -> int:
 
 
 _BACKENDS: dict = {}
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device while launching kernels on its tensors.
+
+    Triton launches on the *current* device, not on its arguments' device: under
+    ``device_map`` a layer on ``cuda:1`` must not launch on ``cuda:0``.
+    """
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _backend_for(device: torch.device):
