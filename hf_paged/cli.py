@@ -1,0 +1,627 @@
+"""``hf-paged`` command line (also ``python -m hf_paged``).
+
+    hf-paged                      # the demo: SmolLM2-135M-Instruct on the built-in prompts
+    hf-paged generate --prompts questions.txt --max-new-tokens 64 --output out.jsonl
+    hf-paged generate --prompts data.jsonl --field question --num-beams 4 --compare-stock
+
+``generate`` loads a causal LM with ``attn_implementation="paged"``, runs ``model.generate`` over
+batches of prompts (sorted by length, longest first, so that a batch holds similar lengths), writes
+the outputs in the original prompt order and closes with a report of speed and KV-cache memory:
+what the paged cache used and what stock transformers' dense cache would have held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+SUBCOMMANDS = ("generate",)
+
+# The demo (no --prompts and no decoding options): three jobs on the built-in prompts.
+DEMO_SAMPLE_TASK = "HumanEval/53"
+DEMO_BEAM_QUESTION = 2  # index into prompts.CHAT_QUESTIONS ("Explain ... why the sky is blue.")
+
+
+# =============================================================================== arguments
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-paged",
+        description="Paged KV cache (PagedAttention) for a plain transformers model.generate. "
+        "Without a subcommand, runs 'generate' (with no options: the demo on SmolLM2-135M-Instruct).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{generate}")
+    g = sub.add_parser(
+        "generate",
+        help="generate text for a set of prompts with the paged KV cache",
+        description="Generate for a set of prompts with attn_implementation='paged' and report speed "
+        "and KV-cache memory. With neither --prompts nor decoding options (--num-beams, "
+        "--num-return-sequences, --do-sample), runs the demo: a greedy batch of chat questions, "
+        "4 samples of a HumanEval prompt, and a beam search (4 beams, 2 returned).",
+    )
+    m = g.add_argument_group("model")
+    m.add_argument("--model", metavar="PATH", help="a local causal-LM checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    m.add_argument("--device", default="auto", help="cuda, cuda:1, cpu ... (auto: cuda if available, else cpu)")
+    m.add_argument("--attn-implementation", default="paged",
+                   help="attention implementation (default: paged; 'sdpa' runs stock transformers)")
+    p = g.add_argument_group("prompts")
+    p.add_argument("--prompts", metavar="SOURCE",
+                   help="a .txt file (one prompt per line), a .jsonl/.json file, or a local datasets "
+                   "folder/cached name (default: the built-in prompts)")
+    p.add_argument("--field", help="the JSON/dataset field holding the prompt (default: 'prompt', else 'text')")
+    p.add_argument("--split", help="dataset split (default: train)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the tokenizer's chat template (default: on when the tokenizer has one)")
+    d = g.add_argument_group("decoding")
+    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    d.add_argument("--max-new-tokens", type=int, default=48, help="default: 48")
+    d.add_argument("--num-beams", type=int, default=None, help="beam search with N beams")
+    d.add_argument("--num-return-sequences", type=int, default=None, help="sequences returned per prompt")
+    d.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam decoding")
+    d.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 0.8 when sampling)")
+    d.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: 0.95 when sampling)")
+    d.add_argument("--seed", type=int, default=0, help="random seed, set before each batch (default: 0)")
+    c = g.add_argument_group("paged cache")
+    c.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the cache's, 16)")
+    c.add_argument("--max-memory", default=None, help="cap on the KV pool, e.g. 2GiB, 512MB")
+    o = g.add_argument_group("output")
+    o.add_argument("--output", metavar="FILE.jsonl", help="write {index, prompt, outputs} per prompt, in the original order")
+    o.add_argument("--compare-stock", action="store_true",
+                   help="also run stock transformers (sdpa) on the same batches: token equality, time, memory")
+    o.add_argument("--max-print-chars", type=int, default=160, help="truncate printed texts (0: print nothing)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["generate", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args.command = "generate"
+    _validate(args)
+    return args
+
+
+def _error(exc_or_msg) -> str:
+    msg = str(exc_or_msg)
+    return "hf-paged: error: " + (msg[len("hf_paged: "):] if msg.startswith("hf_paged: ") else msg)
+
+
+def _validate(args) -> None:
+    def err(msg):
+        raise SystemExit(_error(msg))
+
+    for name in ("batch_size", "max_new_tokens", "num_beams", "num_return_sequences", "block_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            err(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.limit is not None and args.limit < 0:
+        err(f"--limit must be >= 0, got {args.limit}")
+    if args.num_return_sequences and args.num_beams and args.num_return_sequences > args.num_beams:
+        err(f"--num-return-sequences ({args.num_return_sequences}) cannot exceed --num-beams ({args.num_beams})")
+    if args.num_return_sequences and args.num_return_sequences > 1 and not args.num_beams and not args.do_sample:
+        err("--num-return-sequences > 1 needs --do-sample or --num-beams (greedy decoding returns one sequence)")
+    if args.max_memory is not None:
+        try:
+            parse_memory(args.max_memory)
+        except ValueError as e:
+            err(str(e))
+
+
+def is_demo(args) -> bool:
+    """No prompts and no decoding options given: run the three demo jobs."""
+    return args.prompts is None and args.num_beams is None and args.num_return_sequences is None and not args.do_sample
+
+
+def parse_memory(value) -> int:
+    from .cache import parse_memory as _parse
+
+    return _parse(value)
+
+
+# =============================================================================== jobs
+@dataclass
+class Job:
+    """One set of prompts decoded with one set of generation options."""
+
+    name: str
+    prompts: list  # list[prompts.Prompt]
+    gen_kwargs: dict
+    batch_size: int = 8
+
+
+@dataclass
+class JobResult:
+    job: Job
+    outputs: list  # per prompt (original order): list of generated texts
+    new_tokens: int = 0
+    sequences: int = 0
+    wall_s: float = 0.0
+    batch_stats: list = field(default_factory=list)  # memory_stats() per batch
+    stock: dict | None = None  # --compare-stock: wall_s, kv_bytes (peak), tokens_equal, mismatches
+    report: dict = field(default_factory=dict)
+
+
+def generation_kwargs(args, tokenizer) -> dict:
+    kw = {"max_new_tokens": args.max_new_tokens}
+    if args.num_beams is not None:
+        kw["num_beams"] = args.num_beams
+    if args.num_return_sequences is not None:
+        kw["num_return_sequences"] = args.num_return_sequences
+    kw["do_sample"] = bool(args.do_sample)
+    if args.do_sample:
+        kw["temperature"] = args.temperature if args.temperature is not None else 0.8
+        kw["top_p"] = args.top_p if args.top_p is not None else 0.95
+    return kw
+
+
+def demo_jobs(args) -> list[Job]:
+    from .prompts import builtin_prompts
+
+    prompts = builtin_prompts()
+    chat = [p for p in prompts if p.kind == "chat"]
+    code = {p.name: p for p in prompts if p.kind == "code"}
+    n = args.max_new_tokens
+    return [
+        Job(f"greedy: {len(chat)} chat questions", chat, {"max_new_tokens": n, "do_sample": False}, args.batch_size),
+        Job(
+            f"sampling: 4 completions of {DEMO_SAMPLE_TASK} (num_return_sequences=4)",
+            [code[DEMO_SAMPLE_TASK]],
+            {"max_new_tokens": n, "do_sample": True, "temperature": 0.8, "top_p": 0.95, "num_return_sequences": 4},
+        ),
+        Job(
+            "beam search: num_beams=4, num_return_sequences=2",
+            [chat[DEMO_BEAM_QUESTION]],
+            {"max_new_tokens": n, "do_sample": False, "num_beams": 4, "num_return_sequences": 2},
+        ),
+    ]
+
+
+CODE_INSTRUCTION = "Complete the following Python function.\n```python\n{prompt}```"
+
+
+def format_prompt(prompt, tokenizer, chat: bool) -> str:
+    """The text fed to the tokenizer. With ``chat`` (and a chat template): chat and file prompts
+    become a user message; code prompts (HumanEval) a request for the function, with the
+    assistant's answer opened by a python fence so that the model writes code. Without: as is."""
+    if not chat or not getattr(tokenizer, "chat_template", None):
+        return prompt.text
+    if prompt.kind == "code":
+        message = [{"role": "user", "content": CODE_INSTRUCTION.format(prompt=prompt.text)}]
+        return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True) + "```python\n"
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped into batches, sorted by length, longest first (ties keep order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def count_new_tokens(generated, stop_ids) -> int:
+    """Tokens generated per row up to and including the first stop token (later pads not counted)."""
+    total = 0
+    stop = set(stop_ids)
+    for row in generated.tolist():
+        n = len(row)
+        for j, tok in enumerate(row):
+            if tok in stop:
+                n = j + 1
+                break
+        total += n
+    return total
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    return sorted(set(int(i) for i in ids))
+
+
+def output_cache(out):
+    """The cache generate returned (``out.cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    if "cache" in out:
+        return out["cache"]
+    return getattr(out, "past_key_values", None)
+
+
+def cache_kwarg_name() -> str:
+    """generate's keyword for a user cache: ``cache`` from transformers 5.2x (``past_key_values``
+    still works there but warns), ``past_key_values`` before."""
+    import dataclasses
+
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of the K/V tensors a stock (dense) cache holds."""
+    total = 0
+    seen = set()
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None and hasattr(t, "numel") and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    if not total:
+        for name in ("key_cache", "value_cache"):
+            for t in getattr(cache, name, []) or []:
+                if t is not None and hasattr(t, "numel"):
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def kv_stats(cache) -> dict:
+    """``memory_stats()`` of a PagedCache; for a stock cache, its measured bytes as both used and dense."""
+    if cache is not None and hasattr(cache, "memory_stats"):
+        return dict(cache.memory_stats())
+    n = cache_nbytes(cache) if cache is not None else 0
+    return {"bytes_used": n, "bytes_dense": n, "bytes_reserved": n, "blocks_shared": 0, "blocks_used": 0,
+            "paged": False}
+
+
+def build_report(batch_stats: list[dict], *, prompts: int, sequences: int, new_tokens: int, wall_s: float,
+                 stock: dict | None = None) -> dict:
+    """The closing report of one job. Memory figures are peaks over batches (batches run one after
+    another; each batch's cache is freed before the next)."""
+
+    def peak(key):
+        return max((int(s.get(key, 0)) for s in batch_stats), default=0)
+
+    used, dense = peak("bytes_used"), peak("bytes_dense")
+    report = {
+        "prompts": prompts,
+        "sequences": sequences,
+        "batches": len(batch_stats),
+        "new_tokens": new_tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": new_tokens / wall_s if wall_s > 0 else 0.0,
+        "kv_bytes_used": used,
+        "kv_bytes_reserved": peak("bytes_reserved"),
+        "kv_bytes_dense": dense,
+        "blocks_used": peak("blocks_used"),
+        "blocks_shared": peak("blocks_shared"),
+        "saving": dense / used if used else 0.0,
+        "paged": all(s.get("paged", True) for s in batch_stats),
+    }
+    if stock is not None:
+        report["stock"] = dict(stock)
+        if stock.get("wall_s"):
+            report["stock"]["tokens_per_s"] = stock.get("new_tokens", new_tokens) / stock["wall_s"]
+    return report
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_report(report: dict, title: str = "") -> str:
+    lines = []
+    if title:
+        lines.append(f"-- report: {title}")
+    lines.append(
+        f"   {report['prompts']} prompt(s), {report['sequences']} sequence(s), {report['batches']} batch(es): "
+        f"{report['new_tokens']} new tokens in {report['wall_s']:.1f} s = {report['tokens_per_s']:.1f} tokens/s"
+    )
+    if not report.get("paged", True):
+        lines.append(f"   KV cache (peak over batches): stock dense cache {fmt_bytes(report['kv_bytes_used'])} "
+                     "(not a paged cache: attn_implementation is not 'paged')")
+    else:
+        lines.append(
+            f"   KV cache (peak over batches): paged used {fmt_bytes(report['kv_bytes_used'])} "
+            f"({report['blocks_used']} blocks, {report['blocks_shared']} shared; pool reserved "
+            f"{fmt_bytes(report['kv_bytes_reserved'])}) vs stock dense {fmt_bytes(report['kv_bytes_dense'])}"
+            + _saving_text(report["saving"])
+        )
+    stock = report.get("stock")
+    if stock:
+        eq = stock.get("tokens_equal")
+        verdict = (
+            "n/a (sampling)" if eq is None
+            else "identical tokens" if eq
+            else f"DIFFERENT tokens in {stock.get('mismatches')} of {report['sequences']} sequence(s)"
+        )
+        lines.append(
+            f"   stock transformers (sdpa): {stock['wall_s']:.1f} s = {stock.get('tokens_per_s', 0):.1f} tokens/s, "
+            f"KV cache measured {fmt_bytes(stock.get('kv_bytes', 0))}; paged vs stock: {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def _saving_text(saving: float) -> str:
+    if not saving:
+        return ""
+    if saving >= 1:
+        return f" -> {saving:.2f}x less"
+    return f" -> {1 / saving:.2f}x more (short rows in partly filled blocks)"
+
+
+def _short(text: str, limit: int) -> str:
+    text = text.replace("\r", "").replace("\n", "\\n")
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None = None, seed: int = 0,
+            stock_model=None, progress: bool = True) -> JobResult:
+    """Generate for every prompt of ``job`` in batches sorted by length; outputs in original order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    texts = [format_prompt(p, tokenizer, chat) for p in job.prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    batches = plan_batches(lengths, job.batch_size)
+    nrs = int(job.gen_kwargs.get("num_return_sequences") or 1)
+    stop = _stop_ids(model, tokenizer)
+    device = model.device
+    result = JobResult(job, outputs=[None] * len(job.prompts))
+    stock = {"wall_s": 0.0, "kv_bytes": 0, "new_tokens": 0, "mismatches": 0} if stock_model is not None else None
+    greedy_like = not job.gen_kwargs.get("do_sample")
+
+    def generate(m, enc, with_cache):
+        kw = dict(job.gen_kwargs)
+        if with_cache and cache_kwargs:
+            from . import PagedCache
+
+            kw[cache_kwarg_name()] = PagedCache(config=m.config, **cache_kwargs)
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = m.generate(**enc, **kw, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - t0
+
+    bar = tqdm(batches, desc=job.name[:40], unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        for batch in bar:
+            enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            prompt_len = enc["input_ids"].shape[1]
+            out, dt = generate(model, enc, with_cache=True)
+            result.wall_s += dt
+            gen = out.sequences[:, prompt_len:]
+            result.new_tokens += count_new_tokens(gen, stop)
+            result.sequences += gen.shape[0]
+            result.batch_stats.append(kv_stats(output_cache(out)))
+            decoded = tokenizer.batch_decode(gen, skip_special_tokens=True)
+            for j, i in enumerate(batch):
+                result.outputs[i] = decoded[j * nrs : (j + 1) * nrs]
+            if stock is not None:
+                ref, sdt = generate(stock_model, enc, with_cache=False)
+                stock["wall_s"] += sdt
+                ref_gen = ref.sequences[:, prompt_len:]
+                stock["new_tokens"] += count_new_tokens(ref_gen, stop)
+                stock["kv_bytes"] = max(stock["kv_bytes"], cache_nbytes(output_cache(ref)))
+                stock["mismatches"] += _count_mismatches(gen, ref_gen, stop)
+            del out
+    finally:
+        bar.close()
+    if stock is not None:
+        stock["tokens_equal"] = (stock["mismatches"] == 0) if greedy_like else None
+    result.stock = stock
+    result.report = build_report(
+        result.batch_stats, prompts=len(job.prompts), sequences=result.sequences,
+        new_tokens=result.new_tokens, wall_s=result.wall_s, stock=stock,
+    )
+    return result
+
+
+def _count_mismatches(a, b, stop_ids) -> int:
+    """Rows whose generated tokens differ (compared up to the first stop token)."""
+
+    def trim(row):
+        for j, t in enumerate(row):
+            if t in stop_ids:
+                return row[: j + 1]
+        return row
+
+    a, b = a.tolist(), b.tolist()
+    if len(a) != len(b):
+        return max(len(a), len(b))
+    return sum(1 for x, y in zip(a, b) if trim(x) != trim(y))
+
+
+def print_outputs(result: JobResult, limit: int, file=None) -> None:
+    file = file or sys.stdout
+    if limit <= 0:
+        return
+    for i, (prompt, outs) in enumerate(zip(result.job.prompts, result.outputs)):
+        label = prompt.name if prompt.name else str(i)
+        print(f"[{label}] {_short(prompt.text.strip(), limit // 2)}", file=file)
+        for k, text in enumerate(outs):
+            prefix = f"  -> ({k + 1}) " if len(outs) > 1 else "  -> "
+            print(prefix + _short(text.strip(), limit), file=file)
+
+
+def write_jsonl(path, results: list[JobResult], with_job: bool) -> None:
+    """One line per prompt, in the original order: {"index", "prompt", "outputs": [...]}."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for res in results:
+            for i, (prompt, outs) in enumerate(zip(res.job.prompts, res.outputs)):
+                rec = {"index": i, "prompt": prompt.text, "outputs": outs}
+                if prompt.name and prompt.kind != "text":  # built-in prompts: "chat/3", "HumanEval/0"
+                    rec["name"] = prompt.name
+                if with_job:
+                    rec["job"] = res.job.name
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# =============================================================================== model loading
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(path, *, dtype, device, attn_implementation):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .real_model import prepare_tokenizer
+
+    if attn_implementation == "paged":
+        from . import generation  # noqa: F401  (import hf_paged registers "paged")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prepare_tokenizer(tokenizer, model)
+    return model, tokenizer
+
+
+# =============================================================================== main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return cmd_generate(args)
+
+
+def cmd_generate(args) -> int:
+    from .block_pool import OutOfBlocksError
+    from .prompts import PromptSourceError, load_prompts
+
+    try:
+        if is_demo(args):
+            jobs = demo_jobs(args)
+        else:
+            prompts = (
+                load_prompts(args.prompts, split=args.split, field=args.field, limit=args.limit)
+                if args.prompts is not None
+                else _builtin_for_options(args)
+            )
+            jobs = None
+    except (FileNotFoundError, PromptSourceError) as e:
+        print(_error(e), file=sys.stderr)
+        return 2
+    if jobs is not None and args.limit is not None:
+        for job in jobs:
+            job.prompts = job.prompts[: args.limit] or job.prompts[:1]
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.model is None:
+        from .real_model import smollm2_path
+
+        model_path = smollm2_path()
+    else:
+        model_path = args.model
+        if not os.path.exists(model_path):
+            print(f"hf-paged: error: model folder not found: '{model_path}' (there is no HuggingFace hub "
+                  "access here: give a local checkpoint folder)", file=sys.stderr)
+            return 2
+    print(f"Loading {model_path} ({str(dtype).replace('torch.', '')}, {device}, "
+          f"attn_implementation={args.attn_implementation!r})...", file=sys.stderr)
+    model, tokenizer = load_model(model_path, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
+    stock_model = None
+    if args.compare_stock:
+        stock_model, _ = load_model(model_path, dtype=dtype, device=device, attn_implementation="sdpa")
+
+    chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
+    if jobs is None:
+        jobs = [Job("generate", prompts, generation_kwargs(args, tokenizer), args.batch_size)]
+    cache_kwargs = {}
+    if args.block_size is not None:
+        cache_kwargs["block_size"] = args.block_size
+    if args.max_memory is not None:
+        cache_kwargs["max_memory"] = args.max_memory
+    if cache_kwargs and args.attn_implementation != "paged":
+        print("hf-paged: note: --block-size/--max-memory apply to the paged cache only; ignored.", file=sys.stderr)
+        cache_kwargs = {}
+
+    # One tiny untimed generate per model first, so the first job's timing excludes warm-up.
+    _warm_up(model, tokenizer)
+    if stock_model is not None:
+        _warm_up(stock_model, tokenizer)
+
+    results = []
+    for job in jobs:
+        print(f"\n== {job.name}", flush=True)
+        try:
+            res = run_job(job, model, tokenizer, chat=chat, cache_kwargs=cache_kwargs, seed=args.seed,
+                          stock_model=stock_model)
+        except OutOfBlocksError as e:
+            print(_error(e), file=sys.stderr)
+            return 3
+        print_outputs(res, args.max_print_chars)
+        print(format_report(res.report), flush=True)
+        results.append(res)
+
+    if len(results) > 1:
+        total = summarize(results)
+        print("\n" + format_report(total, title="all jobs"))
+    if args.output:
+        write_jsonl(args.output, results, with_job=len(results) > 1)
+        print(f"\nwrote {sum(len(r.outputs) for r in results)} record(s) to {args.output}")
+    return 0
+
+
+def _warm_up(model, tokenizer) -> None:
+    import torch
+
+    enc = tokenizer(["Hello"], return_tensors="pt").to(model.device)
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+def _builtin_for_options(args):
+    """Built-in prompts for a non-demo run (decoding options given, no --prompts)."""
+    from .prompts import builtin_prompts
+
+    prompts = builtin_prompts()
+    return prompts[: args.limit] if args.limit is not None else prompts
+
+
+def summarize(results: list[JobResult]) -> dict:
+    """One report over several jobs (run one after another: memory is the peak over all)."""
+    stats = [s for r in results for s in r.batch_stats]
+    stocks = [r.stock for r in results if r.stock is not None]
+    stock = None
+    if stocks:
+        eqs = [s["tokens_equal"] for s in stocks if s.get("tokens_equal") is not None]
+        stock = {
+            "wall_s": sum(s["wall_s"] for s in stocks),
+            "new_tokens": sum(s["new_tokens"] for s in stocks),
+            "kv_bytes": max(s["kv_bytes"] for s in stocks),
+            "mismatches": sum(s["mismatches"] for s in stocks if s.get("tokens_equal") is not None),
+            "tokens_equal": all(eqs) if eqs else None,
+        }
+    return build_report(
+        stats,
+        prompts=sum(len(r.job.prompts) for r in results),
+        sequences=sum(r.sequences for r in results),
+        new_tokens=sum(r.new_tokens for r in results),
+        wall_s=sum(r.wall_s for r in results),
+        stock=stock,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
