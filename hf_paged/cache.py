@@ -122,7 +122,11 @@ class PagedCache(Cache):
         block_size: tokens per block (a multiple of 16 for the Triton kernels).
         max_blocks: cap on the number of blocks in the pool.
         max_memory: cap on the pool's bytes over all layers (int or e.g. ``"4GiB"``).
-        share_prefixes: store identical full prompt blocks of different rows once.
+        share_prefixes: prefill duplicated prompts once and store identical full prompt blocks once.
+        max_prefill_tokens: generate's prefill runs the prompts, sorted by length, in groups of at
+            most this many (padded) tokens, each group trimmed to its own longest prompt: the
+            activations stop growing with the batch and less padding is computed. ``None``: one
+            prefill forward for the whole batch, as stock transformers does.
     """
 
     def __init__(
@@ -132,6 +136,7 @@ class PagedCache(Cache):
         max_blocks: int | None = None,
         max_memory: int | str | None = None,
         share_prefixes: bool = True,
+        max_prefill_tokens: int | None = 8192,
     ):
         super().__init__(layers=[])
         if not isinstance(block_size, int) or block_size < 1:
@@ -142,6 +147,7 @@ class PagedCache(Cache):
         self.block_size = block_size
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.share_prefixes = share_prefixes
+        self.max_prefill_tokens = max_prefill_tokens
         self.pool = BlockPool(max_blocks=max_blocks)
         self.key_cache: list[torch.Tensor | None] = []
         self.value_cache: list[torch.Tensor | None] = []
@@ -151,6 +157,7 @@ class PagedCache(Cache):
         self._logical_len = 0  # padded length, as a DynamicCache would count it
         self._forward: PagedForward | None = None
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next prefill, for hashing
+        self._group_rows: list[int] | None = None  # rows of the prefill group being run (see generation.py)
 
     # ================================================================ transformers contract
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -295,34 +302,27 @@ class PagedCache(Cache):
         if fwd is not None and not fwd.started and fwd.q_len == q_len and fwd.block_table.shape[0] == batch_size:
             return fwd  # a second mask (e.g. sliding-window layers) of the same forward
 
-        if not self.block_tables:
-            self.block_tables = [[] for _ in range(batch_size)]
-            self.seq_lens = [0] * batch_size
-            self.pad_lens = [0] * batch_size
-        elif batch_size != len(self.block_tables):
-            raise ValueError(
-                f"hf_paged: this forward has batch size {batch_size} but the cache holds "
-                f"{len(self.block_tables)} rows (call cache.reset() before reusing it for another batch)"
-            )
+        rows = self._forward_rows(batch_size)
         self._resolve_memory_cap(dtype)
 
         bs = self.block_size
-        seq_before = np.asarray(self.seq_lens, dtype=np.int64)
+        tables = [self.block_tables[r] for r in rows]  # the same list objects: edits land in the cache
+        seq_before = np.asarray([self.seq_lens[r] for r in rows], dtype=np.int64)
         n_new, pads = self._new_token_counts(attention_mask, q_len, batch_size, seq_before)
 
         # --- allocation (all or nothing) -------------------------------------------------
         seq_after = seq_before + n_new
         blocks_after = -(-seq_after // bs)
-        need_per_row = [int(blocks_after[b]) - len(self.block_tables[b]) for b in range(batch_size)]
+        need_per_row = [int(blocks_after[b]) - len(tables[b]) for b in range(batch_size)]
         # Copy-on-write: rows about to write into a shared, partially filled tail block. Of k such
         # writers of a block with r references, min(k, r - 1) copy it; the last one writes in place.
         cow_rows = [
             b for b in range(batch_size)
-            if n_new[b] > 0 and seq_before[b] % bs != 0 and self.pool.ref_count(self.block_tables[b][-1]) > 1
+            if n_new[b] > 0 and seq_before[b] % bs != 0 and self.pool.ref_count(tables[b][-1]) > 1
         ]
         writers: dict[int, int] = {}
         for b in cow_rows:
-            writers[self.block_tables[b][-1]] = writers.get(self.block_tables[b][-1], 0) + 1
+            writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
         n_copies = sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
         reuse, row_hashes = self._plan_prefix_reuse(n_new, pads, seq_before, q_len)
         total = sum(need_per_row) + n_copies - sum(len(r) for r in reuse.values())
@@ -336,7 +336,7 @@ class PagedCache(Cache):
         fresh.reverse()
         copies: list[tuple[int, int]] = []
         for b in cow_rows:
-            table = self.block_tables[b]
+            table = tables[b]
             src = table[-1]
             if self.pool.ref_count(src) == 1:
                 continue  # the other sharers copied it away: this row now owns it
@@ -346,9 +346,9 @@ class PagedCache(Cache):
             self.pool.decref([src])  # after allocate: a freed src is never handed out as a dst
         skip_until = np.zeros(batch_size, dtype=np.int64)  # stored index below which a row reuses blocks
         for b in range(batch_size):
-            table = self.block_tables[b]
+            table = tables[b]
             for ref in reuse.get(b, ()):
-                blk = ref if isinstance(ref, int) else self.block_tables[ref[0]][ref[1]]
+                blk = ref if isinstance(ref, int) else tables[ref[0]][ref[1]]
                 self.pool.incref([blk])
                 table.append(blk)
             skip_until[b] = len(table) * bs if b in reuse else 0
@@ -356,17 +356,17 @@ class PagedCache(Cache):
         assert not fresh
         for b, hashes in row_hashes.items():
             for i, h in enumerate(hashes):
-                if self.block_tables[b][i] not in self.pool.block_hash:
-                    self.pool.register_hash(self.block_tables[b][i], h)
-        for b in range(batch_size):
+                if tables[b][i] not in self.pool.block_hash:
+                    self.pool.register_hash(tables[b][i], h)
+        for b, r in enumerate(rows):
             if seq_before[b] == 0:
-                self.pad_lens[b] += int(pads[b])
-        self.seq_lens = [int(x) for x in seq_after]
+                self.pad_lens[r] += int(pads[b])
+            self.seq_lens[r] = int(seq_after[b])
 
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
-        max_blocks = max(1, max(len(t) for t in self.block_tables))
+        max_blocks = max(1, max(len(t) for t in tables))
         block_table = np.zeros((batch_size, max_blocks), dtype=np.int32)
-        for b, table in enumerate(self.block_tables):
+        for b, table in enumerate(tables):
             block_table[b, : len(table)] = table
         j = np.arange(q_len, dtype=np.int64)[None, :]
         query_pos = seq_before[:, None] + j - pads[:, None]
@@ -404,6 +404,28 @@ class PagedCache(Cache):
             new_logical_len=self._logical_len + q_len,
         )
         return self._forward
+
+    def _forward_rows(self, batch_size: int) -> list[int]:
+        """The cache rows this forward's batch rows are (all rows, or a prefill group's rows)."""
+        if self._group_rows is not None:
+            if batch_size != len(self._group_rows):
+                raise ValueError(
+                    f"hf_paged: a prefill group of {len(self._group_rows)} rows got a batch of {batch_size}"
+                )
+            return self._group_rows
+        if not self.block_tables:
+            self._add_rows(batch_size)
+        elif batch_size != len(self.block_tables):
+            raise ValueError(
+                f"hf_paged: this forward has batch size {batch_size} but the cache holds "
+                f"{len(self.block_tables)} rows (call cache.reset() before reusing it for another batch)"
+            )
+        return list(range(batch_size))
+
+    def _add_rows(self, n: int) -> None:
+        self.block_tables.extend([] for _ in range(n))
+        self.seq_lens.extend([0] * n)
+        self.pad_lens.extend([0] * n)
 
     def _new_token_counts(self, attention_mask, q_len, batch_size, seq_before):
         """Per row: how many of the ``q_len`` new tokens are real, and how many are left pads."""
@@ -478,19 +500,24 @@ class PagedCache(Cache):
             row_hashes[b] = hashes
         return reuse, row_hashes
 
-    def reserve_for_generation(self, prompt_lengths: list[int], rows: int, max_new_tokens: int) -> None:
+    def reserve_for_generation(self, prompt_lengths: list[int], copies: list[int], max_new_tokens: int) -> None:
         """Size the pool for a ``generate`` call: an upper bound of what it can use.
 
-        ``prompt_lengths`` are the real lengths of the DISTINCT prompts (stored once); each of the
-        ``rows`` sequences then holds at most ``ceil(max_new_tokens / block_size) + 1`` blocks of
-        its own (its new tokens and a copy of a shared partial tail). generate calls it with
-        ``max_new_tokens=0`` before the prefill (so the prefill's activations do not sit on top
-        of the decode's reservation) and with the real value after it.
+        ``prompt_lengths[d]`` is the real length of distinct prompt ``d`` (stored once) and
+        ``copies[d]`` how many rows (beams, samples) continue it. A row then owns at most the
+        blocks of its new tokens (the last generated token is never fed back) plus, when its prompt
+        is shared, a copy of the prompt's partial tail. generate calls this with
+        ``max_new_tokens=0`` before the prefill (so the prefill's activations do not sit on top of
+        the decode's reservation) and with the real value after it.
         """
         bs = self.block_size
-        prompt_blocks = sum(-(-n // bs) for n in prompt_lengths)
-        per_row = -(-max(0, max_new_tokens) // bs) + 1 if max_new_tokens > 0 else 0
-        self.pool.reserve(prompt_blocks + rows * per_row)
+        total = 0
+        for length, n in zip(prompt_lengths, copies):
+            total += -(-length // bs)
+            if max_new_tokens > 0:
+                shared_prefix = -(-length // bs) if n == 1 else length // bs
+                total += n * (-(-(length + max_new_tokens - 1) // bs) - shared_prefix)
+        self.pool.reserve(total)
 
     # ---------------------------------------------------------------- row operations
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
@@ -557,6 +584,7 @@ class PagedCache(Cache):
         self._logical_len = 0
         self._forward = None
         self._prefill_tokens = None
+        self._group_rows = None
 
     # ---------------------------------------------------------------- memory
     def _bytes_per_token(self) -> int:

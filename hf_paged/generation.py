@@ -134,48 +134,108 @@ def _wrap_prefill(orig):
         if key is None:
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         cache: PagedCache = model_kwargs[key]
+        mask = model_kwargs.get("attention_mask")
         fresh = (
             cache.get_seq_length() == 0
+            and not cache.block_tables
             and model_kwargs.get("inputs_embeds") is None
             and getattr(generation_config, "prefill_chunk_size", None) is None
+            and (mask is None or mask.dim() == 2)
         )
         if not fresh:
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
 
-        rep, inverse, lengths = _distinct_rows(input_ids, model_kwargs.get("attention_mask"))
         batch = input_ids.shape[0]
+        rep, inverse, lengths = _distinct_rows(input_ids, mask)
         if not cache.share_prefixes:
             rep, inverse = list(range(batch)), list(range(batch))
+        prompt_lengths = [lengths[r] for r in rep]
+        copies = [inverse.count(d) for d in range(len(rep))]
         max_new = generation_config.max_new_tokens
         if max_new is None and generation_config.max_length is not None:
             max_new = generation_config.max_length - input_ids.shape[1]
-        prompt_lengths = [lengths[r] for r in rep]
-        if max_new is not None:
-            cache._resolve_memory_cap(self.dtype)
-            cache.reserve_for_generation(prompt_lengths, batch, 0)
-        if len(rep) == batch:
+        cache._resolve_memory_cap(self.dtype)
+        cache.reserve_for_generation(prompt_lengths, copies, 0)
+
+        groups = _prefill_groups(prompt_lengths, cache.max_prefill_tokens)
+        if len(groups) == 1 and len(rep) == batch:
+            # one forward over the batch as given: exactly stock's prefill
             cache.set_prefill_tokens(input_ids)
             outputs = orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
-            if max_new is not None:
-                cache.reserve_for_generation(prompt_lengths, batch, max_new)
-            return outputs
-        # generate expanded the prompts (beams / num_return_sequences): prefill each distinct
-        # prompt once, then fork the rows; K/V blocks are shared copy-on-write.
-        rep_t = torch.tensor(rep, device=input_ids.device)
-        sub_kwargs = {k: _take_rows(v, rep_t, batch) for k, v in model_kwargs.items()}
-        cache.set_prefill_tokens(input_ids[rep_t])
-        outputs = orig(self, input_ids[rep_t], generation_config, sub_kwargs, is_first_iteration, *args, **kwargs)
-        cache.fork_rows(inverse)
+        else:
+            if generation_config.output_hidden_states or generation_config.output_attentions:
+                groups = [list(range(len(rep)))]  # per-position outputs cannot be merged across groups
+            outputs = _grouped_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
+                                       is_first_iteration, rep, lengths, groups, args, kwargs)
+            if len(rep) < batch:
+                # generate expanded the prompts (beams / num_return_sequences): each distinct prompt
+                # was prefilled once; fork the rows, sharing blocks copy-on-write.
+                cache.fork_rows(inverse)
+                inv_t = torch.tensor(inverse, device=input_ids.device)
+                for name, value in list(outputs.items()):
+                    if value is not cache:
+                        outputs[name] = _broadcast_rows(value, inv_t, len(rep))
         if max_new is not None:
-            cache.reserve_for_generation(prompt_lengths, batch, max_new)
-        inv_t = torch.tensor(inverse, device=input_ids.device)
-        for name, value in list(outputs.items()):
-            if value is cache:
-                continue
-            outputs[name] = _broadcast_rows(value, inv_t, len(rep))
+            cache.reserve_for_generation(prompt_lengths, copies, max_new)
         return outputs
 
     return _prefill
+
+
+def _prefill_groups(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Rows sorted by length (longest first) in groups of at most ``max_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if max_tokens is None or len(lengths) * max(lengths, default=0) <= max_tokens:
+        return [order]
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
+                     rep, lengths, groups, args, kwargs):
+    """Prefill the distinct prompts ``rep`` group by group, each trimmed to its longest prompt.
+
+    Cache row ``d`` holds prompt ``rep[d]``. Only the last position's logits leave the prefill
+    (that is all generate reads of it), so they are gathered into one ``[len(rep), 1, vocab]``.
+    """
+    batch, width = input_ids.shape
+    cache._add_rows(len(rep))
+    merged = None
+    outputs = None
+    try:
+        for group in groups:
+            rows = [rep[d] for d in group]
+            rows_t = torch.tensor(rows, device=input_ids.device)
+            w = max(lengths[r] for r in rows) if rows else width
+            w = max(w, 1)
+            sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
+            for k in ("attention_mask", "position_ids", "token_type_ids"):
+                v = sub.get(k)
+                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
+                    sub[k] = v[:, width - w:]
+            ids = input_ids.index_select(0, rows_t)[:, width - w:]
+            cache._group_rows = group
+            cache._logical_len = 0
+            cache._forward = None
+            cache.set_prefill_tokens(ids)
+            outputs = orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
+            logits = outputs["logits"][:, -1:, :]
+            if merged is None:
+                merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
+            merged[torch.tensor(group, device=logits.device)] = logits
+    finally:
+        cache._group_rows = None
+        cache._forward = None
+    cache._logical_len = width
+    for d, r in enumerate(rep):
+        cache.pad_lens[d] = width - cache.seq_lens[d]
+    outputs["logits"] = merged
+    return outputs
 
 
 def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):

@@ -78,3 +78,41 @@ def test_prompt_lookup_decoding(pair):
     plain = _gen(stock, ids, mask, max_new_tokens=14, do_sample=False, eos_token_id=None)
     assert torch.equal(out.sequences, ref.sequences), name
     assert torch.equal(out.sequences, plain.sequences), name
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "opt"])
+def test_prefill_in_length_sorted_groups(family, monkeypatch):
+    """max_prefill_tokens splits the prefill into groups of prompts sorted by length, each trimmed
+    to its longest prompt: same tokens and logits as stock, fewer padded tokens computed."""
+    import hf_paged.cache as cache_module
+
+    paged, stock = make_pair(family)
+    ids, mask = left_padded_batch([5, 41, 23, 38, 9], seed=6)
+    widths = []
+    orig = cache_module.PagedCache.begin_forward
+
+    def spy(self, attention_mask, q_len, batch_size, device, dtype=None):
+        fwd = orig(self, attention_mask, q_len, batch_size, device, dtype)
+        if not widths or widths[-1] != (batch_size, q_len) or fwd is not spy.last:
+            widths.append((batch_size, q_len))
+        spy.last = fwd
+        return fwd
+
+    spy.last = None
+    monkeypatch.setattr(cache_module.PagedCache, "begin_forward", spy)
+    for kw in (dict(do_sample=False, output_logits=True),
+               dict(num_beams=2, num_return_sequences=2, do_sample=False)):
+        widths.clear()
+        cache = PagedCache(config=paged.config, max_prefill_tokens=90)
+        ref = _gen(stock, ids, mask, max_new_tokens=8, eos_token_id=None, **kw)
+        out = _gen(paged, ids, mask, max_new_tokens=8, eos_token_id=None, past_key_values=cache, **kw)
+        assert torch.equal(out.sequences, ref.sequences), (family, kw)
+        for a, b in zip(out.logits or (), ref.logits or ()):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+        # groups of <= 90 padded tokens, longest prompts first: (41, 38) then (23, 9, 5); then the
+        # decode steps over all rows
+        rows = 10 if "num_beams" in kw else 5
+        assert widths[:3] == [(2, 41), (3, 23), (rows, 1)], widths
+        assert cache.get_seq_length() == 41 + 7
+        assert cache.memory_stats()["tokens_logical"] == sum(n + 7 for n in (5, 41, 23, 38, 9)) * (
+            2 if "num_beams" in kw else 1)

@@ -47,8 +47,9 @@ def test_beam_search_stores_the_prompt_once(llama, forwards):
     stats = cache_of(out).memory_stats()
     assert stats["blocks_used"] * 16 <= 96 + beams * (new + 2 * 16)
     assert stats["blocks_shared"] >= 96 // 16  # the prompt's full blocks, referenced by every beam
-    # the pool was sized once for the call: the prompt once + per beam ceil(12/16) + 1 blocks
-    assert stats["blocks_total"] == 96 // 16 + beams * (1 + 1)
+    # the pool was sized once for the call: the prompt once + per beam the blocks of its 11
+    # stored new tokens (positions 96..106: one block)
+    assert stats["blocks_total"] == 96 // 16 + beams * 1
     # one prefill of ONE row (not 4), then decode steps of 4 rows; per step, a tail block shared
     # by r beams is copied r - 1 times (the last sharer writes in place): at most beams - 1 block
     # copies, and no other KV data moves
