@@ -48,8 +48,8 @@ class BlockPool:
         self.num_blocks = 0
         self.ref_counts: list[int] = []
         self._free: list[int] = []  # a stack: the most recently freed block is reused first
-        self.block_hash: dict[int, int] = {}  # block id -> content hash (full, hashed blocks only)
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: dict[int, bytes] = {}  # block id -> content hash (full, hashed blocks only)
+        self.hash_to_block: dict[bytes, int] = {}
         self._grow_to(num_blocks)
 
     # ----------------------------------------------------------------- capacity
@@ -125,14 +125,14 @@ class BlockPool:
         return self.ref_counts[block]
 
     # ----------------------------------------------------------------- prefix hashes
-    def register_hash(self, block: int, content_hash: int) -> None:
+    def register_hash(self, block: int, content_hash: bytes) -> None:
         """Remember that ``block`` (a full block) holds the content ``content_hash`` stands for."""
         if self.ref_counts[block] <= 0:
             raise RuntimeError(f"hf_paged: hashing free block {block} (bookkeeping bug)")
         self.block_hash[block] = content_hash
         self.hash_to_block.setdefault(content_hash, block)
 
-    def lookup_hash(self, content_hash: int) -> int | None:
+    def lookup_hash(self, content_hash: bytes) -> int | None:
         return self.hash_to_block.get(content_hash)
 
     def forget_hash(self, block: int) -> None:

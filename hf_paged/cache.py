@@ -16,6 +16,7 @@ Data path of one forward pass (see ``attention.py`` for the hooks that drive it)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -274,18 +275,19 @@ class PagedCache(Cache):
             self.value_cache[layer_idx] = torch.empty(
                 shape[:3] + (dv,), dtype=value_states.dtype, device=value_states.device
             )
-        elif k_pool.shape[0] < need:
-            # The pool grew: enlarge this layer's tensors, keeping the stored blocks.
-            for pools in (self.key_cache, self.value_cache):
-                old = pools[layer_idx]
-                new = torch.empty((need,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
-                new[: old.shape[0]].copy_(old)
-                pools[layer_idx] = new
-        elif key_states.dtype != k_pool.dtype:
-            raise TypeError(
-                f"hf_paged: layer {layer_idx} gave K/V in {key_states.dtype} but its cache holds "
-                f"{k_pool.dtype}; one PagedCache serves one dtype (call cache.reset() or make a new cache)."
-            )
+        else:
+            if key_states.dtype != k_pool.dtype:
+                raise TypeError(
+                    f"hf_paged: layer {layer_idx} gave K/V in {key_states.dtype} but its cache holds "
+                    f"{k_pool.dtype}; one PagedCache serves one dtype: make a new PagedCache for another dtype."
+                )
+            if k_pool.shape[0] < need:
+                # The pool grew: enlarge this layer's tensors, keeping the stored blocks.
+                for pools in (self.key_cache, self.value_cache):
+                    old = pools[layer_idx]
+                    new = torch.empty((need,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+                    new[: old.shape[0]].copy_(old)
+                    pools[layer_idx] = new
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
     # ---------------------------------------------------------------- begin_forward
@@ -430,10 +432,11 @@ class PagedCache(Cache):
     def _new_token_counts(self, attention_mask, q_len, batch_size, seq_before):
         """Per row: how many of the ``q_len`` new tokens are real, and how many are left pads."""
         must_read = attention_mask is not None and (
-            self._logical_len == 0 or attention_mask.device.type == "cpu"
+            attention_mask.device.type == "cpu" or bool((seq_before == 0).any())
         )
-        # After the prefill, generate only appends real tokens: reading the mask on the GPU every
-        # step would cost a host-device synchronisation, so it is read on the prefill only.
+        # Pads only come before a row's first real token: once every row holds a token, generate
+        # only appends real ones. Reading the mask on the GPU at every step would cost a
+        # host-device synchronisation, so it is read until every row has started (the prefill).
         if not must_read:
             n = np.full(batch_size, q_len, dtype=np.int64)
             return n, np.zeros(batch_size, dtype=np.int64)
@@ -475,15 +478,17 @@ class PagedCache(Cache):
         tokens = tokens.to("cpu").numpy()
         bs = self.block_size
         reuse: dict[int, list] = {}
-        row_hashes: dict[int, list[int]] = {}
-        first_seen: dict[int, tuple[int, int]] = {}  # hash -> (row, block index) in this forward
+        row_hashes: dict[int, list[bytes]] = {}
+        first_seen: dict[bytes, tuple[int, int]] = {}  # hash -> (row, block index) in this forward
         for b in range(len(n_new)):
             if seq_before[b] != 0:
                 continue
-            row = tokens[b, int(pads[b]):]
-            hashes, h = [], 0
+            row = tokens[b, int(pads[b]):].astype(np.int64)
+            hashes, h = [], b""
             for i in range(int(n_new[b]) // bs):
-                h = hash((h, row[i * bs:(i + 1) * bs].tobytes()))
+                # 128-bit digest chained over the prefix: collisions are out of reach, and every
+                # process (tensor-parallel ranks) computes the same value
+                h = hashlib.blake2b(h + row[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
                 hashes.append(h)
             refs: list = []
             for h in hashes:

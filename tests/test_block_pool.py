@@ -32,10 +32,10 @@ def test_double_free_and_bad_incref_are_caught():
 def test_hashes_are_dropped_with_their_block():
     pool = BlockPool()
     (b,) = pool.allocate(1)
-    pool.register_hash(b, 1234)
-    assert pool.lookup_hash(1234) == b
+    pool.register_hash(b, b"digest-1234")
+    assert pool.lookup_hash(b"digest-1234") == b
     pool.decref([b])
-    assert pool.lookup_hash(1234) is None
+    assert pool.lookup_hash(b"digest-1234") is None
 
 
 # ------------------------------------------------------------------ pool alone, random ops
