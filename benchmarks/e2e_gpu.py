@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged  # noqa: F401
+from hf_paged.testing import left_padded_batch
 
 assert torch.cuda.is_available(), "run this on a CUDA GPU"
 dev = "cuda"
@@ -46,14 +47,7 @@ SHAPES = {
 
 
 def batch(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(1, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids.to(dev), mask.to(dev)
+    return left_padded_batch(lengths, vocab, seed=seed, low=1, device=dev)
 
 
 def gen(model, ids, mask, **kw):

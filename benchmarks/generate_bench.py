@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 import hf_paged
+from hf_paged.testing import left_padded_batch
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
@@ -107,14 +108,7 @@ def lens_mixed(n, lo, hi, seed=0):
 
 
 def batch(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(1, cfg.vocab_size, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids.to(dev), mask.to(dev)
+    return left_padded_batch(lengths, cfg.vocab_size, seed=seed, low=1, device=dev)
 
 
 def generate(lengths, new, cache=None, **gen):

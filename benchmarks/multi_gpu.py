@@ -22,19 +22,13 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged  # noqa: F401
+from hf_paged.testing import left_padded_batch
 
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on shared hosts
 
 
 def batch(lengths, vocab, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(1, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids.to(device), mask.to(device)
+    return left_padded_batch(lengths, vocab, seed=seed, low=1, device=device)
 
 
 def checks(model, ids, mask):

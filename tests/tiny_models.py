@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_paged  # noqa: F401  (registers "paged")
+from hf_paged import testing
 
 VOCAB = 256
 
@@ -65,14 +66,7 @@ def make_pair(model_type, seed=0, dtype=torch.float32):
 
 
 def left_padded_batch(lengths, seed=0, vocab=VOCAB):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[i, width - n:] = 1
-    return ids, mask
+    return testing.left_padded_batch(lengths, vocab, seed=seed)
 
 
 def cache_of(out):
