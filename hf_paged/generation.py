@@ -211,8 +211,7 @@ def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwa
         for group in groups:
             rows = [rep[d] for d in group]
             rows_t = torch.tensor(rows, device=input_ids.device)
-            w = max(lengths[r] for r in rows) if rows else width
-            w = max(w, 1)
+            w = max(1, max(lengths[r] for r in rows))  # trimmed to the group's longest prompt
             sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
             for k in ("attention_mask", "position_ids", "token_type_ids"):
                 v = sub.get(k)
@@ -232,7 +231,7 @@ def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwa
         cache._group_rows = None
         cache._forward = None
     cache._logical_len = width
-    for d, r in enumerate(rep):
+    for d in range(len(rep)):  # logically every row is as wide as the batch
         cache.pad_lens[d] = width - cache.seq_lens[d]
     outputs["logits"] = merged
     return outputs
