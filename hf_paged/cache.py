@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -47,15 +48,16 @@ def parse_memory(value: int | float | str) -> int:
     return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
 
 
-# The cache that most recently answered ``get_mask_sizes``: transformers' mask builder calls it
-# right before the mask function, which takes it from here (the mask function is not given the
-# cache). Cleared as soon as it is taken, so it never outlives one mask construction.
-_PENDING_MASK_CACHE: PagedCache | None = None
+# The cache that most recently answered ``get_mask_sizes`` in this thread: transformers' mask
+# builder calls it right before the mask function, which takes it from here (the mask function is
+# not given the cache). Cleared as soon as it is taken, so it never outlives one mask
+# construction; per thread, so that generate calls in parallel threads never see each other's.
+_PENDING = threading.local()
 
 
 def take_pending_cache() -> PagedCache | None:
-    global _PENDING_MASK_CACHE
-    cache, _PENDING_MASK_CACHE = _PENDING_MASK_CACHE, None
+    cache = getattr(_PENDING, "cache", None)
+    _PENDING.cache = None
     return cache
 
 
@@ -171,10 +173,9 @@ class PagedCache(Cache):
         return -1
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
-        global _PENDING_MASK_CACHE
         if isinstance(query_length, torch.Tensor):  # older signature: cache_position
             query_length = query_length.shape[0]
-        _PENDING_MASK_CACHE = self
+        _PENDING.cache = self
         past = self._logical_len
         if self._forward is not None and not self._forward.started and self._forward.q_len == query_length:
             past = self._forward.new_logical_len - query_length

@@ -240,3 +240,21 @@ def test_batch_size_mismatch_is_clear(llama):
 def test_config_of_tiny_models_is_what_the_figures_assume():
     cfg = make_config("llama")
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (2, 2, 16)
+
+
+def test_mask_hand_off_is_per_thread():
+    """The cache answering get_mask_sizes in one thread is never taken by another thread's mask
+    function (two generate calls in parallel threads keep their own caches)."""
+    import threading
+
+    from hf_paged.cache import take_pending_cache
+
+    mine = PagedCache()
+    mine.get_mask_sizes(4, 0)
+    seen_elsewhere = []
+    t = threading.Thread(target=lambda: seen_elsewhere.append(take_pending_cache()))
+    t.start()
+    t.join()
+    assert seen_elsewhere == [None]
+    assert take_pending_cache() is mine
+    assert take_pending_cache() is None  # taken once
