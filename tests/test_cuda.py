@@ -41,3 +41,28 @@ def test_prompt_lookup_on_triton(cuda_pair, monkeypatch):
     mask = torch.ones_like(ids)
     kw = dict(max_new_tokens=14, do_sample=False, prompt_lookup_num_tokens=3)
     assert torch.equal(_gen(paged, ids, mask, **kw).sequences, _gen(stock, ids, mask, **kw).sequences), name
+
+
+def test_decode_step_has_no_host_device_sync(monkeypatch):
+    """A decode forward (after the prefill) on the Triton path never synchronises with the GPU."""
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    from hf_paged import PagedCache
+
+    paged, _ = make_pair("llama")
+    paged = paged.cuda()
+    ids, mask = left_padded_batch([5, 41, 23], seed=2)
+    ids, mask = ids.cuda(), mask.cuda()
+    cache = PagedCache(config=paged.config)
+    with torch.no_grad():
+        logits = paged(ids, attention_mask=mask, past_key_values=cache).logits
+        nxt = logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        paged(nxt, attention_mask=mask, past_key_values=cache)  # compiles the decode kernels
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            paged(nxt, attention_mask=mask, past_key_values=cache)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.seq_lens == [5 + 2, 41 + 2, 23 + 2]
