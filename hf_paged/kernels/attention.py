@@ -127,6 +127,21 @@ def _attend_tile(
 
 
 @triton.jit
+def _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS: tl.constexpr):
+    """Normalised output rows of an online softmax (log2 domain). A sink joins the denominator
+    only (softmax over [scores, sink]); rows with no visible key or a pad query (pos < 0) give 0."""
+    if USE_SINKS:
+        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
+        m_fin = tl.maximum(m_i, sink)
+        rescale = tl.exp2(m_i - m_fin)
+        l_i = l_i * rescale + tl.exp2(sink - m_fin)
+        acc = acc * rescale[:, None]
+    keep = (l_i > 0.0) & (pos >= 0)
+    o = acc / tl.where(keep, l_i, 1.0)[:, None]
+    return tl.where(keep[:, None], o, 0.0)
+
+
+@triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr,
@@ -209,16 +224,7 @@ def _decode_kernel(
         tl.store(part_max_ptr + pm, m_i, mask=head_mask)
         tl.store(part_sum_ptr + pm, l_i, mask=head_mask)
     else:
-        if USE_SINKS:
-            # The sink joins the denominator only: softmax over [scores, sink].
-            sink = tl.load(sinks_ptr + head, mask=head_mask, other=0.0).to(tl.float32) * LOG2E
-            m_fin = tl.maximum(m_i, sink)
-            rescale = tl.exp2(m_i - m_fin)
-            l_i = l_i * rescale + tl.exp2(sink - m_fin)
-            acc = acc * rescale[:, None]
-        keep = (l_i > 0.0) & (pos >= 0)
-        o = acc / tl.where(keep, l_i, 1.0)[:, None]
-        o = tl.where(keep[:, None], o, 0.0)
+        o = _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, head_mask, USE_SINKS)
         tl.store(
             out_ptr + b * stride_ob + head[:, None] * stride_oh + dims[None, :] * stride_od,
             o.to(out_ptr.dtype.element_ty),
@@ -354,15 +360,7 @@ def _multi_token_kernel(
             BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
         )
 
-    if USE_SINKS:
-        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0).to(tl.float32) * LOG2E
-        m_fin = tl.maximum(m_i, sink)
-        rescale = tl.exp2(m_i - m_fin)
-        l_i = l_i * rescale + tl.exp2(sink - m_fin)
-        acc = acc * rescale[:, None]
-    keep = (l_i > 0.0) & (pos >= 0)
-    o = acc / tl.where(keep, l_i, 1.0)[:, None]
-    o = tl.where(keep[:, None], o, 0.0)
+    o = _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS)
     tl.store(
         out_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od,
         o.to(out_ptr.dtype.element_ty),
