@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 import hf_paged
+from hf_paged import cache_of
 from hf_paged.testing import left_padded_batch
 
 p = argparse.ArgumentParser()
@@ -129,10 +130,6 @@ def generate(lengths, new, cache=None, **gen):
     return out, dt, peak
 
 
-def cache_of(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
-
-
 def compare(name, lengths, new, **gen):
     """Stock then paged on the same inputs; ratios and token agreement."""
     expand = max(gen.get("num_beams", 1), gen.get("num_return_sequences", 1))
@@ -202,11 +199,11 @@ if want("dataset"):
     if want("cb"):
         use("sdpa")
         try:
-            gc = GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None,
+            gen_config = GenerationConfig(max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None,
                                   pad_token_id=0)
             sync()
             t = time.perf_counter()
-            res = model.generate_batch(inputs=prompts, generation_config=gc)
+            res = model.generate_batch(inputs=prompts, generation_config=gen_config)
             sync()
             dt = time.perf_counter() - t
             total = sum(len(r.generated_tokens) for r in res.values())
