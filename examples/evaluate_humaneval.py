@@ -28,6 +28,8 @@ import time
 import numpy as np
 import torch
 
+import hf_paged  # registers attn_implementation="paged"
+
 # Completion style (base models): the model continues the prompt's function body, which ends at
 # the first of these.
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -97,7 +99,6 @@ def load_model(model_path=None, device=None, dtype=None, attn_implementation="pa
     """(model, tokenizer) of a local checkpoint, or of the embedded SmolLM2-135M-Instruct."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import hf_paged  # noqa: F401  (registers attn_implementation="paged")
     from hf_paged.real_model import prepare_tokenizer, smollm2_path
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -109,10 +110,6 @@ def load_model(model_path=None, device=None, dtype=None, attn_implementation="pa
     tokenizer = AutoTokenizer.from_pretrained(path)
     prepare_tokenizer(tokenizer, model)
     return model, tokenizer
-
-
-def _cache_of(out):
-    return out["cache"] if "cache" in out else out.past_key_values  # "cache" from transformers 5.2x
 
 
 def run_eval(
@@ -193,7 +190,7 @@ def run_eval(
             cut = [truncate_completion(t, stops) for t in decoded[j * k : (j + 1) * k]]
             # chat style: the model's whole function goes after the prompt (whose stub it redefines)
             completions[i] = ["\n" + c if style == "chat" else c for c in cut]
-        cache = _cache_of(out)
+        cache = hf_paged.cache_of(out)
         if hasattr(cache, "memory_stats"):  # a PagedCache (attn_implementation="paged")
             stats = cache.memory_stats()
             for key in peak:

@@ -11,7 +11,7 @@ installs the generate hooks (both idempotent).
 
 from .attention import dense_attention, paged_attention_forward, paged_mask, register
 from .block_pool import BlockPool, OutOfBlocksError
-from .cache import PagedCache, PagedForward
+from .cache import PagedCache, PagedForward, cache_of
 from .generation import UnsupportedModelError, check_supported, install
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "PagedCache",
     "PagedForward",
     "UnsupportedModelError",
+    "cache_of",
     "check_supported",
     "dense_attention",
     "paged_attention_forward",

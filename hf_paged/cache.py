@@ -250,7 +250,7 @@ class PagedCache(Cache):
                 f"hf_paged: layer {layer_idx} gave K/V of shape {tuple(key_states.shape)} but this forward "
                 f"has {fwd.block_table.shape[0]} rows of {fwd.q_len} tokens"
             )
-        k_pool, v_pool = self._layer_pools(layer_idx, key_states, value_states)
+        k_pool, v_pool = self._ensure_layer_pools(layer_idx, key_states, value_states)
         meta = fwd.on(key_states.device)
         backend = _backend_for(key_states.device)
         with device_guard(key_states.device):
@@ -262,7 +262,9 @@ class PagedCache(Cache):
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
-    def _layer_pools(self, layer_idx, key_states, value_states):
+    def _ensure_layer_pools(self, layer_idx, key_states, value_states):
+        """This layer's K/V pools, created on the K/V's device at its first update and enlarged
+        when the block pool grew."""
         while len(self.key_cache) <= layer_idx:
             self.key_cache.append(None)
             self.value_cache.append(None)
@@ -674,6 +676,14 @@ def _config_bytes_per_token(config, dtype) -> int:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def cache_of(generate_output):
+    """The cache a ``generate(..., return_dict_in_generate=True)`` output holds: ``cache`` from
+    transformers 5.2x, ``past_key_values`` before (reading the old name on 5.2x would warn)."""
+    if "cache" in generate_output:
+        return generate_output["cache"]
+    return getattr(generate_output, "past_key_values", None)
 
 
 _BACKENDS: dict = {}

@@ -19,6 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .cache import cache_of
+from .testing import dense_cache_bytes
+
 SUBCOMMANDS = ("generate",)
 
 # The demo (no --prompts and no decoding options): three jobs on the built-in prompts.
@@ -229,13 +232,6 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
-def output_cache(out):
-    """The cache generate returned (``out.cache`` from transformers 5.2x, ``past_key_values`` before)."""
-    if "cache" in out:
-        return out["cache"]
-    return getattr(out, "past_key_values", None)
-
-
 def cache_kwarg_name() -> str:
     """generate's keyword for a user cache: ``cache`` from transformers 5.2x (``past_key_values``
     still works there but warns), ``past_key_values`` before."""
@@ -247,29 +243,11 @@ def cache_kwarg_name() -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes of the K/V tensors a stock (dense) cache holds."""
-    total = 0
-    seen = set()
-    for layer in getattr(cache, "layers", []) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if t is not None and hasattr(t, "numel") and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    if not total:
-        for name in ("key_cache", "value_cache"):
-            for t in getattr(cache, name, []) or []:
-                if t is not None and hasattr(t, "numel"):
-                    total += t.numel() * t.element_size()
-    return total
-
-
 def kv_stats(cache) -> dict:
     """``memory_stats()`` of a PagedCache; for a stock cache, its measured bytes as both used and dense."""
     if cache is not None and hasattr(cache, "memory_stats"):
         return dict(cache.memory_stats())
-    n = cache_nbytes(cache) if cache is not None else 0
+    n = dense_cache_bytes(cache) if cache is not None else 0
     return {"bytes_used": n, "bytes_dense": n, "bytes_reserved": n, "blocks_shared": 0, "blocks_used": 0,
             "paged": False}
 
@@ -401,7 +379,7 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
             gen = out.sequences[:, prompt_len:]
             result.new_tokens += count_new_tokens(gen, stop)
             result.sequences += gen.shape[0]
-            result.batch_stats.append(kv_stats(output_cache(out)))
+            result.batch_stats.append(kv_stats(cache_of(out)))
             decoded = tokenizer.batch_decode(gen, skip_special_tokens=True)
             for j, i in enumerate(batch):
                 result.outputs[i] = decoded[j * nrs : (j + 1) * nrs]
@@ -410,7 +388,7 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
                 stock["wall_s"] += sdt
                 ref_gen = ref.sequences[:, prompt_len:]
                 stock["new_tokens"] += count_new_tokens(ref_gen, stop)
-                stock["kv_bytes"] = max(stock["kv_bytes"], cache_nbytes(output_cache(ref)))
+                stock["kv_bytes"] = max(stock["kv_bytes"], dense_cache_bytes(cache_of(ref)))
                 stock["mismatches"] += _count_mismatches(gen, ref_gen, stop)
             del out
     finally:

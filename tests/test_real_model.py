@@ -30,10 +30,6 @@ needs_humaneval = pytest.mark.skipif(not HAVE_HUMANEVAL, reason="needs human-eva
 MIXED = ("HumanEval/53", "HumanEval/23", "HumanEval/0", "HumanEval/129")
 
 
-def _cache_of(out):
-    return out["cache"] if "cache" in out else out.past_key_values
-
-
 def _import_example(name):
     spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -143,7 +139,7 @@ def test_greedy_left_padded_equals_stock(models):
     out = paged.generate(**enc, **kw)
     ref = stock.generate(**enc, **kw)
     assert torch.equal(out.sequences, ref.sequences)
-    cache = _cache_of(out)
+    cache = hf_paged.cache_of(out)
     assert isinstance(cache, hf_paged.PagedCache)
     stats = cache.memory_stats()
     assert stats["bytes_used"] < stats["bytes_dense"]  # pads are not stored
@@ -161,7 +157,7 @@ def test_beam_search_equals_stock(models):
     ref = stock.generate(**enc, **kw)
     assert out.sequences.shape == ref.sequences.shape and out.sequences.shape[0] == 8
     assert torch.equal(out.sequences, ref.sequences)
-    stats = _cache_of(out).memory_stats()
+    stats = hf_paged.cache_of(out).memory_stats()
     assert stats["blocks_shared"] > 0  # the beams share their prompt's blocks
     assert stats["bytes_used"] * 2 < stats["bytes_dense"]
 

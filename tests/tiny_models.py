@@ -5,7 +5,7 @@ import copy
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import hf_paged  # noqa: F401  (registers "paged")
+import hf_paged  # registers "paged"
 from hf_paged import testing
 
 VOCAB = 256
@@ -69,6 +69,4 @@ def left_padded_batch(lengths, seed=0, vocab=VOCAB):
     return testing.left_padded_batch(lengths, vocab, seed=seed)
 
 
-def cache_of(out):
-    """The cache object of a generate output (``cache`` from transformers 5.2x, else past_key_values)."""
-    return getattr(out, "cache", None) if "cache" in out else out.past_key_values
+cache_of = hf_paged.cache_of

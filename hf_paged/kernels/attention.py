@@ -19,7 +19,6 @@ Softmax is online in fp32, in the exp2 domain (scores pre-multiplied by log2(e))
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
