@@ -15,7 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import PagedForward, _backend_for, device_guard, take_pending_cache
+from .cache import PagedForward, device_guard, take_pending_cache
 
 ATTN_NAME = "paged"
 
@@ -63,11 +63,15 @@ def paged_attention_forward(
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     if isinstance(attention_mask, PagedForward):
         fwd = attention_mask.on(query.device)
-        k_pool, v_pool = fwd.cache.layer_pools(module.layer_idx)
+        layer_idx = module.layer_idx
+        k_pool, v_pool = fwd.cache.layer_pools(layer_idx)
+        # This layer's new K/V (taken by PagedCache.update) are written by this launch.
+        new = fwd.pending.pop(layer_idx, None)
+        new_key, new_value, slots = (None, None, None) if new is None else (new[0], new[1], fwd.slot_mapping)
         with device_guard(query.device):
-            out = _backend_for(query.device).paged_attention(
+            out = fwd.backend.paged_attention(
                 query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
-                sliding_window=sliding_window, softcap=softcap, sinks=sinks, max_seq_len=fwd.max_seq_len,
+                sliding_window, softcap, sinks, None, fwd.max_seq_len, new_key, new_value, slots, plans=fwd.plans,
             )
         return out, None
     dropout = dropout if module.training else 0.0

@@ -81,6 +81,11 @@ class PagedForward:
     max_seq_len: int  # host-side bound on seq_lens (no device sync needed to size kernels)
     new_logical_len: int
     layers_done: set = field(default_factory=set)
+    backend: object = None  # the kernels for ``device``, resolved once per forward (not per layer)
+    # layer -> (key, value) given to update() and not yet written: the attention function writes
+    # them in its own launch (see PagedCache.update). Shared by the per-device copies.
+    pending: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)  # launch plans of this forward on this device
     _per_device: dict = field(default_factory=dict)
 
     @property
@@ -101,7 +106,7 @@ class PagedForward:
             moved = PagedForward(
                 self.cache_ref, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
                 mv(self.slot_mapping), mv(self.copy_src), mv(self.copy_dst), self.max_seq_len,
-                self.new_logical_len, self.layers_done,
+                self.new_logical_len, self.layers_done, _backend_for(device), self.pending,
             )
             self._per_device[device] = moved
         return moved
@@ -229,10 +234,13 @@ class PagedCache(Cache):
 
     # ---------------------------------------------------------------- update
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store the new K/V of one layer (pads skipped) and return them unchanged.
+        """Take the new K/V of one layer and return them unchanged.
 
-        The attention function reads the layer's whole context from the pool through the block
-        table of the current :class:`PagedForward`, so nothing is concatenated here.
+        They are written to the layer's pool (pads skipped) by the attention function that comes
+        next, inside its own kernel launch for decode: one launch per layer rather than two, which
+        is most of the paged path's host time per step. Should anything read or change the cache
+        before that (a new forward, a row operation), the write happens then instead. Nothing is
+        concatenated: attention reads the whole context through the block table.
         """
         fwd = self._forward
         if fwd is None or layer_idx in fwd.layers_done:
@@ -252,12 +260,27 @@ class PagedCache(Cache):
             )
         k_pool, v_pool = self._ensure_layer_pools(layer_idx, key_states, value_states)
         meta = fwd.on(key_states.device)
-        backend = _backend_for(key_states.device)
-        with device_guard(key_states.device):
-            if meta.copy_src is not None:
-                backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
-            backend.store_kv(key_states, value_states, k_pool, v_pool, meta.slot_mapping)
+        if meta.copy_src is not None:  # copy-on-write before anything writes the copied blocks
+            with device_guard(key_states.device):
+                meta.backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
+        fwd.pending[layer_idx] = (key_states, value_states)
         return key_states, value_states
+
+    def _flush_pending(self) -> None:
+        """Write the K/V that update() took and no attention call wrote (see update)."""
+        fwd = self._forward
+        if fwd is None or not fwd.pending:
+            return
+        for layer_idx, (key, value) in list(fwd.pending.items()):
+            meta = fwd.on(key.device)
+            k_pool, v_pool = self.layer_pools(layer_idx)
+            with device_guard(key.device):
+                meta.backend.store_kv(key, value, k_pool, v_pool, meta.slot_mapping)
+        fwd.pending.clear()
+
+    def _end_forward(self) -> None:
+        self._flush_pending()
+        self._forward = None
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
@@ -307,6 +330,8 @@ class PagedCache(Cache):
         if fwd is not None and not fwd.started and fwd.q_len == q_len and fwd.block_table.shape[0] == batch_size:
             return fwd  # a second mask (e.g. sliding-window layers) of the same forward
 
+        backend = _backend_for(device)  # first: a backend that cannot run here fails before any allocation
+        self._flush_pending()  # the previous forward's K/V, if its attention did not write them
         rows = self._forward_rows(batch_size)
         self._resolve_memory_cap(dtype)
 
@@ -406,7 +431,7 @@ class PagedCache(Cache):
         self._forward = PagedForward(
             cache_ref=weakref.ref(self), q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
             copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
-            new_logical_len=self._logical_len + q_len,
+            new_logical_len=self._logical_len + q_len, backend=backend,
         )
         return self._forward
 
@@ -543,15 +568,21 @@ class PagedCache(Cache):
     def _select_rows(self, idx: list[int]) -> None:
         if not self.block_tables:
             return
-        self._forward = None
+        self._end_forward()
         old = self.block_tables
         if any(i < 0 or i >= len(old) for i in idx):
             raise IndexError(f"hf_paged: row index out of range for a cache of {len(old)} rows: {idx}")
-        new = [list(old[i]) for i in idx]
-        for t in new:
-            self.pool.incref(t)
-        for t in old:
-            self.pool.decref(t)
+        # A row that stays itself (beam search: most beams at most steps) keeps its table and its
+        # references; only the rows that change pay for ref counting (increfs before decrefs, so
+        # no block is freed on the way).
+        kept = [i < len(old) and src == i for i, src in enumerate(idx)]
+        new = [old[i] if keep else list(old[src]) for i, (src, keep) in enumerate(zip(idx, kept))]
+        for t, keep in zip(new, kept):
+            if not keep:
+                self.pool.incref(t)
+        for i, t in enumerate(old):
+            if not (i < len(kept) and kept[i]):
+                self.pool.decref(t)
         self.block_tables = new
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.pad_lens = [self.pad_lens[i] for i in idx]
@@ -571,7 +602,7 @@ class PagedCache(Cache):
             max_length = max(0, self._logical_len + max_length)
         if max_length >= self._logical_len:
             return
-        self._forward = None
+        self._end_forward()
         bs = self.block_size
         for b, table in enumerate(self.block_tables):
             keep_tokens = max(0, min(self.seq_lens[b], max_length - self.pad_lens[b]))
@@ -587,10 +618,10 @@ class PagedCache(Cache):
 
     def reset(self) -> None:
         """Forget every row; blocks return to the pool (its tensors stay allocated for reuse)."""
+        self._forward = None  # its unwritten K/V belonged to rows that are gone
         self.pool.reset()
         self.block_tables, self.seq_lens, self.pad_lens = [], [], []
         self._logical_len = 0
-        self._forward = None
         self._prefill_tokens = None
         self._group_rows = None
 

@@ -1,11 +1,14 @@
 """Device bookkeeping for models split over devices (accelerate's device_map), on a fake two-device
 layout: layer 0 on the CPU, layers 1-2 on the "meta" device, kernels replaced by a recorder."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import hf_paged.cache as cache_module
 from hf_paged import PagedCache
+from hf_paged.attention import paged_attention_forward
 
 
 class RecordingBackend:
@@ -19,6 +22,20 @@ class RecordingBackend:
 
     def copy_blocks(self, key_cache, value_cache, src, dst):
         self.calls.append(("copy", key_cache.device, src.device, dst.device, id(src)))
+
+    def paged_attention(self, query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
+                        sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping, *, plans):
+        # the attention launch writes the layer's new K/V (see PagedCache.update)
+        self.calls.append(("store", new_key.device, key_cache.device, slot_mapping.device, id(slot_mapping)))
+        assert block_table.device == seq_lens.device == query_pos.device == key_cache.device
+        return query.transpose(1, 2)
+
+
+def _attend(fwd, layer, device):
+    """What the model's attention layer does after cache.update: the "paged" attention function."""
+    module = SimpleNamespace(layer_idx=layer, scaling=1.0, training=False)
+    q = torch.empty(fwd.block_table.shape[0], 4, fwd.q_len, 8, device=device)
+    paged_attention_forward(module, q, None, None, fwd)
 
 
 @pytest.fixture
@@ -36,6 +53,7 @@ def test_each_layer_pool_lives_on_its_layer_device_and_metadata_moves_once_per_d
     for layer, dev in enumerate(devices):
         k = torch.empty(2, 2, 5, 8, device=dev)
         cache.update(k, k, layer)
+        _attend(fwd, layer, dev)
     assert [cache.key_cache[i].device for i in range(3)] == devices
     assert [cache.value_cache[i].device for i in range(3)] == devices
     # every store got its slot mapping on its own layer's device
@@ -72,8 +90,27 @@ def test_triton_forced_on_a_cpu_layer_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
     cache_module._BACKENDS.clear()
     cache = PagedCache()
-    cache.begin_forward(torch.ones(1, 3, dtype=torch.bool), 3, 1, torch.device("cpu"))
     k = torch.randn(1, 2, 3, 8)
+    # The kernels are resolved once per forward (when its metadata is built), so it fails there.
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*HF_PAGED_BACKEND=torch"):
+        cache.begin_forward(torch.ones(1, 3, dtype=torch.bool), 3, 1, torch.device("cpu"))
         cache.update(k, k, 0)
+    assert cache.block_tables == [] and cache.pool.num_used == 0  # failed before allocating anything
     cache_module._BACKENDS.clear()
+
+
+def test_new_tokens_no_attention_wrote_are_written_before_the_cache_moves_on(recorder):
+    """update() leaves the write to the attention launch; if none comes (a layer whose attention
+    never ran), the next forward or row operation writes them, on each layer's device."""
+    cache = PagedCache()
+    cache.begin_forward(torch.ones(1, 5, dtype=torch.bool), 5, 1, torch.device("cpu"))
+    for layer, dev in enumerate(("cpu", "meta")):
+        k = torch.empty(1, 2, 5, 8, device=dev)
+        cache.update(k, k, layer)
+    assert recorder.calls == []
+    cache.batch_repeat_interleave(2)
+    assert [(c[0], c[1].type, c[2].type, c[3].type) for c in recorder.calls] == [
+        ("store", "cpu", "cpu", "cpu"), ("store", "meta", "meta", "meta")]
+    recorder.calls.clear()
+    cache.begin_forward(None, 1, 2, torch.device("cpu"))  # nothing left to write
+    assert [c for c in recorder.calls if c[0] == "store"] == []

@@ -332,6 +332,72 @@ def test_multi_token_all_pad_tile_and_strided_cache(device):
     _run_attention(device, dtype, 41, (4, 2), 64, 16, [6, 30], 24, None, pads=18, strided_cache=True, **small)
 
 
+NEW_TOKEN_CASES = [
+    # seed, (Hq, Hkv), head_dim, block_size, seq_lens, q_len, pads, feature, splits
+    (60, (8, 2), 64, 16, [1, 17, 50], 1, 0, None, 1),     # decode: the store is fused into the launch
+    (61, (8, 2), 128, 16, [33, 64, 70], 1, 0, None, 3),   # fused, split-KV: the last split stores
+    (62, (4, 1), 80, 32, [5, 90], 1, 0, "window", 2),
+    (63, (2, 2), 96, 16, [20, 49], 1, 0, "softcap", 1),
+    (64, (6, 2), 64, 32, [31, 16], 1, 1, "sinks", 2),     # row 0 a pad query: nothing stored
+    (65, (4, 2), 64, 16, [12, 40], 12, 3, None, None),    # several tokens: stored, then attended
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,heads,head_dim,block_size,seq_lens,q_len,pads,feature,splits", NEW_TOKEN_CASES)
+def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim, block_size, seq_lens, q_len, pads,
+                                                  feature, splits):
+    """With new_key/new_value/slot_mapping the kernel writes this forward's K/V (negative slots
+    skipped) and attends to them: same output as the reference over a cache that already held
+    them, and the same cache afterwards."""
+    num_q_heads, num_kv_heads = heads
+    dtype = _dtypes(device, seed)[0]
+    case = PagedCase(seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    g, batch = case.g, len(seq_lens)
+    query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
+    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
+    qpos[0, :pads] = -1
+    qpos = qpos.contiguous()
+    safe = qpos.clamp_min(0).long()
+    slots = case.block_table.long().gather(1, safe // block_size) * block_size + safe % block_size
+    slots = torch.where(qpos >= 0, slots, -1).to(torch.int32).contiguous()
+    # The new tokens' K/V as the model hands them over ([B, H, Q, D] transposed views).
+    blk, off = slots.clamp_min(0).long() // block_size, slots.clamp_min(0).long() % block_size
+    new_key = case.key_cache[blk, off].clone().transpose(1, 2)  # [B, Q, H, D] -> [B, H, Q, D]
+    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    new_key[0, :, :pads] = 123.0  # pads carry a value that must show up nowhere in the cache
+    new_value[0, :, :pads] = 123.0
+    kw = {}
+    if feature == "window":
+        kw["sliding_window"] = 7
+    elif feature == "softcap":
+        kw["softcap"] = 4.0
+    elif feature == "sinks":
+        kw["sinks"] = torch.randn(num_q_heads, generator=g).to(device)
+    scale = head_dim ** -0.5
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    scale, **kw)
+    expected_k, expected_v = case.key_cache.clone(), case.value_cache.clone()
+    real = slots.reshape(-1) >= 0
+    k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
+    k_cache[blk.reshape(-1)[real], off.reshape(-1)[real]] = NAN  # not yet written: must come from new_key
+    v_cache[blk.reshape(-1)[real], off.reshape(-1)[real]] = NAN
+    out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    if q_len == 1:
+        small.pop("block_m", None)
+        small["num_kv_splits"] = splits
+    _tri().paged_attention(query, k_cache, v_cache, case.block_table, case.seq_lens, qpos, scale, out=out,
+                           new_key=new_key, new_value=new_value, slot_mapping=slots, **kw, **small)
+    _check_close(out, ref, dtype)
+    if pads:
+        assert (out[0, :pads] == 0).all()
+    finite = ~torch.isnan(expected_k)
+    assert torch.equal(k_cache[finite], expected_k[finite]) and torch.equal(v_cache[finite], expected_v[finite])
+    assert torch.isnan(k_cache[~finite]).all() and not (k_cache == 123.0).any() and not (v_cache == 123.0).any(), \
+        "a pad (negative slot) must not be written"
+
+
 def test_unsupported_shapes_raise():
     dev = DEVICES[0]
     case = PagedCase(0, [4], 1, 512, 16, torch.float32, dev)

@@ -7,7 +7,7 @@ Memory layout (both backends): key_cache / value_cache are
     backend.store_kv(key, value, key_cache, value_cache, slot_mapping)
     out = backend.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
                                   query_pos, scale, sliding_window, softcap, sinks, out,
-                                  max_seq_len)
+                                  max_seq_len, new_key, new_value, slot_mapping)
     backend.copy_blocks(key_cache, value_cache, src, dst)
 
 The Triton modules (store, attention, copy) are imported lazily: Triton decides at
@@ -46,6 +46,11 @@ _CPU_ERROR = (
     "TRITON_INTERPRET=1 (before triton / hf_paged.kernels' Triton modules are imported) to run "
     "the Triton kernels on CPU, or use HF_PAGED_BACKEND=torch for the PyTorch backend"
 )
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (triton.cdiv costs microseconds per call on newer Triton)."""
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
@@ -142,10 +147,12 @@ def store_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
 
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window=None,
-                    softcap=None, sinks=None, out=None, max_seq_len=None):
+                    softcap=None, sinks=None, out=None, max_seq_len=None, new_key=None, new_value=None,
+                    slot_mapping=None):
     """paged_attention of the default backend (see get_backend)."""
     return get_backend().paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
-                                         sliding_window, softcap, sinks, out, max_seq_len)
+                                         sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value,
+                                         slot_mapping)
 
 
 def copy_blocks(key_cache, value_cache, src, dst) -> None:

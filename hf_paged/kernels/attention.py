@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device, next_pow2
+from . import cdiv, check_device, next_pow2
+from .store import store_kv
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -42,23 +43,15 @@ def _softcap(s, softcap):
 
 
 @triton.jit
-def _load_kv_tile(
-    cache_ptr, block_table_row_ptr, stride_bt_n,
-    n, n_mask, kv_head, dims, dim_mask,
-    stride_b, stride_t, stride_h, stride_d,
-    BLOCK_SIZE: tl.constexpr,
+def _load_kv_rows(
+    row_ptr, dims, n_mask, dim_mask, stride_d,
     MASK_N: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # One block-table lookup per position. Masked positions load 0, never the recycled
-    # garbage beyond seq_lens (may be NaN, and 0 * NaN = NaN). Interior tiles (MASK_N
-    # False) are known to lie inside seq_lens and skip the predicate work.
-    if MASK_N:
-        block_id = tl.load(block_table_row_ptr + (n // BLOCK_SIZE) * stride_bt_n, mask=n_mask, other=0)
-    else:
-        block_id = tl.load(block_table_row_ptr + (n // BLOCK_SIZE) * stride_bt_n)
-    row = block_id.to(tl.int64) * stride_b + (n % BLOCK_SIZE) * stride_t + kv_head * stride_h
-    ptrs = cache_ptr + row[:, None] + dims[None, :] * stride_d
+    # Masked positions load 0, never the recycled garbage beyond seq_lens (may be NaN, and
+    # 0 * NaN = NaN). Interior tiles (MASK_N False) are known to lie inside seq_lens and
+    # skip the predicate work.
+    ptrs = row_ptr[:, None] + dims[None, :] * stride_d
     if MASK_N:
         if EVEN_D:
             tile = tl.load(ptrs, mask=n_mask[:, None], other=0.0)
@@ -96,8 +89,15 @@ def _attend_tile(
     """
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < kv_end
-    k = _load_kv_tile(key_cache_ptr, block_table_row, stride_bt_n, n, n_mask, kv_head, dims, dim_mask,
-                      stride_kb, stride_kt, stride_kh, stride_kd, BLOCK_SIZE, MASKED, EVEN_D)
+    # One block-table lookup per position, shared by the K and the V load.
+    if MASKED:
+        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n, mask=n_mask, other=0)
+    else:
+        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n)
+    block_id = block_id.to(tl.int64)
+    offset = n % BLOCK_SIZE
+    k = _load_kv_rows(key_cache_ptr + block_id * stride_kb + offset * stride_kt + kv_head * stride_kh,
+                      dims, n_mask, dim_mask, stride_kd, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP:
         s = _softcap(s * scale, softcap) * LOG2E
@@ -119,9 +119,26 @@ def _attend_tile(
     p = tl.exp2(s * qk_scale - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv_tile(value_cache_ptr, block_table_row, stride_bt_n, n, n_mask, kv_head, dims, dim_mask,
-                      stride_vb, stride_vt, stride_vh, stride_vd, BLOCK_SIZE, MASKED, EVEN_D)
+    v = _load_kv_rows(value_cache_ptr + block_id * stride_vb + offset * stride_vt + kv_head * stride_vh,
+                      dims, n_mask, dim_mask, stride_vd, MASKED, EVEN_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fold_in_token(q, k, v, m_i, l_i, acc, scale, softcap, USE_SOFTCAP: tl.constexpr):
+    """One more key (k, v: [D]) for every row of q [M, D]: an online-softmax step of width 1
+    (elementwise, in fp32; a tl.dot needs >= 16 columns)."""
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1)
+    if USE_SOFTCAP:
+        s = _softcap(s * scale, softcap) * LOG2E
+    else:
+        s = s * (scale * LOG2E)
+    m_new = tl.maximum(m_i, s)  # s is finite, so m_new is too
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p[:, None] * v.to(tl.float32)[None, :]
     return m_new, l_i, acc
 
 
@@ -145,6 +162,7 @@ def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
+    new_key_ptr, new_value_ptr, slot_mapping_ptr,
     scale, softcap, sliding_window,
     tokens_per_split,
     stride_qb, stride_qh, stride_qd,
@@ -155,6 +173,9 @@ def _decode_kernel(
     stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_mb, stride_mh, stride_ms,
+    stride_nkb, stride_nkh, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvd,
+    stride_slot_b,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -165,6 +186,7 @@ def _decode_kernel(
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSED_STORE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -173,8 +195,14 @@ def _decode_kernel(
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     pos = tl.load(query_pos_ptr + b * stride_qpos_b).to(tl.int32)
-    # Causal: keys 0..pos; pos < 0 (pad query) gives an empty range.
-    kv_end = tl.minimum(seq_len, pos + 1)
+    # Causal: keys 0..pos; pos < 0 (pad query) gives an empty range. With FUSED_STORE the
+    # query's own token (position pos) is not read from the cache but taken from new_key /
+    # new_value, folded in last, and written to the cache by the last split: one launch per
+    # layer instead of a store launch and an attention launch, and no read-after-write.
+    if FUSED_STORE:
+        kv_end = tl.minimum(seq_len, pos)
+    else:
+        kv_end = tl.minimum(seq_len, pos + 1)
     kv_begin = 0
     if USE_WINDOW:
         kv_begin = tl.maximum(pos - sliding_window + 1, 0)
@@ -214,6 +242,23 @@ def _decode_kernel(
             scale, softcap, sliding_window,
             BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
         )
+
+    if FUSED_STORE:
+        if split == tl.num_programs(2) - 1:
+            nk = tl.load(new_key_ptr + b * stride_nkb + kv_head * stride_nkh + dims * stride_nkd,
+                         mask=dim_mask, other=0.0).to(key_cache_ptr.dtype.element_ty)
+            nv = tl.load(new_value_ptr + b * stride_nvb + kv_head * stride_nvh + dims * stride_nvd,
+                         mask=dim_mask, other=0.0).to(value_cache_ptr.dtype.element_ty)
+            slot = tl.load(slot_mapping_ptr + b * stride_slot_b).to(tl.int64)
+            if slot >= 0:  # a negative slot is a pad: not stored
+                blk = slot // BLOCK_SIZE
+                off = slot % BLOCK_SIZE
+                tl.store(key_cache_ptr + blk * stride_kb + off * stride_kt + kv_head * stride_kh + dims * stride_kd,
+                         nk, mask=dim_mask)
+                tl.store(value_cache_ptr + blk * stride_vb + off * stride_vt + kv_head * stride_vh + dims * stride_vd,
+                         nv, mask=dim_mask)
+            if pos >= 0:  # the query sees its own token (always inside its window)
+                m_i, l_i, acc = _fold_in_token(q, nk, nv, m_i, l_i, acc, scale, softcap, USE_SOFTCAP)
 
     if SPLIT:
         # Unnormalised partials; the merge kernel rescales them to a common max.
@@ -407,21 +452,24 @@ def _num_sms(device: torch.device) -> int:
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:
     """Split-KV factor from host-side shapes only (never reads device tensors).
 
-    Splits only when the (row, kv head) programs cannot fill the GPU (fewer than ~2 per
-    SM) and each split would still get a useful run of >= 4 KV tiles.
+    Splits only when the (row, kv head) programs cannot give every SM one (two programs fit
+    on an SM at once, so up to 2 x SMs still run in one wave) and each split would still get
+    a useful run of >= 4 KV tiles. Not splitting also saves the merge launch, which matters
+    for the per-step host time of mid-sized batches (32 rows x 8 kv heads on 132 SMs).
     """
     programs = batch * num_kv_heads
-    if programs >= 2 * num_sms:
+    if programs >= num_sms:
         return 1
     # Power-of-two split counts measured best on H200 (8 x 32k: 16 splits 87% of copy
     # bandwidth, 9 splits 78%: uneven waves).
-    want = next_pow2(triton.cdiv(4 * num_sms, max(programs, 1)))
+    want = next_pow2(cdiv(4 * num_sms, max(programs, 1)))
     by_length = max_context // (4 * block_n)
     splits = max(1, min(want, by_length, 128))
     return 1 << (splits.bit_length() - 1)
 
 
-def _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks):
+def _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks,
+                          new_key, new_value, slot_mapping):
     if query.dim() != 4:
         raise ValueError(f"query must be [B, num_q_heads, Q, head_dim], got shape {tuple(query.shape)}")
     if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
@@ -450,6 +498,16 @@ def _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, 
         raise ValueError(f"query_pos must be [B, Q] = {(batch, num_queries)}, got {tuple(query_pos.shape)}")
     if sinks is not None and tuple(sinks.shape) != (num_q_heads,):
         raise ValueError(f"sinks must be [num_q_heads={num_q_heads}], got {tuple(sinks.shape)}")
+    given = (new_key is not None, new_value is not None, slot_mapping is not None)
+    if any(given) and not all(given):
+        raise ValueError("new_key, new_value and slot_mapping go together: pass all three or none")
+    if new_key is not None:
+        want = (batch, num_kv_heads, num_queries, head_dim)
+        if tuple(new_key.shape) != want or tuple(new_value.shape) != want:
+            raise ValueError(f"new_key/new_value must be [B, num_kv_heads, Q, head_dim] = {want}, got "
+                             f"{tuple(new_key.shape)} and {tuple(new_value.shape)}")
+        if tuple(slot_mapping.shape) != (batch, num_queries):
+            raise ValueError(f"slot_mapping must be [B, Q] = {(batch, num_queries)}, got {tuple(slot_mapping.shape)}")
 
 
 def paged_attention(
@@ -465,19 +523,54 @@ def paged_attention(
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    new_key: torch.Tensor | None = None,
+    new_value: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
     *,
     num_kv_splits: int | None = None,
     block_n: int | None = None,
     block_m: int | None = None,
+    plans: dict | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
     max_seq_len: optional host int >= max(seq_lens), only used to size split-KV.
+    new_key / new_value [B, Hkv, Q, D] and slot_mapping [B, Q]: this forward's K/V, first stored
+    at slot_mapping (negative = not stored) exactly as store_kv does; for decode (Q == 1) the
+    store happens inside the attention launch.
+    plans: a dict the caller keeps for one forward pass (one block_table, seq_lens, query_pos,
+    slot_mapping and max_seq_len): the launch worked out (checked, configured) for the first
+    layer is reused by every later layer of the same shapes, so a layer costs one launch of host
+    work. Without it every call is checked and configured afresh.
     num_kv_splits / block_n / block_m: keyword-only overrides of the launch config
     (tests and benchmarks); by default they come from the fixed config table.
     """
-    check_device(query, key_cache, value_cache, block_table, seq_lens, query_pos, *(() if sinks is None else (sinks,)))
-    _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks)
+    launch = None
+    if plans is not None:
+        key = (query.shape, query.stride(), query.dtype, query.device, key_cache.shape, key_cache.stride(),
+               key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
+               None if out is None else out.stride(),
+               None if new_key is None else (new_key.stride(), new_value.stride()),
+               num_kv_splits, block_n, block_m)
+        launch = plans.get(key)
+    if launch is None:
+        launch = _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window,
+                       softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping,
+                       num_kv_splits, block_n, block_m)
+        if plans is not None:
+            plans[key] = launch
+    return launch(query, key_cache, value_cache, sinks, out, new_key, new_value)
+
+
+def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window, softcap, sinks,
+          out, max_seq_len, new_key, new_value, slot_mapping, num_kv_splits, block_n, block_m):
+    """Check the arguments and work out one launch; returns launch(query, key_cache, value_cache,
+    sinks, out, new_key, new_value) -> out, valid for tensors of the same shapes, strides, dtypes
+    and device with the same block_table, seq_lens, query_pos and slot_mapping."""
+    extra = tuple(t for t in (sinks, new_key, new_value, slot_mapping) if t is not None)
+    check_device(query, key_cache, value_cache, block_table, seq_lens, query_pos, *extra)
+    _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks,
+                          new_key, new_value, slot_mapping)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
     if softcap is not None and softcap <= 0:
@@ -486,12 +579,16 @@ def paged_attention(
     batch, num_q_heads, num_queries, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
-    if out is None:
-        out = torch.empty(batch, num_queries, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
-    elif tuple(out.shape) != (batch, num_queries, num_q_heads, head_dim):
-        raise ValueError(f"out must be [B, Q, Hq, D] = {(batch, num_queries, num_q_heads, head_dim)}, got {tuple(out.shape)}")
+    out_shape = (batch, num_queries, num_q_heads, head_dim)
+    if out is not None and tuple(out.shape) != out_shape:
+        raise ValueError(f"out must be [B, Q, Hq, D] = {out_shape}, got {tuple(out.shape)}")
+    dtype, device = query.dtype, query.device
+
+    def new_out(out):
+        return torch.empty(out_shape, dtype=dtype, device=device) if out is None else out
+
     if batch == 0 or num_queries == 0:
-        return out
+        return lambda query, key_cache, value_cache, sinks, out, new_key, new_value: new_out(out)
 
     block_d = max(16, next_pow2(head_dim))
     elem_bytes = key_cache.element_size()
@@ -503,55 +600,79 @@ def paged_attention(
         USE_SINKS=sinks is not None,
         DOT_PRECISION=dot_precision,
     )
-    sinks_arg = sinks if sinks is not None else query  # never read when USE_SINKS=False
     scalars = (float(scale), float(softcap or 1.0), int(sliding_window or 0))
+    # Strides of out as launched: ours is contiguous, a caller's has its strides in the plan key.
+    out_strides = out.stride() if out is not None else (
+        num_queries * num_q_heads * head_dim, num_q_heads * head_dim, head_dim, 1)
+    fixed_tensors = (block_table, seq_lens, query_pos)
 
     if num_queries == 1:
         cfg_n, num_warps, num_stages = _decode_config(block_d, elem_bytes)
         block_n = block_n or cfg_n
-        block_g = max(16, next_pow2(group))
         if max_seq_len is None:
             max_seq_len = block_table.shape[1] * block_size
         if num_kv_splits is None:
-            num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n, _num_sms(query.device))
+            num_splits = choose_num_splits(batch, num_kv_heads, max_seq_len, block_n, _num_sms(device))
         else:
             num_splits = max(1, int(num_kv_splits))
-        tokens_per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
-        out_bqhd = out[:, 0]  # [B, Hq, D] view
-        common = (
-            query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks_arg,
-            *scalars, tokens_per_split,
+        tokens_per_split = cdiv(cdiv(max(max_seq_len, 1), num_splits), block_n) * block_n
+        fused = new_key is not None
+        slot = slot_mapping if fused else query_pos  # never read without FUSED_STORE
+        strides = (
             query.stride(0), query.stride(1), query.stride(3),
             *key_cache.stride(), *value_cache.stride(),
             *block_table.stride(),
             query_pos.stride(0),
-            *out_bqhd.stride(),
+            out_strides[0], out_strides[2], out_strides[3],
         )
-        meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n,
-                    BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages, **flags)
+        new_strides = (
+            (new_key.stride(0), new_key.stride(1), new_key.stride(3),
+             new_value.stride(0), new_value.stride(1), new_value.stride(3), slot_mapping.stride(0))
+            if fused else (0,) * 7
+        )
+        meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d,
+                    BLOCK_N=block_n, BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages,
+                    SPLIT=num_splits > 1, FUSED_STORE=fused, **flags)
         if num_splits == 1:
-            _decode_kernel[(batch, num_kv_heads, 1)](
-                out_bqhd, out_bqhd, out_bqhd, out_bqhd,  # partial buffers unused
-                *common, 0, 0, 0, 0, 0, 0, 0, SPLIT=False, **meta,
+            grid = (batch, num_kv_heads, 1)
+
+            def launch(query, key_cache, value_cache, sinks, out, new_key, new_value):
+                out = new_out(out)
+                _decode_kernel[grid](
+                    out, out, out, out,  # partial buffers unused
+                    query, key_cache, value_cache, *fixed_tensors,
+                    query if sinks is None else sinks,
+                    query if new_key is None else new_key, query if new_value is None else new_value, slot,
+                    *scalars, tokens_per_split, *strides, 0, 0, 0, 0, 0, 0, 0, *new_strides, **meta,
+                )
+                return out
+            return launch
+
+        # Split-KV partials: one buffer per plan, reused layer after layer (stream order keeps
+        # a layer's merge ahead of the next layer's decode).
+        part_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+        part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=device)
+        part_sum = torch.empty_like(part_max)
+        grid = (batch, num_kv_heads, num_splits)
+        part_strides = (*part_acc.stride(), *part_max.stride())
+        merge_args = (num_splits, query_pos.stride(0), out_strides[0], out_strides[2], out_strides[3], *part_strides)
+        merge_meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
+                          USE_SINKS=sinks is not None, num_warps=4)
+
+        def launch_split(query, key_cache, value_cache, sinks, out, new_key, new_value):
+            out = new_out(out)
+            sinks_arg = query if sinks is None else sinks
+            _decode_kernel[grid](
+                out, part_acc, part_max, part_sum,
+                query, key_cache, value_cache, *fixed_tensors, sinks_arg,
+                query if new_key is None else new_key, query if new_value is None else new_value, slot,
+                *scalars, tokens_per_split, *strides, *part_strides, *new_strides, **meta,
+            )
+            _merge_splits_kernel[(batch, num_q_heads)](
+                out, part_acc, part_max, part_sum, query_pos, sinks_arg, *merge_args, **merge_meta,
             )
             return out
-        part_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
-        part_max = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=query.device)
-        part_sum = torch.empty_like(part_max)
-        _decode_kernel[(batch, num_kv_heads, num_splits)](
-            out_bqhd, part_acc, part_max, part_sum,
-            *common, *part_acc.stride(), *part_max.stride(), SPLIT=True, **meta,
-        )
-        _merge_splits_kernel[(batch, num_q_heads)](
-            out_bqhd, part_acc, part_max, part_sum, query_pos, sinks_arg,
-            num_splits,
-            query_pos.stride(0),
-            *out_bqhd.stride(),
-            *part_acc.stride(), *part_max.stride(),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, next_pow2(num_splits)),
-            USE_SINKS=sinks is not None, num_warps=4,
-        )
-        return out
+        return launch_split
 
     cfg_m, cfg_n, num_warps, num_stages = _multi_token_config(block_d, elem_bytes)
     block_n = block_n or cfg_n
@@ -560,13 +681,20 @@ def paged_attention(
     block_m = max(16, min(block_m, next_pow2(num_queries * group)))
     block_m = max(block_m, next_pow2(group))  # a tile holds at least one whole group
     block_q = block_m // group
-    grid = (triton.cdiv(num_queries, block_q), num_kv_heads, batch)
-    _multi_token_kernel[grid](
-        out, query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks_arg,
-        *scalars, num_queries,
-        *query.stride(), *key_cache.stride(), *value_cache.stride(),
-        *block_table.stride(), *query_pos.stride(), *out.stride(),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d,
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages, **flags,
-    )
-    return out
+    grid = (cdiv(num_queries, block_q), num_kv_heads, batch)
+    strides = (*query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
+               *query_pos.stride(), *out_strides)
+    meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d,
+                BLOCK_N=block_n, BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages, **flags)
+
+    def launch_multi(query, key_cache, value_cache, sinks, out, new_key, new_value):
+        out = new_out(out)
+        if new_key is not None:
+            # Several new tokens per row attend to each other: store them all first.
+            store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
+        _multi_token_kernel[grid](
+            out, query, key_cache, value_cache, *fixed_tensors, query if sinks is None else sinks,
+            *scalars, num_queries, *strides, **meta,
+        )
+        return out
+    return launch_multi

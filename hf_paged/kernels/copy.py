@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device
+from . import cdiv, check_device
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def copy_blocks(
     _, block_size, num_heads, head_dim = key_cache.shape
     block_elems = block_size * num_heads * head_dim
     block = min(4096, triton.next_power_of_2(block_elems))
-    grid = (src.numel(), triton.cdiv(block_elems, block))
+    grid = (src.numel(), cdiv(block_elems, block))
     _copy_blocks_kernel[grid](
         key_cache, value_cache, src, dst,
         *key_cache.stride(), *value_cache.stride(),

@@ -78,13 +78,22 @@ def paged_attention(
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    new_key: torch.Tensor | None = None,
+    new_value: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    *,
+    plans: dict | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
     max_seq_len is an optional host-side upper bound on seq_lens; it must be >= max(seq_lens)
     when given. Without it the CPU path reads seq_lens (free on CPU) and a CUDA caller
     gathers the whole block table.
+    new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
+    attended to. plans: accepted for the Triton backend's signature; nothing to plan here.
     """
+    if new_key is not None:
+        store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
     batch, num_q_heads, num_queries, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device, next_pow2
+from . import cdiv, check_device, next_pow2
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def store_kv(
     block_hd = min(next_pow2(row_elems), 4096)
     # ~8K elements per program: enough bytes in flight per SM without a huge grid.
     block_t = max(1, min(64, 8192 // block_hd))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(row_elems, block_hd))
+    grid = (cdiv(num_tokens, block_t), cdiv(row_elems, block_hd))
     _store_kv_kernel[grid](
         key, value, key_cache, value_cache, slot_mapping,
         num_tokens, tokens_per_row,
