@@ -11,6 +11,7 @@ Prints a table and writes JSON to $OUT/kernel_bench.json (or ./kernel_bench.json
 
     python benchmarks/kernel_bench.py            # full run
     BENCH_SWEEP=1 python benchmarks/kernel_bench.py   # also sweep decode/prefill configs
+    BENCH_SWEEP=prefill python benchmarks/kernel_bench.py   # prefill configs only
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def sweep(copy_bw: float) -> dict:
     res = {}
     orig_dec, orig_mt = tri_attn._decode_config, tri_attn._multi_token_config
     try:
-        for bn, warps, stages in [(64, 4, 3), (64, 4, 4)]:
+        decode_sweep = [] if os.environ.get("BENCH_SWEEP") == "prefill" else [(64, 4, 3), (64, 4, 4)]
+        for bn, warps, stages in decode_sweep:
             tri_attn._decode_config = lambda block_d, eb, c=(bn, warps, stages): c
             for batch, ctx, splits in [(8, 32768, 8), (8, 32768, 16), (64, 4096, 1), (256, 1024, 1)]:
                 r = decode_case(batch, ctx, copy_bw, num_kv_splits=splits)
@@ -180,7 +182,7 @@ def sweep(copy_bw: float) -> dict:
                       f"{r['pct_copy_bw']:.1f}% vs_sdpa {r['vs_sdpa']:.2f}", flush=True)
         tri_attn._decode_config = orig_dec
         for bm, bn, warps, stages in [(256, 64, 8, 3), (256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 3),
-                                      (256, 128, 8, 2), (256, 32, 4, 3), (128, 32, 4, 4), (128, 32, 8, 3),
+                                      (256, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 2),
                                       (128, 128, 8, 3), (256, 128, 16, 2), (256, 64, 16, 3)]:
             tri_attn._multi_token_config = lambda block_d, eb, c=(bm, bn, warps, stages): c
             try:
