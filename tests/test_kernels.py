@@ -398,6 +398,31 @@ def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim,
         "a pad (negative slot) must not be written"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_launch_plans_are_reused_across_layers_and_keyed_on_what_changes(device):
+    """One plans dict per forward: a later layer with other pools (same shapes) reuses the first
+    layer's launch with its own tensors; another window or softcap gets a plan of its own."""
+    dtype = DTYPES[device][0]
+    seq_lens = [20, 45]
+    ref_case = PagedCase(70, seq_lens, 2, 64, 16, dtype, device)
+    g = torch.Generator().manual_seed(5)
+    # a second layer: other values at the same slots (one block table for all layers, as in a forward)
+    second = (ref_case.key_cache + torch.randn(ref_case.key_cache.shape, generator=g).to(device, dtype),
+              ref_case.value_cache - torch.randn(ref_case.value_cache.shape, generator=g).to(device, dtype))
+    layers = [(ref_case.key_cache, ref_case.value_cache), second]
+    qpos = (ref_case.seq_lens - 1)[:, None].contiguous()
+    plans: dict = {}
+    for kw in ({}, {}, {"sliding_window": 6}, {"softcap": 2.0}):
+        for key_cache, value_cache in layers:
+            query = _query(g, 2, 8, 1, 64, dtype, device)
+            out = _tri().paged_attention(query, key_cache, value_cache, ref_case.block_table,
+                                         ref_case.seq_lens, qpos, 0.125, plans=plans, **kw)
+            ref = reference.paged_attention(query, key_cache, value_cache, ref_case.block_table,
+                                            ref_case.seq_lens, qpos, 0.125, **kw)
+            _check_close(out, ref, dtype)
+    assert len(plans) == 3  # {}, window, softcap: one plan each, shared by both layers
+
+
 def test_unsupported_shapes_raise():
     dev = DEVICES[0]
     case = PagedCase(0, [4], 1, 512, 16, torch.float32, dev)

@@ -549,7 +549,7 @@ def paged_attention(
     if plans is not None:
         key = (query.shape, query.stride(), query.dtype, query.device, key_cache.shape, key_cache.stride(),
                key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
-               None if out is None else out.stride(),
+               None if out is None else (out.shape, out.stride()),
                None if new_key is None else (new_key.stride(), new_value.stride()),
                num_kv_splits, block_n, block_m)
         launch = plans.get(key)
