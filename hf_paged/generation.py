@@ -218,15 +218,16 @@ def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwa
                 if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
                     sub[k] = v[:, width - w:]
             ids = input_ids.index_select(0, rows_t)[:, width - w:]
+            cache._end_forward()  # the previous group's forward is over
             cache._group_rows = group
             cache._logical_len = 0
-            cache._forward = None
             cache.set_prefill_tokens(ids)
             outputs = orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
             logits = outputs["logits"][:, -1:, :]
             if merged is None:
                 merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
             merged[torch.tensor(group, device=logits.device)] = logits
+        cache._end_forward()
     finally:
         cache._group_rows = None
         cache._forward = None
