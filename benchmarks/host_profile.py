@@ -1,19 +1,23 @@
 """Where a decode step's time goes, stock (sdpa + DynamicCache) vs paged, Llama-3.1-8B shape, bf16.
 
-Stock generate is host-bound on an H200 (its GPU work per step is a few ms, its step ~30 ms), so
+Stock generate is host-bound on an H200 (about 9 ms of GPU work in a 25-38 ms step at 32 rows), so
 the paged path is only as fast as its Python per layer. One process measures:
   1. host microseconds per call (no sync; the GPU keeps up) of the per-layer attention pieces:
      stock's torch.cat + SDPA(enable_gqa) and our store_kv + paged_attention (decode, 32 rows x 512),
      and an empty Triton launch as the floor;
-  2. (--full) generate with 32 x 512 prompts: ms per decode step (difference of two lengths) and
-     GPU-busy ms per step (torch.profiler kernel time), for both paths;
+  2. (--full) generate: ms per decode step (difference of two lengths) and GPU-busy ms per step
+     (torch.profiler kernel time), for both paths;
   3. host ms per step in the mask function, cache.update, the attention function and the model
      forward, and the CUDA runtime calls per step (synchronising calls show up there).
+Parts 2-3 run one workload of 32 decode rows (--workload): greedy (32 x 512 prompts, default),
+sample (4 x 1024 prompts, 8 samples each) or beam (8 x 1024 prompts, 4 beams).
 
-    python benchmarks/host_profile.py          # parts 1 and 3, about 1 minute on an H200
-    python benchmarks/host_profile.py --full   # also part 2, about 2 minutes; writes $OUT/host_profile.json
+    python benchmarks/host_profile.py                      # parts 1 and 3, about 1 minute on an H200
+    python benchmarks/host_profile.py --full               # also part 2, about 2 minutes
+    python benchmarks/host_profile.py --workload sample    # parts 1 and 3 with the sampling workload
+    python benchmarks/host_profile.py --tiny --workload sample --full   # CPU smoke run of the script
+Writes $OUT/host_profile.json.
 """
-
 from __future__ import annotations
 
 import json
@@ -31,11 +35,19 @@ import hf_paged  # noqa: E402
 from hf_paged.kernels import get_backend  # noqa: E402
 from hf_paged.testing import left_padded_batch  # noqa: E402
 
-DEV = "cuda"
+TINY = "--tiny" in sys.argv  # a CPU smoke run of parts 2-3 on a 2-layer model (checks the script, not speed)
+DEV = "cpu" if TINY else "cuda"
+# --workload greedy (32 x 512) | sample (4 x 1024, n=8) | beam (8 x 1024, 4 beams): parts 2 and 3
+WORKLOAD = sys.argv[sys.argv.index("--workload") + 1] if "--workload" in sys.argv else "greedy"
 OUT = os.environ.get("OUT", ".")
 res: dict = {"torch": torch.__version__, "triton": triton.__version__,
-             "transformers": __import__("transformers").__version__, "gpu": torch.cuda.get_device_name(),
-             "date": time.strftime("%Y-%m-%d")}
+             "transformers": __import__("transformers").__version__, "gpu": "cpu" if TINY else torch.cuda.get_device_name(),
+             "date": time.strftime("%Y-%m-%d"), "workload": WORKLOAD}
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 @triton.jit
@@ -47,12 +59,12 @@ def host_us(fn, n=500) -> tuple[float, float]:
     """(host us per call without sync, wall us per call with a final sync)."""
     for _ in range(20):
         fn()
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(n):
         fn()
     host = time.perf_counter() - t
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t
     return host / n * 1e6, wall / n * 1e6
 
@@ -94,35 +106,50 @@ def part1() -> None:
 def part2() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                      rope_theta=500000.0)
+    if TINY:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                          rope_theta=500000.0)
     with torch.device(DEV):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if TINY else torch.bfloat16,
+                                                 attn_implementation="sdpa")
     model.eval()
     model_ref.append(model)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    ids, mask = left_padded_batch([512] * 32, cfg.vocab_size, seed=0, low=1, device=DEV)
+    # 32 decode rows in every workload: 32 prompts, 4 prompts x 8 samples, or 8 prompts x 4 beams.
+    lengths, gen_kw = {
+        "greedy": ([512] * 32, dict(do_sample=False)),
+        "sample": ([1024] * 4, dict(do_sample=True, num_return_sequences=8)),
+        "beam": ([1024] * 8, dict(do_sample=False, num_beams=4)),
+    }[WORKLOAD]
+    ids, mask = left_padded_batch(lengths, cfg.vocab_size, seed=0, low=1, device=DEV)
 
     def gen(n):
+        torch.manual_seed(0)
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **gen_kw)
 
     def timed(n):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         gen(n)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t
 
     def gpu_ms(n):
         from torch.profiler import ProfilerActivity, profile
 
+        if DEV != "cuda":
+            return 0.0
+
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             gen(n)
-            torch.cuda.synchronize()
+            sync()
         return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
 
     # Everything timed first, both paths; the torch.profiler sessions last (a paged breakdown
@@ -182,10 +209,10 @@ def breakdown(gen, n) -> dict:
     try:
         gen(n)
         acc.clear()
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         gen(n)
-        torch.cuda.synchronize()
+        sync()
         acc["generate"] = time.perf_counter() - t
     finally:
         for (m, k), v in zip(patches, saved):
@@ -202,9 +229,10 @@ def cuda_api(gen, n) -> dict:
     """CUDA runtime calls per step (count, host ms) from torch.profiler: shows synchronising calls."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
         gen(n)
-        torch.cuda.synchronize()
+        sync()
     rows = {}
     for e in prof.key_averages():
         if e.key.startswith("cuda") or "Synchronize" in e.key or "Memcpy" in e.key or "HostAlloc" in e.key:
@@ -219,9 +247,10 @@ model_ref: list = []
 
 
 print(res["gpu"], res["torch"], res["transformers"], res["triton"], "hf_paged", hf_paged.__version__, flush=True)
-print("1. host cost per call (32 rows x 512 context, 8B attention shape)", flush=True)
-part1()
-print("2. generate 32 x 512, greedy: per decode step", flush=True)
+if not TINY:
+    print("1. host cost per call (32 rows x 512 context, 8B attention shape)", flush=True)
+    part1()
+print(f"2. generate ({WORKLOAD}, 32 decode rows): per decode step", flush=True)
 part2()
 with open(os.path.join(OUT, "host_profile.json"), "w") as f:
     json.dump(res, f, indent=1)
