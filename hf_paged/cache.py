@@ -8,9 +8,10 @@ Data path of one forward pass (see ``attention.py`` for the hooks that drive it)
    the per-forward metadata (:class:`PagedForward`: block table, seq_lens, query positions, slot
    mapping) ONCE, as int32 tensors on the device.
 2. every attention layer calls ``cache.update(k, v, layer_idx)``: the layer's pending block copies
-   run (one launch), the new K/V are stored by slot mapping (one launch), and the new K/V are
-   returned unchanged.
-3. the attention function reads K/V straight from the layer's pool through the block table.
+   run (one launch, only when a row copies a shared tail), and the new K/V are handed to the
+   attention call that follows and returned unchanged.
+3. the attention function stores the new K/V by slot mapping and reads the layer's whole context
+   straight from its pool through the block table: for decode, one kernel launch does both.
 """
 
 from __future__ import annotations
