@@ -7,6 +7,9 @@ Memory layout:
                              (block_table[b, p // block_size], p % block_size)
     seq_lens               : int32 [B], tokens stored per row (this forward's included)
     query_pos              : int32 [B, Q], stored index of each query token, < 0 = pad
+    new_key, new_value     : [B, num_kv_heads, Q, head_dim], any strides (optional): this forward's
+                             K/V, written at slot_mapping [B, Q] (< 0 = not written) before
+                             they are attended to; decode does the write in the same launch
     out                    : [B, Q, num_q_heads, head_dim]
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
 
