@@ -118,6 +118,18 @@ def _check_close(out, ref, dtype):
     assert rel < rel_tol and err < abs_tol, f"rel {rel:.3e} (tol {rel_tol}), max abs {err:.3e} (tol {abs_tol})"
 
 
+def _feature_kwargs(feature, g, num_q_heads, device="cpu", window=None, softcap=4.0, sink_scale=1.0):
+    """Attention kwargs for one optional feature: a sliding window (drawn from 1-39 when window is
+    None), a softcap, or attention sinks drawn from g (times sink_scale); {} for None."""
+    if feature == "window":
+        return {"sliding_window": window if window is not None else int(torch.randint(1, 40, (1,), generator=g))}
+    if feature == "softcap":
+        return {"softcap": softcap}
+    if feature == "sinks":
+        return {"sinks": (torch.randn(num_q_heads, generator=g) * sink_scale).to(device)}
+    return {}
+
+
 # ----------------------------------------------------------------------------- naive oracle
 
 
@@ -172,13 +184,7 @@ def test_reference_matches_naive(seed, heads, head_dim, block_size, q_len, featu
     qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32)[None]
     if q_len > 2:
         qpos[0, :2] = -1  # left pads
-    kw = {}
-    if feature == "window":
-        kw["sliding_window"] = 9
-    elif feature == "softcap":
-        kw["softcap"] = 3.0
-    elif feature == "sinks":
-        kw["sinks"] = torch.randn(heads[0], generator=g)
+    kw = _feature_kwargs(feature, g, heads[0], window=9, softcap=3.0)
     out = torch.full((3, q_len, heads[0], head_dim), NAN)
     reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
                               head_dim ** -0.5, out=out, **kw)
@@ -235,13 +241,7 @@ def _run_attention(device, dtype, seed, heads, head_dim, block_size, seq_lens, q
     if pads:
         qpos[0, :pads] = -1  # left padding of row 0
     qpos = qpos.contiguous()
-    kw = {}
-    if feature == "window":
-        kw["sliding_window"] = int(torch.randint(1, 40, (1,), generator=g))
-    elif feature == "softcap":
-        kw["softcap"] = 4.0
-    elif feature == "sinks":
-        kw["sinks"] = (torch.randn(num_q_heads, generator=g) * 2).to(device)
+    kw = _feature_kwargs(feature, g, num_q_heads, device, sink_scale=2.0)
     scale = head_dim ** -0.5
     out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
     res = _tri().paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
@@ -367,13 +367,7 @@ def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim,
     new_value = case.value_cache[blk, off].clone().transpose(1, 2)
     new_key[0, :, :pads] = 123.0  # pads carry a value that must show up nowhere in the cache
     new_value[0, :, :pads] = 123.0
-    kw = {}
-    if feature == "window":
-        kw["sliding_window"] = 7
-    elif feature == "softcap":
-        kw["softcap"] = 4.0
-    elif feature == "sinks":
-        kw["sinks"] = torch.randn(num_q_heads, generator=g).to(device)
+    kw = _feature_kwargs(feature, g, num_q_heads, device, window=7)
     scale = head_dim ** -0.5
     ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
                                     scale, **kw)
