@@ -2,7 +2,8 @@
 weights: equality does not depend on their values), paged (Triton kernels) vs stock sdpa.
 
 - fp32: greedy on a left-padded batch of very different lengths and beam search (4 beams,
-  2 returned) must give the same tokens as stock.
+  2 returned) must give the same tokens as stock, with the decode steps replayed as CUDA graphs
+  (the default; the replays are counted) and run eagerly (HF_PAGED_CUDA_GRAPHS=0).
 - bf16: the logits of one forward over a left-padded batch, compared with an fp32 reference of
   the same weights: paged's error must be of the size of stock's own bf16 error (the tolerance:
   paged max error <= 1.5 x stock's, and the greedy tokens of both bf16 runs are reported).
@@ -22,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged  # noqa: F401
+from hf_paged import graphs
 from hf_paged.testing import left_padded_batch
 
 assert torch.cuda.is_available(), "run this on a CUDA GPU"
@@ -62,18 +64,25 @@ for name, cfg in SHAPES.items():
     model.eval()
     ids, mask = batch([7, 300, 96, 511], cfg.vocab_size, seed=1)
     outs = {}
-    for impl in ("sdpa", "paged"):
-        model.set_attn_implementation(impl)
+    for impl in ("sdpa", "paged", "paged_eager"):
+        model.set_attn_implementation("sdpa" if impl == "sdpa" else "paged")
+        os.environ[graphs.ENV_VAR] = "0" if impl == "paged_eager" else "1"
+        before = dict(graphs.STATS)
         t = time.perf_counter()
         outs[impl] = (gen(model, ids, mask, max_new_tokens=32, do_sample=False),
                       gen(model, ids[:2], mask[:2], max_new_tokens=16, num_beams=4, num_return_sequences=2,
                           do_sample=False))
-        emit(what="fp32_generate", shape=name, impl=impl, seconds=time.perf_counter() - t)
-    for i, mode in enumerate(("greedy", "beam")):
-        same = torch.equal(outs["sdpa"][i], outs["paged"][i])
-        emit(what="fp32_tokens_equal", shape=name, mode=mode, equal=same)
-        if not same:
-            failures.append(f"{name} fp32 {mode}")
+        counts = {k: graphs.STATS[k] - before[k] for k in before}
+        emit(what="fp32_generate", shape=name, impl=impl, seconds=time.perf_counter() - t, graphs=counts)
+        if impl == "paged" and (counts["replays"] == 0 or counts["disabled"]):
+            failures.append(f"{name}: the paged decode steps did not run as CUDA graphs ({counts})")
+    os.environ.pop(graphs.ENV_VAR, None)
+    for impl in ("paged", "paged_eager"):
+        for i, mode in enumerate(("greedy", "beam")):
+            same = torch.equal(outs["sdpa"][i], outs[impl][i])
+            emit(what="fp32_tokens_equal", shape=name, impl=impl, mode=mode, equal=same)
+            if not same:
+                failures.append(f"{name} fp32 {mode} ({impl})")
 
     # bf16 logits against an fp32 reference of the same weights
     model.set_attn_implementation("sdpa")

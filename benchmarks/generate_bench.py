@@ -37,6 +37,8 @@ p.add_argument("--repeat", type=int, default=1, help="timed rounds per path, alt
 p.add_argument("--full-warmup", action="store_true",
                help="run each workload once per path, untimed, before timing it (stock's DynamicCache is "
                     "much slower until the CUDA allocator holds blocks of every size it grows through)")
+p.add_argument("--eager-too", action="store_true",
+               help="also time the paged path with CUDA graphs off (HF_PAGED_CUDA_GRAPHS=0), one round")
 args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +103,12 @@ KV_PER_TOKEN = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden
 
 
 def use(impl):
-    model.set_attn_implementation(impl)
+    """sdpa (stock), paged (CUDA graphs of the decode step, the default) or paged_eager (graphs off)."""
+    if impl == "paged_eager":
+        os.environ["HF_PAGED_CUDA_GRAPHS"] = "0"
+    else:
+        os.environ.pop("HF_PAGED_CUDA_GRAPHS", None)
+    model.set_attn_implementation("sdpa" if impl == "sdpa" else "paged")
 
 
 def lens_mixed(n, lo, hi, seed=0):
@@ -139,7 +146,7 @@ def compare(name, lengths, new, **gen):
     row = {"what": name, "ideal_kv_GB": ideal}
     seqs = {}
     if args.full_warmup:
-        for impl in ("sdpa", "paged"):
+        for impl in ("sdpa", "paged", "paged_eager")[:3 if args.eager_too else 2]:
             use(impl)
             generate(lengths, new, **gen)  # result dropped at once: nothing of it counts later
     for _ in range(args.repeat):
@@ -159,7 +166,16 @@ def compare(name, lengths, new, **gen):
                                  blocks_shared=stats["blocks_shared"], kv_dense_GB=stats["bytes_dense"] / 1e9)
             seqs[impl] = out.sequences
             del out
-    for impl in ("sdpa", "paged"):
+    if args.eager_too:
+        use("paged_eager")
+        if gen.get("do_sample"):
+            torch.manual_seed(0)
+        out, dt, peak = generate(lengths, new, **gen)
+        row["paged_eager"] = {"seconds": dt, "new_tokens_per_s": out.sequences.shape[0] * new / dt,
+                              "peak_over_weights_GB": peak}
+        seqs["paged_eager"] = out.sequences
+        del out
+    for impl in ("sdpa", "paged", "paged_eager")[:3 if args.eager_too else 2]:
         # The same call with one new token: its time is the prefill's, the rest is decode.
         use(impl)
         if gen.get("do_sample"):
@@ -172,6 +188,9 @@ def compare(name, lengths, new, **gen):
     row["kv_used_over_ideal"] = row["paged"]["kv_used_GB"] / ideal
     same = (seqs["sdpa"] == seqs["paged"]).all(dim=1)
     row["rows_with_identical_tokens"] = f"{int(same.sum())}/{same.numel()}"
+    if args.eager_too:
+        row["speedup_eager"] = row["sdpa"]["seconds"] / row["paged_eager"]["seconds"]
+        row["graphs_vs_eager_identical_rows"] = int((seqs["paged"] == seqs["paged_eager"]).all(dim=1).sum())
     emit(**row)
 
 
@@ -249,12 +268,13 @@ if want("budget") and dev == "cuda":
 with open(os.path.join(OUT, "generate_bench.json"), "w") as f:
     json.dump(results, f, indent=1)
 
-print("\n{:<18} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>8} {:>13} {:>13}".format(
+print("\n{:<18} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>8} {:>13} {:>13} {:>8}".format(
     "workload", "stock s", "paged s", "speedup", "stock GB", "paged GB", "peak x", "kv/ideal", "stock ms/step",
-    "paged ms/step"), file=sys.stderr)
+    "paged ms/step", "eager x"), file=sys.stderr)
 for r in results:
     if "sdpa" in r and "paged" in r and isinstance(r["sdpa"], dict):
-        print("{:<18} {:>10.2f} {:>10.2f} {:>8.2f} {:>10.2f} {:>10.2f} {:>8.2f} {:>8.2f} {:>13.1f} {:>13.1f}".format(
+        print("{:<18} {:>10.2f} {:>10.2f} {:>8.2f} {:>10.2f} {:>10.2f} {:>8.2f} {:>8.2f} {:>13.1f} {:>13.1f} {:>8}".format(
             r["what"], r["sdpa"]["seconds"], r["paged"]["seconds"], r["speedup"], r["sdpa"]["peak_over_weights_GB"],
             r["paged"]["peak_over_weights_GB"], r["peak_ratio"], r["kv_used_over_ideal"],
-            r["sdpa"]["decode_ms_per_step"], r["paged"]["decode_ms_per_step"]), file=sys.stderr)
+            r["sdpa"]["decode_ms_per_step"], r["paged"]["decode_ms_per_step"],
+            "%.2f" % r["speedup_eager"] if "speedup_eager" in r else "-"), file=sys.stderr)

@@ -87,6 +87,9 @@ class PagedForward:
     # them in its own launch (see PagedCache.update). Shared by the per-device copies.
     pending: dict = field(default_factory=dict)
     plans: dict = field(default_factory=dict)  # launch plans of this forward on this device
+    # int32 [B*W + B + 2*B*Q]: block_table | seq_lens | query_pos | slot_mapping in one tensor (the
+    # four above are views of it), so a CUDA graph's static copy is refreshed with one copy_
+    packed_meta: torch.Tensor | None = None
     _per_device: dict = field(default_factory=dict)
 
     @property
@@ -167,9 +170,15 @@ class PagedCache(Cache):
         self._forward: PagedForward | None = None
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next prefill, for hashing
         self._group_rows: list[int] | None = None  # rows of the prefill group being run (see generation.py)
+        self._pools_version = 0  # bumped whenever a layer's pool tensors are (re)allocated
+        self.max_row_blocks: int | None = None  # bound on any row's table length (reserve_for_generation)
+        self._graph_state = None  # CUDA graphs of the decode step (see graphs.py), tied to these pools
+        self._seq_length_tensor: torch.Tensor | None = None  # get_seq_length() while a graph is captured
 
     # ================================================================ transformers contract
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._seq_length_tensor is not None:  # inside a captured decode step: a device tensor
+            return self._seq_length_tensor
         return self._logical_len
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -302,6 +311,7 @@ class PagedCache(Cache):
             self.value_cache[layer_idx] = torch.empty(
                 shape[:3] + (dv,), dtype=value_states.dtype, device=value_states.device
             )
+            self._pools_version += 1
         else:
             if key_states.dtype != k_pool.dtype:
                 raise TypeError(
@@ -309,13 +319,28 @@ class PagedCache(Cache):
                     f"{k_pool.dtype}; one PagedCache serves one dtype: make a new PagedCache for another dtype."
                 )
             if k_pool.shape[0] < need:
-                # The pool grew: enlarge this layer's tensors, keeping the stored blocks.
-                for pools in (self.key_cache, self.value_cache):
-                    old = pools[layer_idx]
-                    new = torch.empty((need,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
-                    new[: old.shape[0]].copy_(old)
-                    pools[layer_idx] = new
+                self._enlarge_layer_pools(layer_idx, need)
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def _enlarge_layer_pools(self, layer_idx: int, need: int) -> None:
+        """The pool grew: enlarge this layer's tensors, keeping the stored blocks."""
+        for pools in (self.key_cache, self.value_cache):
+            old = pools[layer_idx]
+            new = torch.empty((need,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+            new[: old.shape[0]].copy_(old)
+            pools[layer_idx] = new
+        self._pools_version += 1
+
+    def grow_layer_pools(self) -> bool:
+        """Enlarge every layer's tensors to the block pool's size now (rather than at each layer's
+        next update). False when some layer has no pool yet."""
+        if not self.key_cache or any(k is None for k in self.key_cache):
+            return False
+        need = self.pool.num_blocks
+        for layer_idx, k_pool in enumerate(self.key_cache):
+            if k_pool.shape[0] < need:
+                self._enlarge_layer_pools(layer_idx, need)
+        return True
 
     # ---------------------------------------------------------------- begin_forward
     def begin_forward(
@@ -325,8 +350,13 @@ class PagedCache(Cache):
         batch_size: int,
         device: torch.device,
         dtype: torch.dtype | None = None,
+        table_width: int | None = None,
     ) -> PagedForward:
-        """Allocate blocks for this forward's new tokens and build its metadata (once per forward)."""
+        """Allocate blocks for this forward's new tokens and build its metadata (once per forward).
+
+        ``table_width``: pad the block table to at least this many columns (CUDA graphs keep one
+        width for many steps; columns past a row's blocks are never read).
+        """
         fwd = self._forward
         if fwd is not None and not fwd.started and fwd.q_len == q_len and fwd.block_table.shape[0] == batch_size:
             return fwd  # a second mask (e.g. sliding-window layers) of the same forward
@@ -395,7 +425,7 @@ class PagedCache(Cache):
             self.seq_lens[r] = int(seq_after[b])
 
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
-        max_blocks = max(1, max(len(t) for t in tables))
+        max_blocks = max(1, max(len(t) for t in tables), table_width or 0)
         block_table = np.zeros((batch_size, max_blocks), dtype=np.int32)
         for b, table in enumerate(tables):
             block_table[b, : len(table)] = table
@@ -417,22 +447,14 @@ class PagedCache(Cache):
             dev = host.pin_memory().to(device, non_blocking=True)
         else:
             dev = host.to(device)
-        o = 0
-        def take(n, shape):
-            nonlocal o
-            t = dev[o:o + n].view(shape)
-            o += n
-            return t
-        bt = take(batch_size * max_blocks, (batch_size, max_blocks))
-        sl = take(batch_size, (batch_size,))
-        qp = take(batch_size * q_len, (batch_size, q_len))
-        sm = take(batch_size * q_len, (batch_size, q_len))
-        src = take(n_copies, (n_copies,)).long() if n_copies else None
-        dst = take(n_copies, (n_copies,)).long() if n_copies else None
+        n_meta = batch_size * (max_blocks + 1 + 2 * q_len)
+        bt, sl, qp, sm = split_metadata(dev[:n_meta], batch_size, max_blocks, q_len)
+        src = dev[n_meta:n_meta + n_copies].long() if n_copies else None
+        dst = dev[n_meta + n_copies:].long() if n_copies else None
         self._forward = PagedForward(
             cache_ref=weakref.ref(self), q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
             copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
-            new_logical_len=self._logical_len + q_len, backend=backend,
+            new_logical_len=self._logical_len + q_len, backend=backend, packed_meta=dev[:n_meta],
         )
         return self._forward
 
@@ -546,6 +568,9 @@ class PagedCache(Cache):
         """
         bs = self.block_size
         total = 0
+        if max_new_tokens > 0:
+            self.max_row_blocks = max((-(-(length + max_new_tokens - 1) // bs) for length in prompt_lengths),
+                                      default=None)
         for length, n in zip(prompt_lengths, copies):
             total += -(-length // bs)
             if max_new_tokens > 0:
@@ -620,6 +645,7 @@ class PagedCache(Cache):
     def reset(self) -> None:
         """Forget every row; blocks return to the pool (its tensors stay allocated for reuse)."""
         self._forward = None  # its unwritten K/V belonged to rows that are gone
+        self.max_row_blocks = None
         self.pool.reset()
         self.block_tables, self.seq_lens, self.pad_lens = [], [], []
         self._logical_len = 0
@@ -692,6 +718,16 @@ class PagedCache(Cache):
             "bytes_dense": bytes_dense,
             "saving": (bytes_dense / bytes_used) if bytes_used else 0.0,
         }
+
+
+def split_metadata(packed: torch.Tensor, batch: int, width: int, q_len: int):
+    """Views ``(block_table [B, W], seq_lens [B], query_pos [B, Q], slot_mapping [B, Q])`` of a
+    forward's packed int32 metadata (the layout begin_forward writes, one host-to-device copy)."""
+    a = batch * width
+    b = a + batch
+    c = b + batch * q_len
+    return (packed[:a].view(batch, width), packed[a:b], packed[b:c].view(batch, q_len),
+            packed[c:c + batch * q_len].view(batch, q_len))
 
 
 def _config_bytes_per_token(config, dtype) -> int:

@@ -7,6 +7,8 @@ private methods, each guarded by the attention name (every other model runs them
   attention does not go through transformers' attention interface and encoder-decoder models.
 - ``GenerationMixin._prepare_cache_for_generation``: create a :class:`PagedCache` when the user
   passed no cache.
+- ``GenerationMixin.generate`` (public): for the duration of the call, ``model.forward`` is a
+  :class:`~hf_paged.graphs.GraphedForward`, which runs decode steps as CUDA graphs.
 - ``GenerationMixin._prefill``: when ``generate`` has expanded prompts for beams or
   ``num_return_sequences``, run each distinct prompt's prefill once, then fork the rows (blocks by
   reference, logits broadcast); and hand the prompt tokens to the cache for prefix sharing.
@@ -27,6 +29,7 @@ from transformers.cache_utils import DynamicCache
 
 from .attention import ATTN_NAME
 from .cache import PagedCache
+from .graphs import GraphedForward, graphs_enabled
 
 # Model types whose attention does not go through transformers' attention interface. Most are
 # caught by ``_supports_attention_backend``; this list also covers versions where the flag is set
@@ -40,6 +43,7 @@ _EXPECTED = {
     ),
     "_prefill": (GenerationMixin, ["self", "input_ids", "generation_config", "model_kwargs", "is_first_iteration"]),
     "_check_and_adjust_attn_implementation": (PreTrainedModel, ["self", "attn_implementation", "is_init_check"]),
+    "generate": (GenerationMixin, ["self"]),
 }
 
 
@@ -270,7 +274,25 @@ def _broadcast_rows(value, inverse: torch.Tensor, n_distinct: int):
     return value
 
 
+def _wrap_generate(orig):
+    @functools.wraps(orig)
+    def generate(self, *args, **kwargs):
+        # An instance attribute "forward" already there is someone else's (accelerate's device_map
+        # hooks): leave the model as it is. Installed for this call only, removed by its owner.
+        if not is_paged(self) or not graphs_enabled() or "forward" in self.__dict__:
+            return orig(self, *args, **kwargs)
+        graphed = self.forward = GraphedForward(self)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            if self.__dict__.get("forward") is graphed:
+                del self.__dict__["forward"]
+
+    return generate
+
+
 _WRAPPERS = {
+    "generate": _wrap_generate,
     "_prepare_cache_for_generation": _wrap_prepare_cache,
     "_prefill": _wrap_prefill,
     "_check_and_adjust_attn_implementation": _wrap_check_attn,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+from tiny_models import FAMILIES, GRAPH_FALLBACK, cache_of, left_padded_batch, make_pair
 
 pytestmark = pytest.mark.cuda
 
@@ -18,19 +18,35 @@ def _gen(model, ids, mask, **kw):
                           pad_token_id=0, eos_token_id=None, **kw)
 
 
-def test_greedy_and_beam_on_triton(cuda_pair, monkeypatch):
+@pytest.mark.parametrize("graphs", ["on", "off"])
+def test_greedy_beam_sample_on_triton(cuda_pair, graphs, monkeypatch):
+    """Stock's tokens from the Triton kernels, with the decode steps replayed as CUDA graphs (the
+    default) and run eagerly."""
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "1" if graphs == "on" else "0")
     name, paged, stock = cuda_pair
     ids, mask = left_padded_batch([5, 41, 23], seed=1)
     for kw in (dict(max_new_tokens=12, do_sample=False, output_logits=True),
-               dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)):
+               dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False),
+               dict(max_new_tokens=8, do_sample=True, top_k=0, num_return_sequences=3)):
+        torch.manual_seed(3)
         ref = _gen(stock, ids, mask, **kw)
+        torch.manual_seed(3)
         out = _gen(paged, ids, mask, **kw)
         assert torch.equal(out.sequences, ref.sequences), (name, kw)
         if "output_logits" in kw:
             for a, b in zip(out.logits, ref.logits):
                 torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # tf32-free fp32: far below
-        assert cache_of(out).key_cache[0].is_cuda
+        cache = cache_of(out)
+        assert cache.key_cache[0].is_cuda
+        state = cache._graph_state
+        if graphs == "on" and name in GRAPH_FALLBACK:
+            assert "capturing the decode step failed" in state.disabled and state.replays == 0, name
+        elif graphs == "on":  # captured once, checked once, then replayed for every later step
+            assert state.disabled is None, (name, state.disabled)
+            assert (state.captures, state.replays) == (1, kw["max_new_tokens"] - 3), name
+        else:
+            assert state is None
 
 
 def test_prompt_lookup_on_triton(cuda_pair, monkeypatch):

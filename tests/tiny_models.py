@@ -34,6 +34,10 @@ FAMILIES = {
     "olmo2": ({}, "sdpa"),
 }
 
+# Families whose decode step cannot be captured as a CUDA graph: generate decodes them eagerly (after one
+# failed capture, with a warning). OPT builds an all-ones mask of the cache's length when given none.
+GRAPH_FALLBACK = {"opt"}
+
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,

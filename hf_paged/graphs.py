@@ -1,0 +1,294 @@
+"""CUDA graphs of generate's decode step: one graph replay per step instead of hundreds of launches.
+
+Why: on an H200, stock generate's decode step of an 8B model is host-bound (about 9 ms of GPU
+work in a 25-38 ms step, the rest Python and kernel launches of the model's own layers). A
+DynamicCache cannot be captured (it grows by concatenation, so its addresses change every step);
+the paged cache can: its pools are allocated once for the whole generate
+(``reserve_for_generation``), and a step's metadata (block table padded to a fixed width,
+seq_lens, query positions, slot mapping) is copied into fixed buffers, so the kernels of every
+step read the same addresses with new contents.
+
+One decode step (``input_ids`` of shape ``[B, 1]``) through :class:`GraphedForward`:
+
+1. host bookkeeping exactly as in eager mode: ``PagedCache.begin_forward`` allocates blocks and
+   builds the metadata; the step's copy-on-write block copies (their number varies) run eagerly.
+2. the inputs and the packed metadata are copied into the graph's static buffers.
+3. the graph for (batch, table width, pools, input shapes) replays the whole forward, from the
+   embedding to the LM head, and the logits are copied out.
+
+The first step of a graph runs eagerly on the static buffers (it is the real step, and it compiles
+the kernels), then the graph is captured. Its first replay is checked against an eager run of the
+same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
+forward keeps a host value between steps is caught: graphs are then turned off for that cache
+with a warning naming the cause. What is not a plain single-device decode step (prefill,
+``inputs_embeds``, attentions or hidden states requested, ``device_map`` over several devices, the
+PyTorch backend) runs eagerly. ``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import weakref
+
+import torch
+
+from .cache import PagedCache, PagedForward, _backend_for, split_metadata
+from .kernels import next_pow2
+
+logger = logging.getLogger("hf_paged")
+
+ENV_VAR = "HF_PAGED_CUDA_GRAPHS"
+
+# Tensor inputs of a decode step that are copied into static buffers; any other tensor input
+# (inputs_embeds, pixel values, ...) sends the step down the eager path.
+_STATIC_INPUTS = ("input_ids", "position_ids", "cache_position", "token_type_ids")
+# Plain inputs that are part of a graph's key (a different value is a different graph).
+_PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep")
+_CACHE_KEYS = ("cache", "past_key_values")
+_OFF_IF_TRUE = ("output_attentions", "output_hidden_states")
+_DEVICE_TYPES = ("cuda",)  # tests add "cpu" together with an eager stand-in for the capture
+
+
+def graphs_enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cuda_capture(run, pool):
+    """Capture ``run()`` into a CUDA graph; returns ``replay() -> the outputs of run()``, whose
+    tensors are overwritten by the next replay.
+
+    ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward that reads a
+    device value on the host (which a capture cannot hold) fails here, before any capture. Should
+    a capture fail anyway, the default CUDA generator, which every capture enrols, gets back its
+    state from before it (else every later sampling step would fail with "Offset increment
+    outside graph capture").
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()  # a decode step is idempotent: the same K/V again at the same slots
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    saved = generator.clone_state() if hasattr(generator, "clone_state") else None
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = run()
+    except Exception:
+        if saved is not None:
+            generator.graphsafe_set_state(saved)
+        raise
+
+    def replay():
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+_CAPTURE = _cuda_capture
+
+# Process-wide counts (benchmarks report them): graphs captured, decode steps served by a replay,
+# caches whose graphs were turned off.
+STATS = {"captures": 0, "replays": 0, "disabled": 0}
+
+
+class _GraphState:
+    """A cache's captured decode graphs (at most one live: a new width or new pools replace it)."""
+
+    def __init__(self):
+        self.graphs: dict = {}
+        self.pool = None  # memory pool shared by this cache's graphs
+        self.disabled: str | None = None  # why graphs are off for this cache
+        self.replays = 0  # steps served by a replay (tests and benchmarks read it)
+        self.captures = 0
+
+
+class _DecodeGraph:
+    """Static buffers of one captured decode step, and its replay.
+
+    The model's forward runs over them with ``attention_mask=None`` (the 2D mask grows every
+    step; the paged metadata carries what attention needs) and, where the model derives positions
+    from ``cache.get_seq_length()``, with that length as a device tensor rather than a host int.
+    """
+
+    def __init__(self, fwd: PagedForward, inputs: dict, width: int, device: torch.device):
+        self.batch = fwd.block_table.shape[0]
+        self.width = width
+        self.meta = torch.empty_like(fwd.packed_meta)
+        self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
+        self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
+        self.replay = None
+        self.verified = False
+
+    def refresh(self, fwd: PagedForward, inputs: dict) -> None:
+        """This step's metadata and inputs into the static buffers."""
+        self.meta.copy_(fwd.packed_meta)
+        for name, t in inputs.items():
+            self.inputs[name].copy_(t)
+        self.seq_length.fill_(fwd.new_logical_len - 1)
+
+    def run(self, forward, cache: PagedCache, fwd: PagedForward, kwargs: dict):
+        """The step over the static buffers (what is captured)."""
+        cache._forward = self.forward_over_buffers(cache, fwd)
+        cache._seq_length_tensor = self.seq_length
+        try:
+            outputs = forward(**dict(kwargs, attention_mask=None, **self.inputs))
+            cache._flush_pending()  # K/V that no attention call wrote: written inside the graph too
+        finally:
+            cache._seq_length_tensor = None
+        return outputs
+
+    def forward_over_buffers(self, cache: PagedCache, fwd: PagedForward) -> PagedForward:
+        """A fresh per-forward object over the static buffers (kernels sized for the full width)."""
+        bt, sl, qp, sm = split_metadata(self.meta, self.batch, self.width, 1)
+        return PagedForward(
+            cache_ref=weakref.ref(cache), q_len=1, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
+            copy_src=None, copy_dst=None, max_seq_len=self.width * cache.block_size,
+            new_logical_len=fwd.new_logical_len, backend=fwd.backend, packed_meta=self.meta,
+        )
+
+
+def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
+    """The PagedCache of a forward that can run as a graph, else None (run it eagerly)."""
+    cache = next((kwargs[k] for k in _CACHE_KEYS if k in kwargs), None)
+    if not isinstance(cache, PagedCache) or cache._group_rows is not None or not cache.block_tables:
+        return None
+    state = cache._graph_state
+    if state is not None and state.disabled:
+        return None
+    input_ids = kwargs.get("input_ids")
+    if (
+        not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1
+        or input_ids.device.type not in _DEVICE_TYPES or model.training
+        or kwargs.get("inputs_embeds") is not None
+        or any(kwargs.get(k) for k in _OFF_IF_TRUE)
+    ):
+        return None
+    allowed = set(_STATIC_INPUTS) | set(_PLAIN_INPUTS) | set(_CACHE_KEYS) | set(_OFF_IF_TRUE) | {
+        "attention_mask", "inputs_embeds"}
+    if any(k not in allowed for k in kwargs):
+        return None
+    if any(isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].device != input_ids.device for k in _STATIC_INPUTS):
+        return None
+    if not cache.key_cache or any(k is None or k.device != input_ids.device for k in cache.key_cache):
+        return None  # a layer without a pool yet, or pools on several devices (device_map)
+    if input_ids.device.type == "cuda" and _backend_for(input_ids.device).name != "triton":
+        return None  # the PyTorch backend (HF_PAGED_BACKEND=torch) is not capturable
+    return cache
+
+
+def _table_width(cache: PagedCache) -> int:
+    """Block table width of this step's graph: the generate call's bound when known (one graph per
+    generate), else the next power of two over the longest row after this step."""
+    need = max(-(-(n + 1) // cache.block_size) for n in cache.seq_lens)
+    if cache.max_row_blocks is not None and cache.max_row_blocks >= need:
+        return cache.max_row_blocks
+    return max(16, next_pow2(need))
+
+
+def _copy_outputs(outputs):
+    """The step's outputs with the logits copied out of the graph's buffer."""
+    fields = {k: (v.clone() if k == "logits" else v) for k, v in outputs.items()}
+    return type(outputs)(**fields)
+
+
+class GraphedForward:
+    """Stands in for ``model.forward`` during ``generate``: decode steps through CUDA graphs kept
+    on the cache (:mod:`hf_paged.graphs`), every other forward through the model's own forward."""
+
+    def __init__(self, model):
+        self.model_ref = weakref.ref(model)
+        self.forward = type(model).forward.__get__(model)
+        # generate reads forward's signature to decide which inputs to pass (position_ids, ...)
+        self.__signature__ = inspect.signature(self.forward)
+        self.__doc__ = self.forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        model = self.model_ref()
+        cache = None if args else _decode_step_cache(model, kwargs)
+        if cache is None:
+            return self.forward(*args, **kwargs)
+        return _graphed_step(model, self.forward, cache, kwargs)
+
+
+def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
+    state = cache._graph_state
+    if state is None:
+        state = cache._graph_state = _GraphState()
+    input_ids = kwargs["input_ids"]
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    width = _table_width(cache)
+
+    fwd = cache.begin_forward(kwargs.get("attention_mask"), q_len=1, batch_size=batch, device=device,
+                              dtype=model.dtype, table_width=width)
+    fwd.max_seq_len = width * cache.block_size  # one launch config for the eager and the replayed steps
+    try:
+        cache.grow_layer_pools()  # now, so that no pool is reallocated inside a graph
+        if fwd.copy_src is not None:  # copy-on-write of shared tail blocks, a varying number per step
+            for k_pool, v_pool in zip(cache.key_cache, cache.value_cache):
+                fwd.backend.copy_blocks(k_pool, v_pool, fwd.copy_src, fwd.copy_dst)
+            fwd.copy_src = fwd.copy_dst = None
+        inputs = {k: kwargs[k] for k in _STATIC_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
+        key = (batch, width, cache._pools_version,
+               tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
+               tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS))
+        graph = state.graphs.get(key)
+        if graph is None:
+            # The real step runs eagerly, as the model defines it (it also compiles the kernels);
+            # then the same step is captured over the static buffers.
+            outputs = forward(**kwargs)
+            graph = _DecodeGraph(fwd, inputs, width, device)
+            graph.refresh(fwd, inputs)
+            try:
+                graph.replay = _CAPTURE(lambda: graph.run(forward, cache, fwd, kwargs), _graph_pool(state, device))
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path stays correct
+                _disable(state, f"capturing the decode step failed ({type(exc).__name__}: {exc})")
+                return outputs
+            state.graphs = {key: graph}  # older graphs held an older width or older pools
+            state.captures += 1
+            STATS["captures"] += 1
+            return outputs
+        graph.refresh(fwd, inputs)
+        if not graph.verified:
+            # First replay: checked against the eager step with the model's real inputs. Both
+            # write the same K/V to the same slots, so running both leaves the cache as one would.
+            replayed = graph.replay()["logits"].clone()
+            cache._forward = fwd  # the eager step's mask function takes this step's metadata
+            outputs = forward(**kwargs)
+            eager = outputs["logits"]
+            diff = (replayed.float() - eager.float()).abs().max().item()
+            scale = eager.float().abs().max().item() + 1.0
+            # The same kernels on the same inputs: equal but for rounding (a position or length
+            # kept from the capture step moves the logits far more than this).
+            if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
+                graph.verified = True
+            else:
+                _disable(state, f"the replayed decode step gave logits up to {diff:.3g} away from the eager "
+                                f"step's (the model's forward depends on a host-side value or on the 2D "
+                                f"attention mask)")
+            return outputs
+        state.replays += 1
+        STATS["replays"] += 1
+        return _copy_outputs(graph.replay())
+    finally:
+        cache._end_forward()
+        cache._logical_len = fwd.new_logical_len
+
+
+def _graph_pool(state: _GraphState, device: torch.device):
+    if state.pool is None and device.type == "cuda":
+        state.pool = torch.cuda.graph_pool_handle()
+    return state.pool
+
+
+def _disable(state: _GraphState, reason: str) -> None:
+    state.disabled = reason
+    state.graphs = {}
+    STATS["disabled"] += 1
+    logger.warning("hf_paged: CUDA graphs are off for this generate: %s. Decoding continues eagerly "
+                   "(set %s=0 to skip the attempt).", reason, ENV_VAR)

@@ -1,0 +1,127 @@
+"""Decode steps through CUDA graphs (hf_paged/graphs.py), on CPU.
+
+The CUDA capture is replaced by a stand-in that runs the captured function again at each replay:
+everything but the graph itself is exercised (static buffers, block tables padded to one width,
+positions from a device tensor, the check of the first replay against the eager step, the
+fallbacks). tests/test_cuda.py runs real graphs on the GPU.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+
+import hf_paged
+from hf_paged import graphs
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
+
+
+def _gen(model, ids, mask, **kw):
+    kw.update(pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    return model.generate(input_ids=ids, attention_mask=mask, **kw)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request):
+    paged, stock = make_pair(request.param)
+    return request.param, paged, stock
+
+
+def test_graphed_decode_equals_stock(pair, fake_graphs):
+    name, paged, stock = pair
+    ids, mask = left_padded_batch([5, 41, 23], seed=1)
+    cases = [
+        dict(max_new_tokens=12, do_sample=False, output_logits=True),
+        dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(max_new_tokens=10, do_sample=True, top_k=0, num_return_sequences=3),
+    ]
+    for kw in cases:
+        torch.manual_seed(7)
+        ref = _gen(stock, ids, mask, **kw)
+        torch.manual_seed(7)
+        out = _gen(paged, ids, mask, **kw)
+        assert torch.equal(out.sequences, ref.sequences), (name, kw)
+        for a, b in zip(out.get("logits") or (), ref.get("logits") or ()):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+        state = cache_of(out)._graph_state
+        # one graph for the whole generate (the table width is the reservation's bound), checked
+        # once against the eager step, then replayed for every later step
+        assert state.disabled is None, (name, state.disabled)
+        assert state.captures == 1
+        assert state.replays == kw["max_new_tokens"] - 3  # prefill, capture step, checked step
+    assert "forward" not in paged.__dict__  # the stand-in forward lives for one generate call
+
+
+def test_graphs_off_by_env(fake_graphs, monkeypatch):
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([7, 19], seed=2)
+    monkeypatch.setenv(graphs.ENV_VAR, "0")
+    out = _gen(paged, ids, mask, max_new_tokens=5, do_sample=False)
+    assert cache_of(out)._graph_state is None
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=5, do_sample=False).sequences)
+
+
+def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
+    """A graph whose replay gives other logits than the eager step (what a host value kept from
+    the capture step would do) is dropped with a warning; decoding continues eagerly, exactly."""
+    def bad_capture(run, pool):
+        def replay():
+            outputs = run()
+            outputs["logits"] = outputs["logits"] + 1.0
+            return outputs
+        return replay
+
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", bad_capture)
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([7, 19], seed=2)
+    with caplog.at_level(logging.WARNING, logger="hf_paged"):
+        out = _gen(paged, ids, mask, max_new_tokens=8, do_sample=False)
+    state = cache_of(out)._graph_state
+    assert "replayed decode step gave logits up to 1 away" in state.disabled
+    assert state.replays == 0
+    assert "CUDA graphs are off for this generate" in caplog.text
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=8, do_sample=False).sequences)
+
+
+def test_capture_failure_falls_back(monkeypatch, caplog):
+    def failing_capture(run, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", failing_capture)
+    paged, stock = make_pair("qwen2")
+    ids, mask = left_padded_batch([4, 30, 17], seed=4)
+    kw = dict(max_new_tokens=6, num_beams=2, do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="hf_paged"):
+        out = _gen(paged, ids, mask, **kw)
+    assert "capturing the decode step failed (RuntimeError: operation not permitted" in caplog.text
+    assert cache_of(out)._graph_state.disabled
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
+
+
+def test_new_width_recaptures(fake_graphs):
+    """A cache continued past the bound of its generate call gets a wider graph."""
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([30], seed=5)
+    cache = hf_paged.PagedCache(config=paged.config)
+    kw = dict(max_new_tokens=20, do_sample=False)
+    out = _gen(paged, ids, mask, past_key_values=cache, **kw)
+    assert cache._graph_state.captures == 1
+    cache.max_row_blocks = 1  # as if the reservation knew less: widths then grow by powers of two
+    graph = next(iter(cache._graph_state.graphs.values()))
+    assert graph.width == 4  # ceil((30 + 20 - 1) / 16)
+    seq = out.sequences
+    out2 = _gen(paged, seq, torch.ones_like(seq), past_key_values=cache, max_new_tokens=300, do_sample=False)
+    ref = _gen(stock, ids, mask, max_new_tokens=320, do_sample=False)
+    assert torch.equal(out2.sequences, ref.sequences)
+    widths = [g.width for g in cache._graph_state.graphs.values()]
+    assert widths == [32]  # the old graph is dropped; 30 + 320 tokens need 22 blocks -> 32
+    assert cache._graph_state.captures >= 2
