@@ -20,7 +20,7 @@ The first step of a graph runs eagerly on the static buffers (it is the real ste
 the kernels), then the graph is captured. Its first replay is checked against an eager run of the
 same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
 forward keeps a host value between steps is caught: graphs are then turned off for that cache
-with a warning naming the cause. What is not a plain single-device decode step (prefill,
+with a warning naming the cause, and the model is not tried again. What is not a plain single-device decode step (prefill,
 ``inputs_embeds``, attentions or hidden states requested, ``device_map`` over several devices, the
 PyTorch backend) runs eagerly. ``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off.
 """
@@ -157,6 +157,8 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
     cache = next((kwargs[k] for k in _CACHE_KEYS if k in kwargs), None)
     if not isinstance(cache, PagedCache) or cache._group_rows is not None or not cache.block_tables:
         return None
+    if getattr(model, "_hf_paged_graphs_off", None):
+        return None  # an earlier generate found this model's decode step not capturable
     state = cache._graph_state
     if state is not None and state.disabled:
         return None
@@ -247,7 +249,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             try:
                 graph.replay = _CAPTURE(lambda: graph.run(forward, cache, fwd, kwargs), _graph_pool(state, device))
             except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path stays correct
-                _disable(state, f"capturing the decode step failed ({type(exc).__name__}: {exc})")
+                _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})")
                 return outputs
             state.graphs = {key: graph}  # older graphs held an older width or older pools
             state.captures += 1
@@ -268,7 +270,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
                 graph.verified = True
             else:
-                _disable(state, f"the replayed decode step gave logits up to {diff:.3g} away from the eager "
+                _disable(model, state, f"the replayed decode step gave logits up to {diff:.3g} away from the eager "
                                 f"step's (the model's forward depends on a host-side value or on the 2D "
                                 f"attention mask)")
             return outputs
@@ -286,9 +288,11 @@ def _graph_pool(state: _GraphState, device: torch.device):
     return state.pool
 
 
-def _disable(state: _GraphState, reason: str) -> None:
+def _disable(model, state: _GraphState, reason: str) -> None:
+    """Graphs off for this cache and, from now on, for this model (its forward will not change)."""
     state.disabled = reason
     state.graphs = {}
     STATS["disabled"] += 1
-    logger.warning("hf_paged: CUDA graphs are off for this generate: %s. Decoding continues eagerly "
-                   "(set %s=0 to skip the attempt).", reason, ENV_VAR)
+    model._hf_paged_graphs_off = reason
+    logger.warning("hf_paged: CUDA graphs are off for this model: %s. Its decode steps run eagerly, with the "
+                   "same results (set %s=0 to skip the attempt).", reason, ENV_VAR)

@@ -40,8 +40,9 @@ def test_greedy_beam_sample_on_triton(cuda_pair, graphs, monkeypatch):
         cache = cache_of(out)
         assert cache.key_cache[0].is_cuda
         state = cache._graph_state
-        if graphs == "on" and name in GRAPH_FALLBACK:
-            assert "capturing the decode step failed" in state.disabled and state.replays == 0, name
+        if graphs == "on" and name in GRAPH_FALLBACK:  # tried once per model, then eager
+            assert "capturing the decode step failed" in paged._hf_paged_graphs_off, name
+            assert state is None or state.replays == 0, name
         elif graphs == "on":  # captured once, checked once, then replayed for every later step
             assert state.disabled is None, (name, state.disabled)
             assert (state.captures, state.replays) == (1, kw["max_new_tokens"] - 3), name

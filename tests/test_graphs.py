@@ -87,12 +87,15 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     state = cache_of(out)._graph_state
     assert "replayed decode step gave logits up to 1 away" in state.disabled
     assert state.replays == 0
-    assert "CUDA graphs are off for this generate" in caplog.text
+    assert "CUDA graphs are off for this model" in caplog.text
     assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=8, do_sample=False).sequences)
 
 
 def test_capture_failure_falls_back(monkeypatch, caplog):
+    attempts = []
+
     def failing_capture(run, pool):
+        attempts.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
@@ -105,6 +108,12 @@ def test_capture_failure_falls_back(monkeypatch, caplog):
     assert "capturing the decode step failed (RuntimeError: operation not permitted" in caplog.text
     assert cache_of(out)._graph_state.disabled
     assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
+    # the model is not tried again: no second capture, no second warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_paged"):
+        again = _gen(paged, ids, mask, **kw)
+    assert attempts == [1] and "CUDA graphs" not in caplog.text
+    assert torch.equal(again.sequences, out.sequences)
 
 
 def test_new_width_recaptures(fake_graphs):

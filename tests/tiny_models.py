@@ -35,8 +35,10 @@ FAMILIES = {
 }
 
 # Families whose decode step cannot be captured as a CUDA graph: generate decodes them eagerly (after one
-# failed capture, with a warning). OPT builds an all-ones mask of the cache's length when given none.
-GRAPH_FALLBACK = {"opt"}
+# failed attempt, with a warning). Given no 2D attention mask (a graph cannot hold one: it grows every
+# step), OPT builds an all-ones mask of the cache's length and GPT-2 checks the tokens for pads: both
+# read a device value on the host.
+GRAPH_FALLBACK = {"opt", "gpt2"}
 
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
