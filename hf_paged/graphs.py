@@ -69,13 +69,18 @@ def _cuda_capture(run, pool):
     torch.cuda.set_sync_debug_mode("error")
     try:
         run()  # a decode step is idempotent: the same K/V again at the same slots
+    except RuntimeError as exc:
+        if "synchronizing" in str(exc):
+            raise NotCapturable(f"the model's forward reads a device value on the host: {exc}") from exc
+        raise
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     saved = generator.clone_state() if hasattr(generator, "clone_state") else None
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: CUDA calls of other threads of the process cannot invalidate this capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = run()
     except Exception:
         if saved is not None:
@@ -90,6 +95,10 @@ def _cuda_capture(run, pool):
 
 
 _CAPTURE = _cuda_capture
+
+
+class NotCapturable(RuntimeError):
+    """The model's decode step can never be captured (it synchronises with the GPU)."""
 
 # Process-wide counts (benchmarks report them): graphs captured, decode steps served by a replay,
 # caches whose graphs were turned off.
@@ -248,8 +257,12 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             graph.refresh(fwd, inputs)
             try:
                 graph.replay = _CAPTURE(lambda: graph.run(forward, cache, fwd, kwargs), _graph_pool(state, device))
+            except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
+                _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
+                return outputs
             except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path stays correct
-                _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})")
+                _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
+                         for_model=False)
                 return outputs
             state.graphs = {key: graph}  # older graphs held an older width or older pools
             state.captures += 1
@@ -270,9 +283,9 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
                 graph.verified = True
             else:
-                _disable(model, state, f"the replayed decode step gave logits up to {diff:.3g} away from the eager "
-                                f"step's (the model's forward depends on a host-side value or on the 2D "
-                                f"attention mask)")
+                _disable(model, state, for_model=True,
+                         reason=f"the replayed decode step gave logits up to {diff:.3g} away from the eager step's "
+                                f"(the model's forward depends on a host-side value or on the 2D attention mask)")
             return outputs
         state.replays += 1
         STATS["replays"] += 1
@@ -288,11 +301,14 @@ def _graph_pool(state: _GraphState, device: torch.device):
     return state.pool
 
 
-def _disable(model, state: _GraphState, reason: str) -> None:
-    """Graphs off for this cache and, from now on, for this model (its forward will not change)."""
+def _disable(model, state: _GraphState, reason: str, for_model: bool) -> None:
+    """Graphs off for this cache and, when the cause is the model's forward (it will not change),
+    for every later generate of this model."""
     state.disabled = reason
     state.graphs = {}
     STATS["disabled"] += 1
-    model._hf_paged_graphs_off = reason
-    logger.warning("hf_paged: CUDA graphs are off for this model: %s. Its decode steps run eagerly, with the "
-                   "same results (set %s=0 to skip the attempt).", reason, ENV_VAR)
+    if for_model:
+        model._hf_paged_graphs_off = reason
+    logger.warning("hf_paged: CUDA graphs are off for this %s: %s. Its decode steps run eagerly, with the same "
+                   "results (set %s=0 to skip the attempt).", "model" if for_model else "generate call",
+                   reason, ENV_VAR)

@@ -96,7 +96,7 @@ def test_capture_failure_falls_back(monkeypatch, caplog):
 
     def failing_capture(run, pool):
         attempts.append(1)
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise graphs.NotCapturable("the model's forward reads a device value on the host")
 
     monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(graphs, "_CAPTURE", failing_capture)
@@ -105,7 +105,7 @@ def test_capture_failure_falls_back(monkeypatch, caplog):
     kw = dict(max_new_tokens=6, num_beams=2, do_sample=False)
     with caplog.at_level(logging.WARNING, logger="hf_paged"):
         out = _gen(paged, ids, mask, **kw)
-    assert "capturing the decode step failed (RuntimeError: operation not permitted" in caplog.text
+    assert "CUDA graphs are off for this model: capturing the decode step failed (the model's forward reads" in caplog.text
     assert cache_of(out)._graph_state.disabled
     assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
     # the model is not tried again: no second capture, no second warning
@@ -114,6 +114,32 @@ def test_capture_failure_falls_back(monkeypatch, caplog):
         again = _gen(paged, ids, mask, **kw)
     assert attempts == [1] and "CUDA graphs" not in caplog.text
     assert torch.equal(again.sequences, out.sequences)
+
+
+def test_transient_capture_failure_is_tried_again(monkeypatch, caplog):
+    """A capture that fails for another reason (say, out of memory) turns graphs off for that
+    generate call only."""
+    attempts = []
+
+    def flaky_capture(run, pool):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return run
+
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", flaky_capture)
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([4, 30], seed=6)
+    kw = dict(max_new_tokens=7, do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="hf_paged"):
+        first = _gen(paged, ids, mask, **kw)
+    assert "CUDA graphs are off for this generate call: capturing the decode step failed (RuntimeError: CUDA error" \
+        in caplog.text
+    second = _gen(paged, ids, mask, **kw)
+    assert cache_of(second)._graph_state.replays == 7 - 3
+    ref = _gen(stock, ids, mask, **kw).sequences
+    assert torch.equal(first.sequences, ref) and torch.equal(second.sequences, ref)
 
 
 def test_new_width_recaptures(fake_graphs):
