@@ -11,4 +11,4 @@ timeout 150 python -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/tes
 timeout 60 python benchmarks/kernel_bench.py 2>&1 | tail -9 | tee "$OUT/kernel.log"
 timeout 120 python benchmarks/e2e_gpu.py 2>&1 | grep -v Warn | tail -3 | tee "$OUT/e2e.log"
 if [ "${1:-}" = quick ]; then only=greedy,mixed,beam,sample,budget; else only=greedy,mixed,beam,sample,dataset,cb,budget; fi
-timeout 420 python benchmarks/generate_bench.py --full-warmup --repeat 2 --only "$only" 2>&1 | grep -v Warn | tee "$OUT/gen.log" | tail -12
+timeout 420 python benchmarks/generate_bench.py --full-warmup --eager-too --only "$only" 2>&1 | grep -v Warn | tee "$OUT/gen.log" | tail -12
