@@ -1,7 +1,7 @@
 """CUDA graphs of generate's decode step: one graph replay per step instead of hundreds of launches.
 
 Why: on an H200, stock generate's decode step of an 8B model is host-bound (about 9 ms of GPU
-work in a 25-38 ms step, the rest Python and kernel launches of the model's own layers). A
+work in a 26-43 ms step, the rest Python and kernel launches of the model's own layers). A
 DynamicCache cannot be captured (it grows by concatenation, so its addresses change every step);
 the paged cache can: its pools are allocated once for the whole generate
 (``reserve_for_generation``), and a step's metadata (block table padded to a fixed width,
@@ -16,13 +16,17 @@ One decode step (``input_ids`` of shape ``[B, 1]``) through :class:`GraphedForwa
 3. the graph for (batch, table width, pools, input shapes) replays the whole forward, from the
    embedding to the LM head, and the logits are copied out.
 
-The first step of a graph runs eagerly on the static buffers (it is the real step, and it compiles
-the kernels), then the graph is captured. Its first replay is checked against an eager run of the
-same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
-forward keeps a host value between steps is caught: graphs are then turned off for that cache
-with a warning naming the cause, and the model is not tried again. What is not a plain single-device decode step (prefill,
-``inputs_embeds``, attentions or hidden states requested, ``device_map`` over several devices, the
-PyTorch backend) runs eagerly. ``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off.
+The first step of a graph runs eagerly, with the model's real inputs (it is the step's result, and
+it compiles the kernels); then the same step runs over the static buffers with synchronising CUDA
+calls made errors (a forward that reads a device value on the host cannot be captured), and is
+captured. The first replay is checked against an eager run of the same step (a decode step is
+idempotent: it writes the same K/V to the same slots), so a model whose forward keeps a host value
+between steps is caught. A forward that synchronises or disagrees turns graphs off for that model
+(one warning naming the cause); any other capture failure, for that generate call only. What is not
+a plain single-device decode step (prefill, ``inputs_embeds``, attentions or hidden states
+requested, ``device_map`` over several devices, tensor parallelism, the PyTorch backend) runs
+eagerly.
+``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off.
 """
 
 from __future__ import annotations
@@ -168,6 +172,10 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
         return None
     if getattr(model, "_hf_paged_graphs_off", None):
         return None  # an earlier generate found this model's decode step not capturable
+    if _distributed():
+        # Tensor parallelism: a capture that failed on one rank and not on another would leave the
+        # ranks running different collectives, so every rank decodes eagerly.
+        return None
     state = cache._graph_state
     if state is not None and state.disabled:
         return None
@@ -190,6 +198,11 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
     if input_ids.device.type == "cuda" and _backend_for(input_ids.device).name != "triton":
         return None  # the PyTorch backend (HF_PAGED_BACKEND=torch) is not capturable
     return cache
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _table_width(cache: PagedCache) -> int:

@@ -160,3 +160,15 @@ def test_new_width_recaptures(fake_graphs):
     widths = [g.width for g in cache._graph_state.graphs.values()]
     assert widths == [32]  # the old graph is dropped; 30 + 320 tokens need 22 blocks -> 32
     assert cache._graph_state.captures >= 2
+
+
+def test_tensor_parallel_ranks_decode_eagerly(fake_graphs, monkeypatch):
+    """Under torch.distributed with several ranks no rank captures (ranks must run the same
+    collectives, so a capture failing on one rank alone must never happen)."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([6, 20], seed=8)
+    out = _gen(paged, ids, mask, max_new_tokens=6, do_sample=False)
+    assert cache_of(out)._graph_state is None
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=6, do_sample=False).sequences)
