@@ -52,6 +52,8 @@ _STATIC_INPUTS = ("input_ids", "position_ids", "cache_position", "token_type_ids
 _PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep")
 _CACHE_KEYS = ("cache", "past_key_values")
 _OFF_IF_TRUE = ("output_attentions", "output_hidden_states")
+_KNOWN_INPUTS = frozenset(
+    _STATIC_INPUTS + _PLAIN_INPUTS + _CACHE_KEYS + _OFF_IF_TRUE + ("attention_mask", "inputs_embeds"))
 _DEVICE_TYPES = ("cuda",)  # tests add "cpu" together with an eager stand-in for the capture
 
 
@@ -103,6 +105,7 @@ _CAPTURE = _cuda_capture
 
 class NotCapturable(RuntimeError):
     """The model's decode step can never be captured (it synchronises with the GPU)."""
+
 
 # Process-wide counts (benchmarks report them): graphs captured, decode steps served by a replay,
 # caches whose graphs were turned off.
@@ -187,9 +190,7 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
         or any(kwargs.get(k) for k in _OFF_IF_TRUE)
     ):
         return None
-    allowed = set(_STATIC_INPUTS) | set(_PLAIN_INPUTS) | set(_CACHE_KEYS) | set(_OFF_IF_TRUE) | {
-        "attention_mask", "inputs_embeds"}
-    if any(k not in allowed for k in kwargs):
+    if any(k not in _KNOWN_INPUTS for k in kwargs):
         return None
     if any(isinstance(kwargs.get(k), torch.Tensor) and kwargs[k].device != input_ids.device for k in _STATIC_INPUTS):
         return None
