@@ -331,16 +331,13 @@ class PagedCache(Cache):
             pools[layer_idx] = new
         self._pools_version += 1
 
-    def grow_layer_pools(self) -> bool:
-        """Enlarge every layer's tensors to the block pool's size now (rather than at each layer's
-        next update). False when some layer has no pool yet."""
-        if not self.key_cache or any(k is None for k in self.key_cache):
-            return False
+    def grow_layer_pools(self) -> None:
+        """Enlarge every existing layer's tensors to the block pool's size now (rather than at
+        each layer's next update)."""
         need = self.pool.num_blocks
         for layer_idx, k_pool in enumerate(self.key_cache):
-            if k_pool.shape[0] < need:
+            if k_pool is not None and k_pool.shape[0] < need:
                 self._enlarge_layer_pools(layer_idx, need)
-        return True
 
     # ---------------------------------------------------------------- begin_forward
     def begin_forward(
