@@ -4,7 +4,8 @@ One process: correctness first (Triton vs the PyTorch reference on small shapes)
 timings with triton.testing.do_bench (median, ms):
   * device copy bandwidth (2 GiB device-to-device copy, bytes read + written): the ceiling
   * decode 64 x 4k, 8 x 32k, 256 x 1k: paged kernel vs SDPA(enable_gqa) on contiguous KV
-  * prefill 8 x 2k causal (no cached prefix) vs SDPA(is_causal=True)
+  * prefill 8 x 2k causal (no cached prefix) vs SDPA(is_causal=True): new tokens read from the
+    projection output (as a forward does), with and without the store, and all from the pool
   * store_kv of 256k tokens x 8 heads x 128 dims bf16 through a random slot mapping
   * copy_blocks of 4096 random blocks
 Prints a table and writes JSON to $OUT/kernel_bench.json (or ./kernel_bench.json).
@@ -127,20 +128,51 @@ def decode_case(batch: int, ctx: int, copy_bw: float, **kw) -> dict:
 
 
 def prefill_case(batch: int, q_len: int, **kw) -> dict:
+    """A prompt forward (no cached context) three ways, against SDPA on the same K/V:
+    ms: the attention as a prompt forward runs it (max_context_len=0), the new tokens' K/V read
+        from the projection output (transformers' [B, Hkv, Q, D] view of [B, Q, Hkv, D]); slots
+        all -1, so the store launch writes nothing and the time is the attention's
+    store_and_attention_ms: the same with the store of all tokens into the pool
+    pool_ms: every key read from the pool through the block table (the path of a chunk over a
+        cached context)"""
     tri = get_backend("triton")
     kc, vc, bt, sl = make_paged(batch, q_len)
     q = torch.randn(batch, q_len, HQ, D, device=DEV, dtype=DTYPE).transpose(1, 2)
+    new_key = torch.randn(batch, q_len, HKV, D, device=DEV, dtype=DTYPE).transpose(1, 2)
+    new_value = torch.randn(batch, q_len, HKV, D, device=DEV, dtype=DTYPE).transpose(1, 2)
     qpos = torch.arange(q_len, device=DEV, dtype=torch.int32)[None].expand(batch, q_len).contiguous()
+    slots = (bt.long()[:, :, None] * BS + torch.arange(BS, device=DEV)).reshape(batch, -1)[:, :q_len]
+    slots = slots.to(torch.int32).contiguous()
+    no_store = torch.full_like(slots, -1)
     out = torch.empty(batch, q_len, HQ, D, device=DEV, dtype=DTYPE)
     scale = D ** -0.5
-    ms = bench(lambda: tri.paged_attention(q, kc, vc, bt, sl, qpos, scale, out=out, max_seq_len=q_len, **kw))
-    k = torch.randn(batch, HKV, q_len, D, device=DEV, dtype=DTYPE)
-    v = torch.randn_like(k)
+    plans: dict = {}  # one forward's plan, as the model's layers share it
+
+    def attend(slot_mapping, plans, max_context_len=0):
+        return tri.paged_attention(q, kc, vc, bt, sl, qpos, scale, out=out, max_seq_len=q_len, new_key=new_key,
+                                   new_value=new_value, slot_mapping=slot_mapping, plans=plans,
+                                   max_context_len=max_context_len, **kw)
+
+    store_plans: dict = {}
+    general_plans: dict = {}
+    store_ms = bench(lambda: attend(slots, store_plans))
+    ms = bench(lambda: attend(no_store, plans))
+    general_ms = bench(lambda: attend(no_store, general_plans, None))
+    pool_ms = bench(lambda: tri.paged_attention(q, kc, vc, bt, sl, qpos, scale, out=out, max_seq_len=q_len, **kw))
+    k = new_key.contiguous()
+    v = new_value.contiguous()
     qc = q.contiguous()
+    ref = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2)
+    attend(slots, None)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < 2e-2, f"prefill output differs from SDPA: rel err {err}"
     sdpa_ms = bench(lambda: F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scale, enable_gqa=True))
     flops = 4 * batch * HQ * D * q_len * q_len / 2
     return {"ms": ms, "sdpa_ms": sdpa_ms, "vs_sdpa": ms / sdpa_ms, "TFLOP/s": flops / (ms * 1e-3) / 1e12,
-            "sdpa_TFLOP/s": flops / (sdpa_ms * 1e-3) / 1e12}
+            "sdpa_TFLOP/s": flops / (sdpa_ms * 1e-3) / 1e12, "store_and_attention_ms": store_ms,
+            "store_and_attention_vs_sdpa": store_ms / sdpa_ms, "pool_ms": pool_ms, "pool_vs_sdpa": pool_ms / sdpa_ms,
+            "general_kernel_ms": general_ms, "general_kernel_vs_sdpa": general_ms / sdpa_ms,
+            "rel_err_vs_sdpa": err, "new_kv_tma": tri_attn._new_kv_tma(torch.device(DEV))}
 
 
 def store_case(batch: int, q_len: int, copy_bw: float) -> dict:
@@ -182,16 +214,18 @@ def sweep(copy_bw: float) -> dict:
                       f"{r['pct_copy_bw']:.1f}% vs_sdpa {r['vs_sdpa']:.2f}", flush=True)
         tri_attn._decode_config = orig_dec
         for bm, bn, warps, stages in [(256, 64, 8, 3), (256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 3),
-                                      (256, 128, 8, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 2),
-                                      (128, 128, 8, 3), (256, 128, 16, 2), (256, 64, 16, 3)]:
-            tri_attn._multi_token_config = lambda block_d, eb, c=(bm, bn, warps, stages): c
+                                      (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                                      (128, 64, 8, 3), (256, 64, 16, 3)]:
+            tri_attn._multi_token_config = lambda block_d, eb, kind="pool", c=(bm, bn, warps, stages): c
             try:
                 r = prefill_case(8, 2048)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
                 print(f"  prefill m{bm} n{bn} w{warps} s{stages}: failed: {str(exc)[:120]}", flush=True)
                 continue
             res[f"prefill m{bm} n{bn} w{warps} s{stages}"] = r
-            print(f"  prefill m{bm} n{bn} w{warps} s{stages}: {r['ms']:.4f} ms vs_sdpa {r['vs_sdpa']:.2f}", flush=True)
+            print(f"  prefill m{bm} n{bn} w{warps} s{stages}: {r['ms']:.4f} ms vs_sdpa {r['vs_sdpa']:.2f}, "
+                  f"general {r['general_kernel_ms']:.4f} ms, pool {r['pool_ms']:.4f} ms ({r['pool_vs_sdpa']:.2f}x)",
+                  flush=True)
     finally:
         tri_attn._decode_config, tri_attn._multi_token_config = orig_dec, orig_mt
     return res
@@ -222,6 +256,12 @@ def main() -> None:
     rows.append(("prefill 8x2k causal", r["ms"], r["sdpa_ms"], f"{r['vs_sdpa']:.2f}x",
                  f"{r['TFLOP/s']:.0f} TFLOP/s (sdpa {r['sdpa_TFLOP/s']:.0f})", "ok" if r["vs_sdpa"] <= 1.3 else "MISS"))
     print(rows[-1], flush=True)
+    rows.append(("  + store of the 16k", r["store_and_attention_ms"], r["sdpa_ms"],
+                 f"{r['store_and_attention_vs_sdpa']:.2f}x", "store_kv, then the attention", ""))
+    rows.append(("  context-capable", r["general_kernel_ms"], r["sdpa_ms"], f"{r['general_kernel_vs_sdpa']:.2f}x",
+                 "kernel with the pool phase compiled in", ""))
+    rows.append(("  all from the pool", r["pool_ms"], r["sdpa_ms"], f"{r['pool_vs_sdpa']:.2f}x",
+                 "block-table reads (chunk over a context)", ""))
     r = store_case(64, 4096, copy_bw)
     results["store 256k tokens"] = r
     rows.append(("store_kv 256k tok", r["ms"], float("nan"), "-", f"{r['GB/s']:.0f} GB/s = {r['pct_copy_bw']:.0f}% copy",

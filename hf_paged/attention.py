@@ -72,6 +72,7 @@ def paged_attention_forward(
             out = fwd.backend.paged_attention(
                 query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
                 sliding_window, softcap, sinks, None, fwd.max_seq_len, new_key, new_value, slots, plans=fwd.plans,
+                max_context_len=fwd.max_context_len,
             )
         return out, None
     dropout = dropout if module.training else 0.0

@@ -90,6 +90,9 @@ class PagedForward:
     # int32 [B*W + B + 2*B*Q]: block_table | seq_lens | query_pos | slot_mapping in one tensor (the
     # four above are views of it), so a CUDA graph's static copy is refreshed with one copy_
     packed_meta: torch.Tensor | None = None
+    # host int: the most tokens any row had stored before this forward (0: a prompt forward, whose
+    # attention reads every key from this forward's K/V and none from the pool); None: unknown
+    max_context_len: int | None = None
     _per_device: dict = field(default_factory=dict)
 
     @property
@@ -111,6 +114,7 @@ class PagedForward:
                 self.cache_ref, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
                 mv(self.slot_mapping), mv(self.copy_src), mv(self.copy_dst), self.max_seq_len,
                 self.new_logical_len, self.layers_done, _backend_for(device), self.pending,
+                max_context_len=self.max_context_len,
             )
             self._per_device[device] = moved
         return moved
@@ -452,6 +456,7 @@ class PagedCache(Cache):
             cache_ref=weakref.ref(self), q_len=q_len, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
             copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
             new_logical_len=self._logical_len + q_len, backend=backend, packed_meta=dev[:n_meta],
+            max_context_len=int(seq_before.max()) if batch_size else 0,
         )
         return self._forward
 

@@ -114,6 +114,16 @@ cache_ops = st.lists(
 )
 
 
+def _assert_own_tokens_layout(fwd, lens_before):
+    """Every forward the cache builds has the layout the multi-token kernel reads own tokens with
+    (its context_lens finds each row's stored length before the forward), and max_context_len
+    is the longest of those lengths (0 for a prompt forward)."""
+    from hf_paged.kernels import context_lens
+
+    assert context_lens(fwd.seq_lens, fwd.query_pos).tolist() == lens_before
+    assert fwd.max_context_len == max(lens_before)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_ops, st.sampled_from([16, 32]))
 def test_cache_row_operations_keep_counts_exact(seq, block_size):
@@ -137,13 +147,16 @@ def test_cache_row_operations_keep_counts_exact(seq, block_size):
                 fwd = cache.begin_forward(mask, width, b, torch.device("cpu"))
                 fwd.layers_done.add(0)
                 _assert_writes_are_private(cache, fwd, set())
+                _assert_own_tokens_layout(fwd, [0] * b)
                 cache._logical_len = fwd.new_logical_len
             elif op in ("decode", "multi") and rows:
                 q = 1 if op == "decode" else 1 + r % 5
                 before = {blk for t in cache.block_tables for blk in t}
+                lens_before = list(cache.seq_lens)
                 fwd = cache.begin_forward(None, q, rows, torch.device("cpu"))
                 fwd.layers_done.add(0)
                 _assert_writes_are_private(cache, fwd, before)
+                _assert_own_tokens_layout(fwd, lens_before)
                 cache._logical_len = fwd.new_logical_len
                 # a row that shares its partial tail gets a copy: sources are live, targets fresh
                 if fwd.copy_src is not None:

@@ -24,7 +24,8 @@ class RecordingBackend:
         self.calls.append(("copy", key_cache.device, src.device, dst.device, id(src)))
 
     def paged_attention(self, query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
-                        sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping, *, plans):
+                        sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping, *, plans,
+                        max_context_len):
         # the attention launch writes the layer's new K/V (see PagedCache.update)
         self.calls.append(("store", new_key.device, key_cache.device, slot_mapping.device, id(slot_mapping)))
         assert block_table.device == seq_lens.device == query_pos.device == key_cache.device

@@ -392,6 +392,151 @@ def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim,
         "a pad (negative slot) must not be written"
 
 
+def _tma_modes(device):
+    # Pointer loads everywhere; TMA in the interpreter and on GPUs that have it (sm90+).
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        return [False]
+    return [False, True]
+
+
+NEW_MULTI_CASES = [
+    # seed, (Hq, Hkv), head_dim, block_size, seq_lens, q_len, pads, feature
+    (80, (8, 2), 64, 16, [12, 40], 12, 3, None),        # row 0: a prompt with left pads; row 1: 28 cached + 12 new
+    (81, (4, 1), 128, 16, [90, 9], 9, 0, None),         # MQA, long cached context; row 1: a prompt
+    (82, (4, 4), 80, 32, [30, 55], 7, 2, "window"),
+    (83, (8, 2), 96, 16, [21, 64], 6, 0, "softcap"),
+    (84, (6, 2), 256, 16, [18, 25], 5, 1, "sinks"),
+    (85, (2, 1), 64, 32, [70, 38], 37, 4, None),        # several query and key tiles of new tokens
+    (86, (4, 2), 128, 16, [50, 80], 40, 21, "window"),  # pads over more than one key tile
+    (87, (4, 2), 64, 16, [48, 33], 33, 0, None),        # row 1: a prompt of exactly Q tokens, unaligned
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed,heads,head_dim,block_size,seq_lens,q_len,pads,feature", NEW_MULTI_CASES)
+def test_multi_token_reads_own_tokens_from_new_kv(device, seed, heads, head_dim, block_size, seq_lens, q_len, pads,
+                                                  feature, monkeypatch):
+    """Several new tokens per row: a row's own tokens are read from new_key/new_value and only
+    its cached context from the pool. Here the slots say "store nothing" (as for reused prefix
+    blocks) and the pool holds NaN at the new tokens' places, so reading them from the pool
+    fails; pad tokens' K/V are NaN / inf and must not leak either."""
+    from hf_paged.kernels import attention as tri_attn
+
+    num_q_heads, num_kv_heads = heads
+    dtype = _dtypes(device, seed)[-1]  # bf16 on CUDA (the prompt test below covers fp32 there)
+    case = PagedCase(seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    g, batch = case.g, len(seq_lens)
+    query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
+    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
+    qpos[0, :pads] = -1
+    qpos = qpos.contiguous()
+    kw = _feature_kwargs(feature, g, num_q_heads, device, window=9)
+    scale = head_dim ** -0.5
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    scale, **kw)
+    safe = qpos.clamp_min(0).long()
+    blk = case.block_table.long().gather(1, safe // block_size)
+    off = safe % block_size
+    new_key = case.key_cache[blk, off].clone().transpose(1, 2)  # [B, Q, H, D] -> [B, H, Q, D]
+    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    new_key[0, :, :pads], new_value[0, :, :pads] = NAN, float("inf")
+    real = qpos >= 0
+    k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
+    k_cache[blk[real], off[real]] = NAN
+    v_cache[blk[real], off[real]] = NAN
+    no_store = torch.full_like(qpos, -1)
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    for tma in _tma_modes(device):
+        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
+        _tri().paged_attention(query, k_cache, v_cache, case.block_table, case.seq_lens, qpos, scale, out=out,
+                               new_key=new_key, new_value=new_value, slot_mapping=no_store, **kw, **small)
+        _check_close(out, ref, dtype)
+        if pads:
+            assert (out[0, :pads] == 0).all()
+    assert torch.isnan(k_cache[blk[real], off[real]]).all(), "slot -1: nothing may be stored"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature", [None, "window", "sinks"])
+def test_prompt_forward_reads_no_pool(device, feature, monkeypatch):
+    """max_context_len=0 (a prompt forward): the kernel is built without the pool phase and reads
+    every key from new_key/new_value (the pool is all NaN here). A row that has a context after
+    all (a wrong hint) gets NaN, not a quietly wrong output."""
+    from hf_paged.kernels import attention as tri_attn
+
+    dtype = DTYPES[device][0]
+    q_len, pads = 37, 5
+    case = PagedCase(95, [q_len - pads, q_len], 2, 64, 16, dtype, device)
+    query = _query(case.g, 2, 8, q_len, 64, dtype, device)
+    qpos = torch.arange(q_len, dtype=torch.int32, device=device)[None].repeat(2, 1) - torch.tensor(
+        [[pads], [0]], dtype=torch.int32, device=device)
+    qpos[0, :pads] = -1
+    kw = _feature_kwargs(feature, case.g, 8, device, window=11)
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    0.125, **kw)
+    safe = qpos.clamp_min(0).long()
+    blk, off = case.block_table.long().gather(1, safe // 16), safe % 16
+    new_key = case.key_cache[blk, off].clone().transpose(1, 2)
+    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    empty_k, empty_v = torch.full_like(case.key_cache, NAN), torch.full_like(case.value_cache, NAN)
+    no_store = torch.full_like(qpos, -1)
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    for tma in _tma_modes(device):
+        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        out = _tri().paged_attention(query, empty_k, empty_v, case.block_table, case.seq_lens, qpos, 0.125,
+                                     new_key=new_key, new_value=new_value, slot_mapping=no_store,
+                                     max_context_len=0, **kw, **small)
+        _check_close(out, ref, dtype)
+    # Row 1 claims one token fewer than it has stored: its first token becomes a context.
+    wrong_pos = qpos.clone()
+    wrong_pos[1, 0] = -1
+    out = _tri().paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, wrong_pos,
+                                 0.125, new_key=new_key, new_value=new_value, slot_mapping=no_store,
+                                 max_context_len=0, **kw, **small)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+
+
+def test_context_lens_follow_the_cache_layout_or_send_rows_to_the_pool():
+    from hf_paged.kernels import context_lens
+
+    seq_lens = torch.tensor([8, 8, 4, 8, 8, 8], dtype=torch.int32)
+    query_pos = torch.tensor([
+        [5, 6, 7],      # three new tokens after 5 cached: context 5
+        [-1, 6, 7],     # a left pad: context 6
+        [-1, -1, -1],   # no new token: everything is context
+        [5, -1, 7],     # a pad between real tokens: not the layout -> pool (seq_len)
+        [4, 5, 6],      # not ending at seq_len - 1 -> pool
+        [6, 7, -1],     # a trailing pad -> pool
+    ], dtype=torch.int32)
+    assert context_lens(seq_lens, query_pos).tolist() == [5, 6, 4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_token_rows_in_another_layout_read_the_pool(device):
+    """A row whose query positions are not the cache's layout (here: every other position) must
+    not be read from new_key (NaN here): the kernel reads all its keys from the pool."""
+    dtype = DTYPES[device][0]
+    case = PagedCase(90, [30, 26], 2, 64, 16, dtype, device)
+    query = _query(case.g, 2, 4, 3, 64, dtype, device)
+    qpos = torch.tensor([[25, 27, 29], [23, 24, 25]], dtype=torch.int32, device=device)
+    safe = qpos.long()
+    blk, off = case.block_table.long().gather(1, safe // 16), safe % 16
+    new_key = case.key_cache[blk, off].clone().transpose(1, 2)
+    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    new_key[0], new_value[0] = NAN, NAN  # row 0 must come from the pool
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    0.125)
+    k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
+    k_cache[blk[1], off[1]] = NAN  # row 1 (the layout) must come from new_key
+    v_cache[blk[1], off[1]] = NAN
+    small = dict(block_n=16, block_m=16) if device == "cpu" else {}
+    out = _tri().paged_attention(query, k_cache, v_cache, case.block_table, case.seq_lens, qpos, 0.125,
+                                 new_key=new_key, new_value=new_value, slot_mapping=torch.full_like(qpos, -1),
+                                 **small)
+    _check_close(out, ref, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_launch_plans_are_reused_across_layers_and_keyed_on_what_changes(device):
     """One plans dict per forward: a later layer with other pools (same shapes) reuses the first

@@ -29,6 +29,7 @@ from . import reference
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "context_lens",
     "copy_blocks",
     "get_backend",
     "interpreter_enabled",
@@ -51,6 +52,25 @@ _CPU_ERROR = (
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host ints (triton.cdiv costs microseconds per call on newer Triton)."""
     return -(-a // b)
+
+
+def context_lens(seq_lens: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    """int32 [B]: per row, where this forward's own tokens start (device ops, no sync).
+
+    The multi-token kernel reads a row's own tokens from new_key/new_value when the row has the
+    layout PagedCache builds: pads first, then the real tokens at consecutive positions ending
+    at seq_len - 1 (token t at seq_len - Q + t); that row gets seq_len - (its real tokens). A row
+    laid out any other way gets seq_len: all its keys are read from the pool (after the store).
+    """
+    num_queries = query_pos.shape[1]
+    t = torch.arange(num_queries, device=query_pos.device, dtype=torch.int32)
+    seq = seq_lens.to(torch.int32)
+    real = query_pos >= 0
+    n_real = real.sum(1, dtype=torch.int32)
+    expected_pos = seq[:, None] - num_queries + t[None, :]
+    layout_ok = ((real == (t[None, :] >= num_queries - n_real[:, None]))
+                 & (~real | (query_pos.to(torch.int32) == expected_pos))).all(1)
+    return torch.where(layout_ok, seq - n_real, seq).contiguous()
 
 
 def next_pow2(n: int) -> int:

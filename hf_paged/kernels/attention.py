@@ -8,8 +8,10 @@ Memory layout:
     seq_lens               : int32 [B], tokens stored per row (this forward's included)
     query_pos              : int32 [B, Q], stored index of each query token, < 0 = pad
     new_key, new_value     : [B, num_kv_heads, Q, head_dim], any strides (optional): this forward's
-                             K/V, written at slot_mapping [B, Q] (< 0 = not written) before
-                             they are attended to; decode does the write in the same launch
+                             K/V, written at slot_mapping [B, Q] (< 0 = not written); decode
+                             does the write in the same launch; multi-token stores first, then
+                             reads a row's own tokens from these tensors (TMA on sm90+) and only
+                             its cached context from the pool
     out                    : [B, Q, num_q_heads, head_dim]
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
 
@@ -27,8 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, check_device, next_pow2
+from . import cdiv, check_device, context_lens, next_pow2
 from .store import store_kv
+
+try:  # Triton >= 3.4: host-side TMA descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = tl.constexpr(1.4426950408889634)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -69,38 +76,21 @@ def _load_kv_rows(
 
 
 @triton.jit
-def _attend_tile(
-    q, m_i, l_i, acc, start, pos, kv_end,
-    key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
-    stride_kb, stride_kt, stride_kh, stride_kd,
-    stride_vb, stride_vt, stride_vh, stride_vd,
-    scale, softcap, sliding_window,
-    BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+def _softmax_step(
+    q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
     MASKED: tl.constexpr,
-    EVEN_D: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One online-softmax step over KV positions [start, start + BLOCK_N).
+    """Scores of q [M, D] against one K tile [BLOCK_N, D] at stored positions n, folded into the
+    online softmax; returns (m_new, l_i, p, alpha) for the caller's V update.
 
-    Rows are query rows with stored positions pos [M]; keys n are visible when
-    n <= pos, n < kv_end (kv_end <= seq_len) and, with a window, n > pos - window.
+    Rows are query rows with stored positions pos [M]; a key n is visible when n_mask (it
+    lies in the tile's valid range), n <= pos and, with a window, n > pos - window.
     MASKED=False is for interior tiles where every row sees every key: no predicates,
     and no -inf guards (every score is finite there).
     """
-    n = start + tl.arange(0, BLOCK_N)
-    n_mask = n < kv_end
-    # One block-table lookup per position, shared by the K and the V load.
-    if MASKED:
-        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n, mask=n_mask, other=0)
-    else:
-        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n)
-    block_id = block_id.to(tl.int64)
-    offset = n % BLOCK_SIZE
-    k = _load_kv_rows(key_cache_ptr + block_id * stride_kb + offset * stride_kt + kv_head * stride_kh,
-                      dims, n_mask, dim_mask, stride_kd, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP:
         s = _softcap(s * scale, softcap) * LOG2E
@@ -122,8 +112,105 @@ def _attend_tile(
     p = tl.exp2(s * qk_scale - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, p, alpha
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, start, pos, kv_end,
+    key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    scale, softcap, sliding_window,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over cached KV positions [start, start + BLOCK_N), read from the
+    pool through the block table; keys at or past kv_end (<= seq_len) are masked."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < kv_end
+    # One block-table lookup per position, shared by the K and the V load.
+    if MASKED:
+        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n, mask=n_mask, other=0)
+    else:
+        block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n)
+    block_id = block_id.to(tl.int64)
+    offset = n % BLOCK_SIZE
+    k = _load_kv_rows(key_cache_ptr + block_id * stride_kb + offset * stride_kt + kv_head * stride_kh,
+                      dims, n_mask, dim_mask, stride_kd, MASKED, EVEN_D)
+    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
+                                         MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
     v = _load_kv_rows(value_cache_ptr + block_id * stride_vb + offset * stride_vt + kv_head * stride_vh,
                       dims, n_mask, dim_mask, stride_vd, MASKED, EVEN_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_new_rows(
+    src, b, kv_head, start, t, dims, dim_mask, num_queries,
+    stride_b, stride_h, stride_t, stride_d,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    # [BLOCK_N, BLOCK_D] rows t of this forward's K or V [B, Hkv, Q, D]. TMA: src is a tensor
+    # descriptor with block [1, 1, BLOCK_N, BLOCK_D]; rows past Q and columns past D read 0.
+    if TMA:
+        tile = src.load([b.to(tl.int32), kv_head, start, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        ptrs = src + b * stride_b + kv_head * stride_h + t[:, None] * stride_t + dims[None, :] * stride_d
+        if MASKED:
+            t_mask = (t >= 0) & (t < num_queries)
+            if EVEN_D:
+                tile = tl.load(ptrs, mask=t_mask[:, None], other=0.0)
+            else:
+                tile = tl.load(ptrs, mask=t_mask[:, None] & dim_mask[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                tile = tl.load(ptrs)
+            else:
+                tile = tl.load(ptrs, mask=dim_mask[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _attend_new_tile(
+    q, m_i, l_i, acc, start, pos, kv_lo, kv_end, new_base,
+    new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+    stride_nkb, stride_nkh, stride_nkt, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+    scale, softcap, sliding_window,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    TMA: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over this forward's tokens t in [start, start + BLOCK_N), read
+    from new_key/new_value (contiguous rows: no block-table lookups, TMA where possible). Token t
+    is stored at position new_base + t; keys outside [kv_lo, kv_end) are masked. Callers start
+    tiles at the row's first real token, so a tile never holds a pad's K/V (which may be anything:
+    0 * NaN = NaN); rows past Q read as 0."""
+    t = start + tl.arange(0, BLOCK_N)
+    n = new_base + t
+    n_mask = (n >= kv_lo) & (n < kv_end)
+    k = _load_new_rows(new_key, b, kv_head, start, t, dims, dim_mask, num_queries,
+                       stride_nkb, stride_nkh, stride_nkt, stride_nkd, BLOCK_N, BLOCK_D, MASKED, EVEN_D, TMA)
+    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
+                                         MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    v = _load_new_rows(new_value, b, kv_head, start, t, dims, dim_mask, num_queries,
+                       stride_nvb, stride_nvh, stride_nvt, stride_nvd, BLOCK_N, BLOCK_D, MASKED, EVEN_D, TMA)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
@@ -324,10 +411,107 @@ def _merge_splits_kernel(
 
 
 @triton.jit
+def _attend_context(
+    q, m_i, l_i, acc, pos, first_pos, cache_end,
+    key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    scale, softcap, sliding_window,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Keys at positions [0, cache_end) (the cached context), from the pool."""
+    if USE_WINDOW:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+        masked_start = (lo // BLOCK_N) * BLOCK_N
+    else:
+        # Interior tiles: every key is <= the first real query's position, so all rows
+        # (pad rows too: their output is zeroed at the end) see all of it, unmasked.
+        masked_start = (tl.minimum(first_pos + 1, cache_end) // BLOCK_N) * BLOCK_N
+        for start in range(0, masked_start, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start, pos, cache_end,
+                key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+                stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+                scale, softcap, sliding_window,
+                BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            )
+    # Diagonal / window-edge / context-edge tiles.
+    for start in range(masked_start, cache_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, start, pos, cache_end,
+            key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+            stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+            scale, softcap, sliding_window,
+            BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+        )
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_own_tokens(
+    q, m_i, l_i, acc, pos, first_pos, ctx_len, kv_end, new_base,
+    new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+    stride_nkb, stride_nkh, stride_nkt, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+    scale, softcap, sliding_window,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    NEW_TMA: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Keys at positions [ctx_len, kv_end): this forward's tokens, from new_key/new_value.
+
+    Token t is at position new_base + t; the row's real tokens are t >= pads. Tiles start at
+    pads + k * BLOCK_N (TMA and pointer loads take any start), so no tile holds a pad."""
+    pads = ctx_len - new_base
+    t_end = kv_end - new_base
+    if USE_WINDOW:
+        t_lo = tl.maximum(first_pos - sliding_window + 1 - new_base, pads)
+        for start in range(pads + ((t_lo - pads) // BLOCK_N) * BLOCK_N, t_end, BLOCK_N):
+            m_i, l_i, acc = _attend_new_tile(
+                q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
+                new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+                stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+                scale, softcap, sliding_window,
+                BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            )
+    else:
+        # [pads, diag): keys every real row sees (<= the first real query), unmasked;
+        # [diag, t_end): the causal diagonal, masked.
+        diag = pads + (tl.maximum(tl.minimum(first_pos + 1 - new_base, t_end) - pads, 0) // BLOCK_N) * BLOCK_N
+        for start in range(pads, diag, BLOCK_N):
+            m_i, l_i, acc = _attend_new_tile(
+                q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
+                new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+                stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+                scale, softcap, sliding_window,
+                BLOCK_N, BLOCK_D, False, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            )
+        for start in range(diag, t_end, BLOCK_N):
+            m_i, l_i, acc = _attend_new_tile(
+                q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
+                new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+                stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+                scale, softcap, sliding_window,
+                BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            )
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _multi_token_kernel(
     out_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
+    ctx_lens_ptr, new_key, new_value,
     scale, softcap, sliding_window,
     num_queries,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -336,6 +520,8 @@ def _multi_token_kernel(
     stride_bt_b, stride_bt_n,
     stride_qpos_b, stride_qpos_t,
     stride_ob, stride_ot, stride_oh, stride_od,
+    stride_nkb, stride_nkh, stride_nkt, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvt, stride_nvd,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -346,8 +532,19 @@ def _multi_token_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    NEW_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # Keys come from two places. Positions below ctx_len (the cached context: a shared prefix,
+    # earlier turns) are read from the pool through the block table. With HAS_NEW, this
+    # forward's own tokens, at positions [ctx_len, seq_len), are read from new_key/new_value:
+    # token t of the row is stored at position seq_len - Q + t (ctx_lens says where that holds),
+    # so its rows are contiguous in memory and load without block-table lookups, by TMA on
+    # Hopper. The pool holds the same values (the store runs first), so either source is exact.
+    # HAS_CONTEXT=False (a prompt forward: no row has a cached context) compiles the pool phase
+    # out: its loops would cost the own-token loops registers (spills at BLOCK_M 256).
     # Heaviest (latest) query tiles first: with causal masking they have the most keys.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -360,6 +557,7 @@ def _multi_token_kernel(
     head = kv_head * GROUP + r % GROUP
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     pos = tl.load(query_pos_ptr + b * stride_qpos_b + token * stride_qpos_t, mask=row_mask, other=-1).to(tl.int32)
     q = tl.load(
@@ -368,10 +566,14 @@ def _multi_token_kernel(
         other=0.0,
     ).to(key_cache_ptr.dtype.element_ty)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    if HAS_NEW:
+        ctx_len = tl.load(ctx_lens_ptr + b).to(tl.int32)
+    else:
+        ctx_len = seq_len
 
     # KV range of the whole tile: fully masked tiles (past the causal frontier of the
     # last real query, or before the window of the first) are never visited. Pad rows
-    # (pos = -1, e.g. left padding) do not widen it.
+    # (pos = -1, e.g. left padding) do not widen it; an all-pad tile visits nothing.
     kv_end = tl.minimum(seq_len, tl.max(pos, 0) + 1)
     # First real query position (seq_len when the tile is all pads: no overflow, and
     # every range below is then empty or non-negative).
@@ -380,34 +582,29 @@ def _multi_token_kernel(
     m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    block_table_row = block_table_ptr + b * stride_bt_b
 
-    if USE_WINDOW:
-        lo = tl.maximum(first_pos - sliding_window + 1, 0)
-        masked_start = (lo // BLOCK_N) * BLOCK_N
-    else:
-        # Interior tiles: every key is <= the first real query's position, so all rows
-        # (pad rows too: their output is zeroed at the end) see all of it, unmasked.
-        masked_start = (tl.minimum(first_pos + 1, kv_end) // BLOCK_N) * BLOCK_N
-        for start in range(0, masked_start, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, start, pos, kv_end,
-                key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
-                stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-                scale, softcap, sliding_window,
-                BLOCK_N, BLOCK_SIZE, False, HEAD_DIM == BLOCK_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
-            )
-    # Diagonal / window-edge / seq_len-edge tiles.
-    for start in range(masked_start, kv_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, start, pos, kv_end,
-            key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+    if HAS_CONTEXT:
+        m_i, l_i, acc = _attend_context(
+            q, m_i, l_i, acc, pos, first_pos, tl.minimum(ctx_len, kv_end),
+            key_cache_ptr, value_cache_ptr, block_table_ptr + b * stride_bt_b, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
             scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            BLOCK_N, BLOCK_SIZE, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+        )
+    if HAS_NEW:
+        m_i, l_i, acc = _attend_own_tokens(
+            q, m_i, l_i, acc, pos, first_pos, ctx_len, kv_end, seq_len - num_queries,
+            new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+            stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+            scale, softcap, sliding_window,
+            BLOCK_N, BLOCK_D, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
         )
 
     o = _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS)
+    if not HAS_CONTEXT:
+        # Launched as a prompt forward (no row has a cached context): a row that does after all
+        # (a wrong max_context_len) gets NaN, never a quietly wrong number.
+        o = tl.where(ctx_len == 0, o, float("nan"))
     tl.store(
         out_ptr + b * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :] * stride_od,
         o.to(out_ptr.dtype.element_ty),
@@ -428,19 +625,51 @@ def _decode_config(block_d: int, elem_bytes: int) -> tuple[int, int, int]:
     return (32, 4, 3) if elem_bytes <= 2 else (16, 4, 2)
 
 
-def _multi_token_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
+def _multi_token_config(block_d: int, elem_bytes: int, kind: str = "pool") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the multi-token kernel; kind is what it reads:
+    "pool" (every key from the pool), "prompt" (every key from this forward's K/V) or "both"."""
     if elem_bytes > 2:
         return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
     if block_d <= 64:
         return (128, 64, 4, 3)
     if block_d <= 128:
-        # H200, Llama-8B 8 x 2k causal sweep: m256/n64/w8/s3 1.47x SDPA's time (best),
-        # m256/n64/w16 1.48x, m128/n32/w4/s4 1.58x, m128/n128/w8 1.63x, m128/n64/w8 1.73x.
-        return (256, 64, 8, 3)
+        # H200, Llama-8B 8 x 2k causal (BENCH_SWEEP=prefill, docs/performance.md), time / SDPA's:
+        # prompt: m128/n64/w4/s2 1.21x (98 KB of shared memory: two CTAs per SM overlap one's
+        #   softmax with the other's MMAs), m256/n64/w8/s3 1.31x, m128/n128/w8/s3 1.31x;
+        # both (the pool phase compiled in): m128/n64/w4/s2 1.39x but spills in its pool loop,
+        #   m256/n64/w16/s3 1.40x;
+        # pool: m256/n64/w8/s3 1.45x (best), m256/n64/w16 1.45x, m128/n128/w8 1.61x.
+        return {"prompt": (128, 64, 4, 2), "both": (256, 64, 16, 3)}.get(kind, (256, 64, 8, 3))
     return (64, 32, 8, 2)
 
 
 _SM_COUNT: dict[int, int] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+# Whether the multi-token kernel reads this forward's K/V by TMA (tensor descriptors): None =
+# where the GPU has it (compute capability >= 9.0, a Triton with tensor descriptors). Tests set
+# True / False to run either path (the interpreter runs both).
+NEW_KV_TMA: bool | None = None
+
+
+def _new_kv_tma(device: torch.device) -> bool:
+    if TensorDescriptor is None:
+        return False
+    if NEW_KV_TMA is not None:
+        return NEW_KV_TMA
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index][0] >= 9
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    # What a TMA descriptor needs: unit last stride, other strides and the base 16-byte aligned.
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st * size % 16 == 0 for st in t.stride()[:-1]))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -534,6 +763,7 @@ def paged_attention(
     block_n: int | None = None,
     block_m: int | None = None,
     plans: dict | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -545,6 +775,9 @@ def paged_attention(
     slot_mapping and max_seq_len): the launch worked out (checked, configured) for the first
     layer is reused by every later layer of the same shapes, so a layer costs one launch of host
     work. Without it every call is checked and configured afresh.
+    max_context_len: optional host int >= every row's cached context (its stored tokens before
+    this forward's); 0 marks a prompt forward, launched without the pool phase (faster). A row
+    that has a context after all gets NaN, never a quietly wrong number.
     num_kv_splits / block_n / block_m: keyword-only overrides of the launch config
     (tests and benchmarks); by default they come from the fixed config table.
     """
@@ -554,19 +787,19 @@ def paged_attention(
                key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
                None if out is None else (out.shape, out.stride()),
                None if new_key is None else (new_key.stride(), new_value.stride()),
-               num_kv_splits, block_n, block_m)
+               num_kv_splits, block_n, block_m, max_context_len == 0)
         launch = plans.get(key)
     if launch is None:
         launch = _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window,
                        softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping,
-                       num_kv_splits, block_n, block_m)
+                       num_kv_splits, block_n, block_m, max_context_len)
         if plans is not None:
             plans[key] = launch
     return launch(query, key_cache, value_cache, sinks, out, new_key, new_value)
 
 
 def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window, softcap, sinks,
-          out, max_seq_len, new_key, new_value, slot_mapping, num_kv_splits, block_n, block_m):
+          out, max_seq_len, new_key, new_value, slot_mapping, num_kv_splits, block_n, block_m, max_context_len):
     """Check the arguments and work out one launch; returns launch(query, key_cache, value_cache,
     sinks, out, new_key, new_value) -> out, valid for tensors of the same shapes, strides, dtypes
     and device with the same block_table, seq_lens, query_pos and slot_mapping."""
@@ -677,7 +910,10 @@ def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale
             return out
         return launch_split
 
-    cfg_m, cfg_n, num_warps, num_stages = _multi_token_config(block_d, elem_bytes)
+    has_new = new_key is not None
+    has_context = not (has_new and max_context_len == 0)
+    kind = ("both" if has_context else "prompt") if has_new else "pool"
+    cfg_m, cfg_n, num_warps, num_stages = _multi_token_config(block_d, elem_bytes, kind)
     block_n = block_n or cfg_n
     block_m = block_m or cfg_m
     # Short verify steps (a few draft tokens): shrink the tile to what is there.
@@ -690,14 +926,29 @@ def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale
     meta = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_D=block_d,
                 BLOCK_N=block_n, BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages, **flags)
 
+    # Where each row's own tokens start (on the device, no sync): they are read from new_key/new_value.
+    ctx_lens = context_lens(seq_lens, query_pos) if has_new else seq_lens
+    new_strides = (*new_key.stride(), *new_value.stride()) if has_new else (0,) * 8
+    tma_wanted = has_new and _new_kv_tma(device)
+    tma_box = [1, 1, block_n, block_d]
+
     def launch_multi(query, key_cache, value_cache, sinks, out, new_key, new_value):
         out = new_out(out)
+        new_k = new_v = query  # never read without HAS_NEW
+        tma = False
         if new_key is not None:
-            # Several new tokens per row attend to each other: store them all first.
+            # The pool must hold this forward's tokens for later steps; this launch reads them
+            # from new_key/new_value (or from the pool, for rows ctx_lens sends there).
             store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
+            new_k, new_v = new_key, new_value
+            tma = tma_wanted and _tma_compatible(new_key) and _tma_compatible(new_value)
+            if tma:
+                new_k = TensorDescriptor(new_key, list(new_key.shape), list(new_key.stride()), tma_box)
+                new_v = TensorDescriptor(new_value, list(new_value.shape), list(new_value.stride()), tma_box)
         _multi_token_kernel[grid](
             out, query, key_cache, value_cache, *fixed_tensors, query if sinks is None else sinks,
-            *scalars, num_queries, *strides, **meta,
+            ctx_lens, new_k, new_v, *scalars, num_queries, *strides, *new_strides,
+            HAS_CONTEXT=has_context, HAS_NEW=has_new, NEW_TMA=tma, **meta,
         )
         return out
     return launch_multi

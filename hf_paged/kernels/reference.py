@@ -83,6 +83,7 @@ def paged_attention(
     slot_mapping: torch.Tensor | None = None,
     *,
     plans: dict | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -90,7 +91,8 @@ def paged_attention(
     when given. Without it the CPU path reads seq_lens (free on CPU) and a CUDA caller
     gathers the whole block table.
     new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
-    attended to. plans: accepted for the Triton backend's signature; nothing to plan here.
+    attended to. plans, max_context_len: accepted for the Triton backend's signature; nothing
+    to plan here.
     """
     if new_key is not None:
         store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
