@@ -104,6 +104,24 @@ class PagedCase:
             self.value_cache[blk.to(device), off.to(device)] = torch.randn(s, num_kv_heads, head_dim, generator=g).to(device, dtype)
 
 
+    def new_kv(self, query_pos):
+        """(block, offset) of each query token's slot, and the pool's K/V at those slots as the model
+        hands a forward's K/V over: [B, Hkv, Q, D] transposed views of [B, Q, Hkv, D] copies."""
+        safe = query_pos.clamp_min(0).long()
+        blk = self.block_table.long().gather(1, safe // self.block_size)
+        off = safe % self.block_size
+        return (blk, off, self.key_cache[blk, off].clone().transpose(1, 2),
+                self.value_cache[blk, off].clone().transpose(1, 2))
+
+
+def _tail_positions(seq_lens, q_len, pads):
+    """query_pos [B, Q] as the cache lays a forward out: each row's last Q stored positions, the
+    first `pads` of row 0 left padding (-1)."""
+    qpos = seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=seq_lens.device)[None]
+    qpos[0, :pads] = -1
+    return qpos.contiguous()
+
+
 def _query(g, batch, num_q_heads, num_queries, head_dim, dtype, device):
     # transformers hands [B, H, Q, D] as a transposed view of [B, Q, H, D].
     return torch.randn(batch, num_queries, num_q_heads, head_dim, generator=g).to(device, dtype).transpose(1, 2)
@@ -237,10 +255,7 @@ def _run_attention(device, dtype, seed, heads, head_dim, block_size, seq_lens, q
     g = case.g
     batch = len(seq_lens)
     query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
-    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
-    if pads:
-        qpos[0, :pads] = -1  # left padding of row 0
-    qpos = qpos.contiguous()
+    qpos = _tail_positions(case.seq_lens, q_len, pads)
     kw = _feature_kwargs(feature, g, num_q_heads, device, sink_scale=2.0)
     scale = head_dim ** -0.5
     out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
@@ -355,16 +370,9 @@ def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim,
     case = PagedCase(seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     g, batch = case.g, len(seq_lens)
     query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
-    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
-    qpos[0, :pads] = -1
-    qpos = qpos.contiguous()
-    safe = qpos.clamp_min(0).long()
-    slots = case.block_table.long().gather(1, safe // block_size) * block_size + safe % block_size
-    slots = torch.where(qpos >= 0, slots, -1).to(torch.int32).contiguous()
-    # The new tokens' K/V as the model hands them over ([B, H, Q, D] transposed views).
-    blk, off = slots.clamp_min(0).long() // block_size, slots.clamp_min(0).long() % block_size
-    new_key = case.key_cache[blk, off].clone().transpose(1, 2)  # [B, Q, H, D] -> [B, H, Q, D]
-    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    qpos = _tail_positions(case.seq_lens, q_len, pads)
+    blk, off, new_key, new_value = case.new_kv(qpos)
+    slots = torch.where(qpos >= 0, blk * block_size + off, -1).to(torch.int32).contiguous()
     new_key[0, :, :pads] = 123.0  # pads carry a value that must show up nowhere in the cache
     new_value[0, :, :pads] = 123.0
     kw = _feature_kwargs(feature, g, num_q_heads, device, window=7)
@@ -427,18 +435,12 @@ def test_multi_token_reads_own_tokens_from_new_kv(device, seed, heads, head_dim,
     case = PagedCase(seed, seq_lens, num_kv_heads, head_dim, block_size, dtype, device)
     g, batch = case.g, len(seq_lens)
     query = _query(g, batch, num_q_heads, q_len, head_dim, dtype, device)
-    qpos = case.seq_lens[:, None] - q_len + torch.arange(q_len, dtype=torch.int32, device=device)[None]
-    qpos[0, :pads] = -1
-    qpos = qpos.contiguous()
+    qpos = _tail_positions(case.seq_lens, q_len, pads)
     kw = _feature_kwargs(feature, g, num_q_heads, device, window=9)
     scale = head_dim ** -0.5
     ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
                                     scale, **kw)
-    safe = qpos.clamp_min(0).long()
-    blk = case.block_table.long().gather(1, safe // block_size)
-    off = safe % block_size
-    new_key = case.key_cache[blk, off].clone().transpose(1, 2)  # [B, Q, H, D] -> [B, H, Q, D]
-    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    blk, off, new_key, new_value = case.new_kv(qpos)
     new_key[0, :, :pads], new_value[0, :, :pads] = NAN, float("inf")
     real = qpos >= 0
     k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
@@ -475,10 +477,7 @@ def test_prompt_forward_reads_no_pool(device, feature, monkeypatch):
     kw = _feature_kwargs(feature, case.g, 8, device, window=11)
     ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
                                     0.125, **kw)
-    safe = qpos.clamp_min(0).long()
-    blk, off = case.block_table.long().gather(1, safe // 16), safe % 16
-    new_key = case.key_cache[blk, off].clone().transpose(1, 2)
-    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    _, _, new_key, new_value = case.new_kv(qpos)
     empty_k, empty_v = torch.full_like(case.key_cache, NAN), torch.full_like(case.value_cache, NAN)
     no_store = torch.full_like(qpos, -1)
     small = dict(block_n=16, block_m=16) if device == "cpu" else {}
@@ -520,10 +519,7 @@ def test_multi_token_rows_in_another_layout_read_the_pool(device):
     case = PagedCase(90, [30, 26], 2, 64, 16, dtype, device)
     query = _query(case.g, 2, 4, 3, 64, dtype, device)
     qpos = torch.tensor([[25, 27, 29], [23, 24, 25]], dtype=torch.int32, device=device)
-    safe = qpos.long()
-    blk, off = case.block_table.long().gather(1, safe // 16), safe % 16
-    new_key = case.key_cache[blk, off].clone().transpose(1, 2)
-    new_value = case.value_cache[blk, off].clone().transpose(1, 2)
+    blk, off, new_key, new_value = case.new_kv(qpos)
     new_key[0], new_value[0] = NAN, NAN  # row 0 must come from the pool
     ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
                                     0.125)

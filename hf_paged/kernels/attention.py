@@ -166,18 +166,8 @@ def _load_new_rows(
     if TMA:
         tile = src.load([b.to(tl.int32), kv_head, start, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
-        ptrs = src + b * stride_b + kv_head * stride_h + t[:, None] * stride_t + dims[None, :] * stride_d
-        if MASKED:
-            t_mask = (t >= 0) & (t < num_queries)
-            if EVEN_D:
-                tile = tl.load(ptrs, mask=t_mask[:, None], other=0.0)
-            else:
-                tile = tl.load(ptrs, mask=t_mask[:, None] & dim_mask[None, :], other=0.0)
-        else:
-            if EVEN_D:
-                tile = tl.load(ptrs)
-            else:
-                tile = tl.load(ptrs, mask=dim_mask[None, :], other=0.0)
+        tile = _load_kv_rows(src + b * stride_b + kv_head * stride_h + t * stride_t, dims,
+                             (t >= 0) & (t < num_queries), dim_mask, stride_d, MASKED, EVEN_D)
     return tile
 
 
