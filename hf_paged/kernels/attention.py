@@ -465,19 +465,12 @@ def _attend_own_tokens(
     t_end = kv_end - new_base
     if USE_WINDOW:
         t_lo = tl.maximum(first_pos - sliding_window + 1 - new_base, pads)
-        for start in range(pads + ((t_lo - pads) // BLOCK_N) * BLOCK_N, t_end, BLOCK_N):
-            m_i, l_i, acc = _attend_new_tile(
-                q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
-                new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
-                stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-                scale, softcap, sliding_window,
-                BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
-            )
+        masked_start = pads + ((t_lo - pads) // BLOCK_N) * BLOCK_N
     else:
-        # [pads, diag): keys every real row sees (<= the first real query), unmasked;
-        # [diag, t_end): the causal diagonal, masked.
-        diag = pads + (tl.maximum(tl.minimum(first_pos + 1 - new_base, t_end) - pads, 0) // BLOCK_N) * BLOCK_N
-        for start in range(pads, diag, BLOCK_N):
+        # [pads, masked_start): keys every real row sees (<= the first real query), unmasked.
+        masked_start = pads + (tl.maximum(tl.minimum(first_pos + 1 - new_base, t_end) - pads, 0)
+                               // BLOCK_N) * BLOCK_N
+        for start in range(pads, masked_start, BLOCK_N):
             m_i, l_i, acc = _attend_new_tile(
                 q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
                 new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
@@ -485,14 +478,15 @@ def _attend_own_tokens(
                 scale, softcap, sliding_window,
                 BLOCK_N, BLOCK_D, False, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
             )
-        for start in range(diag, t_end, BLOCK_N):
-            m_i, l_i, acc = _attend_new_tile(
-                q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
-                new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
-                stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-                scale, softcap, sliding_window,
-                BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
-            )
+    # The causal diagonal / window-edge tiles.
+    for start in range(masked_start, t_end, BLOCK_N):
+        m_i, l_i, acc = _attend_new_tile(
+            q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
+            new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
+            stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
+            scale, softcap, sliding_window,
+            BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+        )
     return m_i, l_i, acc
 
 
