@@ -627,8 +627,16 @@ def _multi_token_config(block_d: int, elem_bytes: int, kind: str = "pool") -> tu
     return (64, 32, 8, 2)
 
 
-_SM_COUNT: dict[int, int] = {}
-_CAPABILITY: dict[int, tuple[int, int]] = {}
+_DEVICE_PROPERTIES: dict[int, object] = {}
+
+
+def _cuda_properties(device: torch.device):
+    """torch.cuda.get_device_properties, read once per device (it costs microseconds per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_PROPERTIES:
+        _DEVICE_PROPERTIES[index] = torch.cuda.get_device_properties(index)
+    return _DEVICE_PROPERTIES[index]
+
 
 # Whether the multi-token kernel reads this forward's K/V by TMA (tensor descriptors): None =
 # where the GPU has it (compute capability >= 9.0, a Triton with tensor descriptors). Tests set
@@ -641,12 +649,7 @@ def _new_kv_tma(device: torch.device) -> bool:
         return False
     if NEW_KV_TMA is not None:
         return NEW_KV_TMA
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index][0] >= 9
+    return device.type == "cuda" and _cuda_properties(device).major >= 9
 
 
 def _tma_compatible(t: torch.Tensor) -> bool:
@@ -659,10 +662,7 @@ def _tma_compatible(t: torch.Tensor) -> bool:
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: small, but still exercises the split path when asked
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return _cuda_properties(device).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, num_sms: int) -> int:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, check_device
+from . import cdiv, check_device, next_pow2
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def copy_blocks(
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
     _, block_size, num_heads, head_dim = key_cache.shape
     block_elems = block_size * num_heads * head_dim
-    block = min(4096, triton.next_power_of_2(block_elems))
+    block = min(4096, next_pow2(block_elems))
     grid = (src.numel(), cdiv(block_elems, block))
     _copy_blocks_kernel[grid](
         key_cache, value_cache, src, dst,
