@@ -129,6 +129,10 @@ class _DecodeGraph:
     The model's forward runs over them with ``attention_mask=None`` (the 2D mask grows every
     step; the paged metadata carries what attention needs) and, where the model derives positions
     from ``cache.get_seq_length()``, with that length as a device tensor rather than a host int.
+
+    Nothing here holds the cache strongly: the cache holds its graphs (``cache._graph_state``), so
+    a strong reference back would make a cycle that only Python's cyclic garbage collector frees,
+    and a loop of generate calls would hold the previous call's pools while the next one runs.
     """
 
     def __init__(self, fwd: PagedForward, inputs: dict, width: int, device: torch.device):
@@ -137,7 +141,8 @@ class _DecodeGraph:
         self.meta = torch.empty_like(fwd.packed_meta)
         self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
         self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
-        self.replay = None
+        self.replay = None  # () -> (output class, output fields without the cache)
+        self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
         self.verified = False
 
     def refresh(self, fwd: PagedForward, inputs: dict) -> None:
@@ -147,25 +152,40 @@ class _DecodeGraph:
             self.inputs[name].copy_(t)
         self.seq_length.fill_(fwd.new_logical_len - 1)
 
-    def run(self, forward, cache: PagedCache, fwd: PagedForward, kwargs: dict):
-        """The step over the static buffers (what is captured)."""
-        cache._forward = self.forward_over_buffers(cache, fwd)
-        cache._seq_length_tensor = self.seq_length
-        try:
-            outputs = forward(**dict(kwargs, attention_mask=None, **self.inputs))
-            cache._flush_pending()  # K/V that no attention call wrote: written inside the graph too
-        finally:
-            cache._seq_length_tensor = None
-        return outputs
-
-    def forward_over_buffers(self, cache: PagedCache, fwd: PagedForward) -> PagedForward:
-        """A fresh per-forward object over the static buffers (kernels sized for the full width)."""
+    def static_step(self, forward, cache: PagedCache, fwd: PagedForward, kwargs: dict):
+        """The step over the static buffers (what is captured), as a closure that refers to the
+        cache only weakly and to the buffers, not to this object."""
+        cache_ref = weakref.ref(cache)
+        cache_keys = [k for k in _CACHE_KEYS if k in kwargs]
+        plain = {k: v for k, v in kwargs.items() if k not in cache_keys and k not in self.inputs}
+        plain["attention_mask"] = None
+        inputs, seq_length = self.inputs, self.seq_length
         bt, sl, qp, sm = split_metadata(self.meta, self.batch, self.width, 1)
-        return PagedForward(
-            cache_ref=weakref.ref(cache), q_len=1, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
-            copy_src=None, copy_dst=None, max_seq_len=self.width * cache.block_size,
-            new_logical_len=fwd.new_logical_len, backend=fwd.backend, packed_meta=self.meta,
-        )
+        meta, max_seq_len, backend = self.meta, self.width * cache.block_size, fwd.backend
+        new_logical_len = fwd.new_logical_len
+
+        def run():
+            cache = cache_ref()
+            cache._forward = PagedForward(
+                cache_ref=cache_ref, q_len=1, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
+                copy_src=None, copy_dst=None, max_seq_len=max_seq_len, new_logical_len=new_logical_len,
+                backend=backend, packed_meta=meta,
+            )
+            cache._seq_length_tensor = seq_length
+            try:
+                outputs = forward(**plain, **{k: cache for k in cache_keys}, **inputs)
+                cache._flush_pending()  # K/V that no attention call wrote: written inside the graph too
+            finally:
+                cache._seq_length_tensor = None
+            return type(outputs), {k: v for k, v in outputs.items() if v is not cache}
+
+        return run
+
+    def outputs(self, result, cache: PagedCache):
+        """A replay's outputs: the logits copied out of the graph's buffer, the live cache."""
+        cls, fields = result
+        fields = {k: (v.clone() if k == "logits" else v) for k, v in fields.items()}
+        return cls(**fields, **{k: cache for k in self.cache_fields})
 
 
 def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
@@ -215,12 +235,6 @@ def _table_width(cache: PagedCache) -> int:
     return max(16, next_pow2(need))
 
 
-def _copy_outputs(outputs):
-    """The step's outputs with the logits copied out of the graph's buffer."""
-    fields = {k: (v.clone() if k == "logits" else v) for k, v in outputs.items()}
-    return type(outputs)(**fields)
-
-
 class GraphedForward:
     """Stands in for ``model.forward`` during ``generate``: decode steps through CUDA graphs kept
     on the cache (:mod:`hf_paged.graphs`), every other forward through the model's own forward."""
@@ -268,9 +282,10 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             # then the same step is captured over the static buffers.
             outputs = forward(**kwargs)
             graph = _DecodeGraph(fwd, inputs, width, device)
+            graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
             try:
-                graph.replay = _CAPTURE(lambda: graph.run(forward, cache, fwd, kwargs), _graph_pool(state, device))
+                graph.replay = _CAPTURE(graph.static_step(forward, cache, fwd, kwargs), _graph_pool(state, device))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
                 _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
                 return outputs
@@ -286,7 +301,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         if not graph.verified:
             # First replay: checked against the eager step with the model's real inputs. Both
             # write the same K/V to the same slots, so running both leaves the cache as one would.
-            replayed = graph.replay()["logits"].clone()
+            replayed = graph.replay()[1]["logits"].clone()
             cache._forward = fwd  # the eager step's mask function takes this step's metadata
             outputs = forward(**kwargs)
             eager = outputs["logits"]
@@ -303,7 +318,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             return outputs
         state.replays += 1
         STATS["replays"] += 1
-        return _copy_outputs(graph.replay())
+        return graph.outputs(graph.replay(), cache)
     finally:
         cache._end_forward()
         cache._logical_len = fwd.new_logical_len

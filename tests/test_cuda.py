@@ -83,3 +83,33 @@ def test_decode_step_has_no_host_device_sync(monkeypatch):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert cache.seq_lens == [5 + 2, 41 + 2, 23 + 2]
+
+
+def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch):
+    """With CUDA graphs (the default), a generate's cache and its pools go as soon as the user's
+    last reference goes: the next call of a loop does not run beside the previous call's pools."""
+    import gc
+    import weakref
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "1")
+    paged, _ = make_pair("llama")
+    paged = paged.cuda()
+    ids, mask = left_padded_batch([5, 41, 23], seed=5)
+    gc.collect()
+    gc.disable()
+    try:
+        for kw in (dict(do_sample=False), dict(num_beams=3), dict(do_sample=True, num_return_sequences=3)):
+            out = _gen(paged, ids, mask, max_new_tokens=8, **kw)
+            cache = cache_of(out)
+            assert cache._graph_state.replays > 0, kw  # the graph path ran
+            ref = weakref.ref(cache)
+            pool_bytes = sum(k.numel() * k.element_size() * 2 for k in cache.key_cache)
+            del cache
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            del out
+            assert ref() is None, kw
+            assert torch.cuda.memory_allocated() <= before - pool_bytes, kw
+    finally:
+        gc.enable()

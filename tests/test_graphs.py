@@ -6,7 +6,9 @@ positions from a device tensor, the check of the first replay against the eager 
 fallbacks). tests/test_cuda.py runs real graphs on the GPU.
 """
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -73,9 +75,9 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     the capture step would do) is dropped with a warning; decoding continues eagerly, exactly."""
     def bad_capture(run, pool):
         def replay():
-            outputs = run()
-            outputs["logits"] = outputs["logits"] + 1.0
-            return outputs
+            cls, fields = run()
+            fields["logits"] = fields["logits"] + 1.0
+            return cls, fields
         return replay
 
     monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
@@ -172,3 +174,23 @@ def test_tensor_parallel_ranks_decode_eagerly(fake_graphs, monkeypatch):
     out = _gen(paged, ids, mask, max_new_tokens=6, do_sample=False)
     assert cache_of(out)._graph_state is None
     assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=6, do_sample=False).sequences)
+
+
+def test_finished_cache_is_freed_without_the_cyclic_collector(fake_graphs):
+    """The cache holds its graphs and nothing captured holds the cache: once the user's last
+    reference goes, so do the pools (a loop of generate calls must not hold the previous call's
+    pools while the next runs). Checked with the cyclic collector off."""
+    paged, _ = make_pair("llama")
+    ids, mask = left_padded_batch([5, 20], seed=1)
+    gc.collect()
+    gc.disable()
+    try:
+        for kw in (dict(do_sample=False), dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
+            out = _gen(paged, ids, mask, max_new_tokens=6, **kw)
+            cache = cache_of(out)
+            assert cache._graph_state.captures == 1, kw  # the graph path ran
+            ref = weakref.ref(cache)
+            del out, cache
+            assert ref() is None, kw
+    finally:
+        gc.enable()
