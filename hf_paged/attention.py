@@ -15,14 +15,14 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .cache import PagedForward, device_guard, take_pending_cache
+from .cache import PagedForward, cache_from_mask_offset, device_guard
 
 ATTN_NAME = "paged"
 
 
 def paged_mask(*args, **kwargs):
     """Mask function registered as ``"paged"`` (called by transformers' create_*_mask)."""
-    cache = take_pending_cache()
+    cache = cache_from_mask_offset(kwargs.get("kv_offset"))
     attention_mask = kwargs.get("attention_mask")
     if cache is not None:
         device = kwargs.get("device")
@@ -36,6 +36,8 @@ def paged_mask(*args, **kwargs):
             dtype=kwargs.get("dtype"),
         )
     kwargs["allow_is_causal_skip"] = False  # the dense fallback always wants an explicit mask
+    if "kv_offset" in kwargs:
+        kwargs["kv_offset"] = int(kwargs["kv_offset"])
     return sdpa_mask(*args, **kwargs)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,17 +48,28 @@ def parse_memory(value: int | float | str) -> int:
     return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
 
 
-# The cache that most recently answered ``get_mask_sizes`` in this thread: transformers' mask
-# builder calls it right before the mask function, which takes it from here (the mask function is
-# not given the cache). Cleared as soon as it is taken, so it never outlives one mask
-# construction; per thread, so that generate calls in parallel threads never see each other's.
-_PENDING = threading.local()
+class MaskOffset(int):
+    """The ``kv_offset`` (always 0) that :meth:`PagedCache.get_mask_sizes` returns, carrying the
+    cache to our mask function.
+
+    transformers' mask builders call ``cache.get_mask_sizes`` and pass the offset it returns
+    straight to the mask function registered for the attention implementation, which is not
+    given the cache itself. The handle lives exactly as long as that one call's arguments: nothing
+    outlives it (another model's mask function, an exception) to be picked up by a later forward.
+    Any other mask function sees a plain 0.
+    """
+
+    paged_cache: PagedCache
+
+    def __new__(cls, cache: PagedCache):
+        offset = super().__new__(cls, 0)
+        offset.paged_cache = cache
+        return offset
 
 
-def take_pending_cache() -> PagedCache | None:
-    cache = getattr(_PENDING, "cache", None)
-    _PENDING.cache = None
-    return cache
+def cache_from_mask_offset(kv_offset) -> PagedCache | None:
+    """The PagedCache whose ``get_mask_sizes`` gave ``kv_offset``, else None."""
+    return getattr(kv_offset, "paged_cache", None)
 
 
 @dataclass
@@ -194,11 +204,10 @@ class PagedCache(Cache):
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
         if isinstance(query_length, torch.Tensor):  # older signature: cache_position
             query_length = query_length.shape[0]
-        _PENDING.cache = self
         past = self._logical_len
         if self._forward is not None and not self._forward.started and self._forward.q_len == query_length:
             past = self._forward.new_logical_len - query_length
-        return past + query_length, 0
+        return past + query_length, MaskOffset(self)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self._logical_len

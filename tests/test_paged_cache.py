@@ -242,19 +242,19 @@ def test_config_of_tiny_models_is_what_the_figures_assume():
     assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (2, 2, 16)
 
 
-def test_mask_hand_off_is_per_thread():
-    """The cache answering get_mask_sizes in one thread is never taken by another thread's mask
-    function (two generate calls in parallel threads keep their own caches)."""
-    import threading
-
-    from hf_paged.cache import take_pending_cache
-
-    mine = PagedCache()
-    mine.get_mask_sizes(4, 0)
-    seen_elsewhere = []
-    t = threading.Thread(target=lambda: seen_elsewhere.append(take_pending_cache()))
-    t.start()
-    t.join()
-    assert seen_elsewhere == [None]
-    assert take_pending_cache() is mine
-    assert take_pending_cache() is None  # taken once
+def test_mask_hand_off_lives_in_one_mask_call(llama):
+    """The cache reaches our mask function inside the kv_offset that its get_mask_sizes returns
+    (an int 0 to any other mask function), never through state that outlives the call: a cache
+    refused by a non-paged model does not turn up in a later paged forward that has no cache."""
+    paged, stock = llama
+    ids, mask = left_padded_batch([5, 9], seed=16)
+    cache = PagedCache(config=paged.config)
+    kv_length, kv_offset = cache.get_mask_sizes(4, 0)
+    assert (kv_length, kv_offset) == (4, 0) and type(int(kv_offset)) is int
+    with pytest.raises(RuntimeError, match="must be used with attn_implementation='paged'"):
+        stock(ids, attention_mask=mask, past_key_values=cache)
+    with torch.no_grad():
+        out = paged(ids, attention_mask=mask, use_cache=False).logits
+        ref = stock(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    assert not cache.block_tables  # the refused cache was never touched again
