@@ -11,13 +11,14 @@ installs the generate hooks (both idempotent).
 
 from .attention import dense_attention, paged_attention_forward, paged_mask, register
 from .block_pool import BlockPool, OutOfBlocksError
-from .cache import PagedCache, PagedForward, cache_of
+from .cache import CacheStateError, PagedCache, PagedForward, cache_of
 from .generation import UnsupportedModelError, check_supported, install
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockPool",
+    "CacheStateError",
     "OutOfBlocksError",
     "PagedCache",
     "PagedForward",

@@ -34,6 +34,7 @@ def paged_mask(*args, **kwargs):
             batch_size=kwargs["batch_size"],
             device=torch.device(device),
             dtype=kwargs.get("dtype"),
+            config=kwargs.get("config"),
         )
     kwargs["allow_is_causal_skip"] = False  # the dense fallback always wants an explicit mask
     if "kv_offset" in kwargs:
@@ -71,6 +72,10 @@ def paged_attention_forward(
         new = fwd.pending.pop(layer_idx, None)
         new_key, new_value, slots = (None, None, None) if new is None else (new[0], new[1], fwd.slot_mapping)
         with device_guard(query.device):
+            if new is not None and fwd.pads_after_start:
+                # pad queries read the keys before them: store, then read every key from the pool
+                fwd.backend.store_kv(new_key, new_value, k_pool, v_pool, slots)
+                new_key = new_value = slots = None
             out = fwd.backend.paged_attention(
                 query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
                 sliding_window, softcap, sinks, None, fwd.max_seq_len, new_key, new_value, slots, plans=fwd.plans,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -35,17 +36,36 @@ _MEMORY_UNITS = {
 }
 
 
-def parse_memory(value: int | float | str) -> int:
-    """Bytes from an int or a string such as ``"2GiB"``, ``"512 MB"``."""
+def parse_memory(value: int | float | str, name: str = "max_memory") -> int:
+    """Bytes from a number or a string such as ``"2GiB"``, ``"512 MB"``; ``name`` is the argument
+    named in the error."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"hf_paged: {name} must be a positive, finite number of bytes, got {value!r}")
         return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value) if isinstance(value, str) else None
     if not m or m.group(2).lower() not in _MEMORY_UNITS:
         raise ValueError(
-            f"hf_paged: cannot read the memory size {value!r}; use bytes (an int) or a string such as "
+            f"hf_paged: cannot read {name}={value!r}; use bytes (a positive int) or a string such as "
             f"'2GiB', '1500MB'."
         )
-    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+    size = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"hf_paged: {name} must be a positive number of bytes, got {value!r}")
+    return size
+
+
+def check_count(value, name: str, minimum: int = 1) -> int | None:
+    """``value`` as an int >= ``minimum`` (None passes), else a ValueError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"hf_paged: {name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+class CacheStateError(RuntimeError):
+    """The cache's rows cannot serve this forward (see the message for why; ``reset()`` clears them)."""
 
 
 class MaskOffset(int):
@@ -103,6 +123,9 @@ class PagedForward:
     # host int: the most tokens any row had stored before this forward (0: a prompt forward, whose
     # attention reads every key from this forward's K/V and none from the pool); None: unknown
     max_context_len: int | None = None
+    # host bool: some row has a pad after its first token (a query that is not stored): such a
+    # forward stores first and reads every key from the pool (no fused store, no own-token path)
+    pads_after_start: bool = False
     _per_device: dict = field(default_factory=dict)
 
     @property
@@ -124,10 +147,50 @@ class PagedForward:
                 self.cache_ref, self.q_len, mv(self.block_table), mv(self.seq_lens), mv(self.query_pos),
                 mv(self.slot_mapping), mv(self.copy_src), mv(self.copy_dst), self.max_seq_len,
                 self.new_logical_len, self.layers_done, _backend_for(device), self.pending,
-                max_context_len=self.max_context_len,
+                max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
             )
             self._per_device[device] = moved
         return moved
+
+
+class PagedLayer:
+    """One layer of a :class:`PagedCache`, as transformers' ``Cache.layers[i]`` contract has it.
+
+    The layer's K/V live in the cache's block pools (``pools``); ``keys`` / ``values`` give them
+    as a DynamicCache would hold them, ``[rows, kv_heads, padded length, head_dim]`` with zeros at
+    pad positions, gathered through the block tables at each read (a copy: for inspection and
+    tests, not for a forward pass).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, cache: PagedCache, layer_idx: int):
+        self._cache = weakref.ref(cache)  # the cache holds its layers
+        self.layer_idx = layer_idx
+
+    @property
+    def pools(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return self._cache().layer_pools(self.layer_idx)
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.pools[0] is not None
+
+    def get_seq_length(self) -> int:
+        return self._cache().get_seq_length()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._cache().dense_layer(self.layer_idx)[0]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._cache().dense_layer(self.layer_idx)[1]
+
+    def __repr__(self) -> str:
+        return f"PagedLayer({self.layer_idx})"
 
 
 class PagedCache(Cache):
@@ -165,11 +228,13 @@ class PagedCache(Cache):
         max_prefill_tokens: int | None = 8192,
     ):
         super().__init__(layers=[])
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"hf_paged: block_size must be a positive int, got {block_size!r}")
+        block_size = check_count(block_size, "block_size")
+        max_blocks = check_count(max_blocks, "max_blocks")
+        max_prefill_tokens = check_count(max_prefill_tokens, "max_prefill_tokens")
         if max_blocks is not None and max_memory is not None:
             raise ValueError("hf_paged: pass max_blocks or max_memory, not both")
         self.config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self._config_given = config is not None  # else the config of the model it serves (until reset)
         self.block_size = block_size
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.share_prefixes = share_prefixes
@@ -180,6 +245,8 @@ class PagedCache(Cache):
         self.block_tables: list[list[int]] = []
         self.seq_lens: list[int] = []  # tokens stored per row
         self.pad_lens: list[int] = []  # left pads per row (logical positions never stored)
+        # per row, pads after its first token (multi-turn batches): (logical position, count) runs
+        self.inner_pads: list[list[tuple[int, int]]] = []
         self._logical_len = 0  # padded length, as a DynamicCache would count it
         self._forward: PagedForward | None = None
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next prefill, for hashing
@@ -188,6 +255,10 @@ class PagedCache(Cache):
         self.max_row_blocks: int | None = None  # bound on any row's table length (reserve_for_generation)
         self._graph_state = None  # CUDA graphs of the decode step (see graphs.py), tied to these pools
         self._seq_length_tensor: torch.Tensor | None = None  # get_seq_length() while a graph is captured
+        self._model_config = None  # weakref to the config of the model whose K/V the rows hold
+        self._layers_per_forward = 0  # layers a complete forward updates (known after the first one)
+        self.interrupted: str | None = None  # why the rows are unusable (an exception mid-generate)
+        self.forwards = 0  # forwards begun (generate tells from it whether a failed call changed the rows)
 
     # ================================================================ transformers contract
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -241,7 +312,7 @@ class PagedCache(Cache):
         return [False] * len(self.key_cache)
 
     def __len__(self) -> int:
-        return len(self.key_cache)
+        return len(self.layers)
 
     def __repr__(self) -> str:
         return (
@@ -308,10 +379,40 @@ class PagedCache(Cache):
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
 
+    def dense_layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer ``layer_idx``'s K/V as a DynamicCache holds them: ``[rows, kv_heads, padded
+        length, dim]``, each stored token at its logical position, zeros at pads (a copy)."""
+        k_pool, v_pool = self.layer_pools(layer_idx)
+        if k_pool is None:
+            return None, None
+        self._flush_pending()
+        bs, width = self.block_size, self._logical_len
+        rows, cols, slots = [], [], []
+        for b, (table, n) in enumerate(zip(self.block_tables, self.seq_lens)):
+            stored = np.ones(width, dtype=bool)
+            stored[: self.pad_lens[b]] = False
+            for at, count in self.inner_pads[b]:
+                stored[at:at + count] = False
+            positions = np.flatnonzero(stored)[:n]
+            index = np.arange(len(positions))
+            rows.append(np.full(len(positions), b))
+            cols.append(positions)
+            slots.append(np.asarray(table, dtype=np.int64)[index // bs] * bs + index % bs)
+        out = []
+        for pool in (k_pool, v_pool):
+            dense = pool.new_zeros((len(self.block_tables), width) + tuple(pool.shape[2:]))
+            if rows:
+                flat = pool.reshape((-1,) + tuple(pool.shape[2:]))
+                idx = [torch.from_numpy(np.concatenate(a)).to(pool.device) for a in (rows, cols, slots)]
+                dense[idx[0], idx[1]] = flat[idx[2]]
+            out.append(dense.transpose(1, 2))
+        return out[0], out[1]
+
     def _ensure_layer_pools(self, layer_idx, key_states, value_states):
         """This layer's K/V pools, created on the K/V's device at its first update and enlarged
         when the block pool grew."""
         while len(self.key_cache) <= layer_idx:
+            self.layers.append(PagedLayer(self, len(self.key_cache)))
             self.key_cache.append(None)
             self.value_cache.append(None)
         k_pool = self.key_cache[layer_idx]
@@ -319,6 +420,7 @@ class PagedCache(Cache):
         if k_pool is None:
             _, h, _, d = key_states.shape
             dv = value_states.shape[-1]
+            self._check_layer_against_cap(layer_idx, h, d, dv)
             shape = (need, self.block_size, h, d)
             self.key_cache[layer_idx] = torch.empty(shape, dtype=key_states.dtype, device=key_states.device)
             self.value_cache[layer_idx] = torch.empty(
@@ -334,6 +436,20 @@ class PagedCache(Cache):
             if k_pool.shape[0] < need:
                 self._enlarge_layer_pools(layer_idx, need)
         return self.key_cache[layer_idx], self.value_cache[layer_idx]
+
+    def _check_layer_against_cap(self, layer_idx: int, kv_heads: int, key_dim: int, value_dim: int) -> None:
+        """max_memory became a number of blocks through the config's K/V shape: a layer that
+        stores another shape would take the pool past the cap."""
+        if self.max_memory is None or self.pool.max_blocks is None or self._bytes_per_token():
+            return
+        shape = config_kv_shape(self.config)
+        if shape is not None and layer_idx < shape[0] and (kv_heads, key_dim, value_dim) == shape[1:]:
+            return
+        raise ValueError(
+            f"hf_paged: max_memory was turned into {self.pool.max_blocks} blocks from the config's K/V shape "
+            f"(layers, KV heads, key dim, value dim) = {shape}, but layer {layer_idx} stores {kv_heads} heads x "
+            f"{key_dim}/{value_dim} dims: the pool would exceed the cap. Pass max_blocks instead of max_memory."
+        )
 
     def _enlarge_layer_pools(self, layer_idx: int, need: int) -> None:
         """The pool grew: enlarge this layer's tensors, keeping the stored blocks."""
@@ -361,17 +477,21 @@ class PagedCache(Cache):
         device: torch.device,
         dtype: torch.dtype | None = None,
         table_width: int | None = None,
+        config=None,
     ) -> PagedForward:
         """Allocate blocks for this forward's new tokens and build its metadata (once per forward).
 
         ``table_width``: pad the block table to at least this many columns (CUDA graphs keep one
-        width for many steps; columns past a row's blocks are never read).
+        width for many steps; columns past a row's blocks are never read). ``config``: the config
+        of the model running the forward (checked against the model whose K/V the rows hold).
         """
         fwd = self._forward
         if fwd is not None and not fwd.started and fwd.q_len == q_len and fwd.block_table.shape[0] == batch_size:
             return fwd  # a second mask (e.g. sliding-window layers) of the same forward
 
         backend = _backend_for(device)  # first: a backend that cannot run here fails before any allocation
+        self._check_usable(config)
+        self.forwards += 1
         self._flush_pending()  # the previous forward's K/V, if its attention did not write them
         rows = self._forward_rows(batch_size)
         self._resolve_memory_cap(dtype)
@@ -379,7 +499,16 @@ class PagedCache(Cache):
         bs = self.block_size
         tables = [self.block_tables[r] for r in rows]  # the same list objects: edits land in the cache
         seq_before = np.asarray([self.seq_lens[r] for r in rows], dtype=np.int64)
-        n_new, pads = self._new_token_counts(attention_mask, q_len, batch_size, seq_before)
+        real = self._real_new_tokens(attention_mask, q_len, batch_size, seq_before)
+        n_new = real.sum(axis=1).astype(np.int64)
+        # a row's stored index for each new token: its real tokens get the next indices; a pad
+        # after the row's first token gets the index of the last real token before it (the keys
+        # stock's query at that pad sees); a pad before it, -1 (it sees nothing)
+        rank = seq_before[:, None] + np.cumsum(real, axis=1) - 1
+        query_pos = np.where(real | (rank >= 0), rank, -1)
+        started_here = (seq_before == 0) & real.any(axis=1)
+        lead = np.where(seq_before == 0, np.where(real.any(axis=1), real.argmax(axis=1), q_len), 0)
+        pads_after_start = ~real & (query_pos >= 0)
 
         # --- allocation (all or nothing) -------------------------------------------------
         seq_after = seq_before + n_new
@@ -395,7 +524,7 @@ class PagedCache(Cache):
         for b in cow_rows:
             writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
         n_copies = sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
-        reuse, row_hashes = self._plan_prefix_reuse(n_new, pads, seq_before, q_len)
+        reuse, row_hashes = self._plan_prefix_reuse(real, started_here, q_len)
         total = sum(need_per_row) + n_copies - sum(len(r) for r in reuse.values())
         try:
             fresh = self.pool.allocate(total)
@@ -430,8 +559,15 @@ class PagedCache(Cache):
                 if tables[b][i] not in self.pool.block_hash:
                     self.pool.register_hash(tables[b][i], h)
         for b, r in enumerate(rows):
-            if seq_before[b] == 0:
-                self.pad_lens[r] += int(pads[b])
+            self.pad_lens[r] += int(lead[b])
+            if pads_after_start[b].any():
+                runs = self.inner_pads[r]
+                for j in np.flatnonzero(pads_after_start[b]):
+                    at = self._logical_len + int(j)
+                    if runs and sum(runs[-1]) == at:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((at, 1))
             self.seq_lens[r] = int(seq_after[b])
 
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
@@ -439,14 +575,10 @@ class PagedCache(Cache):
         block_table = np.zeros((batch_size, max_blocks), dtype=np.int32)
         for b, table in enumerate(tables):
             block_table[b, : len(table)] = table
-        j = np.arange(q_len, dtype=np.int64)[None, :]
-        query_pos = seq_before[:, None] + j - pads[:, None]
-        is_real = j >= pads[:, None]
-        query_pos = np.where(is_real, query_pos, -1)
         safe_pos = np.maximum(query_pos, 0)
         blk = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64)
         slot = blk * bs + safe_pos % bs
-        slot = np.where(is_real & (query_pos >= skip_until[:, None]), slot, -1)
+        slot = np.where(real & (query_pos >= skip_until[:, None]), slot, -1)
         n_copies = len(copies)
         packed = np.concatenate([
             block_table.ravel(), seq_after.astype(np.int32), query_pos.astype(np.int32).ravel(),
@@ -466,8 +598,56 @@ class PagedCache(Cache):
             copy_src=src, copy_dst=dst, max_seq_len=max(1, int(seq_after.max())),
             new_logical_len=self._logical_len + q_len, backend=backend, packed_meta=dev[:n_meta],
             max_context_len=int(seq_before.max()) if batch_size else 0,
+            pads_after_start=bool(pads_after_start.any()),
         )
         return self._forward
+
+    def _check_usable(self, config) -> None:
+        """Refuse rows left unusable (an exception mid-generate, a forward cut short, another
+        model's K/V); bind a fresh cache to the model of its first forward."""
+        if self.interrupted is not None:
+            raise CacheStateError(
+                f"hf_paged: this PagedCache was left mid-generation by an exception ({self.interrupted}); its rows "
+                f"are incomplete. Call cache.reset() before reusing it."
+            )
+        fwd = self._forward
+        if fwd is not None and fwd.started and self._layers_per_forward and \
+                len(fwd.layers_done) < self._layers_per_forward:
+            raise CacheStateError(
+                f"hf_paged: the previous forward on this PagedCache stopped after {len(fwd.layers_done)} of "
+                f"{self._layers_per_forward} layers (an exception?); its rows are incomplete. Call cache.reset() "
+                f"before reusing it."
+            )
+        if fwd is not None and fwd.started:
+            self._layers_per_forward = max(self._layers_per_forward, len(fwd.layers_done))
+        if config is None:
+            return
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        bound = self._model_config() if self._model_config is not None else None
+        if bound is config:
+            return
+        if self._model_config is not None and self.block_tables:
+            raise CacheStateError(
+                "hf_paged: this PagedCache holds the K/V of another model; call cache.reset() before using it "
+                "with this one, or give each model its own PagedCache."
+            )
+        shape = config_kv_shape(config)
+        if self.config is not None and self.config is not config and shape is not None and \
+                config_kv_shape(self.config) != shape:
+            raise ValueError(
+                f"hf_paged: this PagedCache was built from a config with (layers, KV heads, key dim, value dim) = "
+                f"{config_kv_shape(self.config)} but the model using it has {shape}. Build it with "
+                f"PagedCache(config=model.config, ...)."
+            )
+        if self.key_cache and shape is not None and any(
+                k is not None and (k.shape[2], k.shape[3]) != shape[1:3] for k in self.key_cache):
+            # reset() kept the tensors of a model of another shape: they cannot serve this one
+            self.key_cache, self.value_cache, self.layers = [], [], []
+            self._pools_version += 1
+            if self.max_memory is not None:
+                self.pool = BlockPool()
+        self.config = config
+        self._model_config = weakref.ref(config)
 
     def _forward_rows(self, batch_size: int) -> list[int]:
         """The cache rows this forward's batch rows are (all rows, or a prefill group's rows)."""
@@ -490,34 +670,25 @@ class PagedCache(Cache):
         self.block_tables.extend([] for _ in range(n))
         self.seq_lens.extend([0] * n)
         self.pad_lens.extend([0] * n)
+        self.inner_pads.extend([] for _ in range(n))
 
-    def _new_token_counts(self, attention_mask, q_len, batch_size, seq_before):
-        """Per row: how many of the ``q_len`` new tokens are real, and how many are left pads."""
+    def _real_new_tokens(self, attention_mask, q_len, batch_size, seq_before) -> np.ndarray:
+        """bool [B, Q]: which of this forward's tokens are real (stored), from the 2D mask."""
+        # A decode step (one new token for rows that all hold tokens) is never padded by generate:
+        # reading the mask on the GPU at every step would cost a host-device synchronisation.
+        # Prompts, continued multi-turn batches and multi-token steps are read.
         must_read = attention_mask is not None and (
-            attention_mask.device.type == "cpu" or bool((seq_before == 0).any())
+            attention_mask.device.type == "cpu" or q_len > 1 or bool((seq_before == 0).any())
         )
-        # Pads only come before a row's first real token: once every row holds a token, generate
-        # only appends real ones. Reading the mask on the GPU at every step would cost a
-        # host-device synchronisation, so it is read until every row has started (the prefill).
         if not must_read:
-            n = np.full(batch_size, q_len, dtype=np.int64)
-            return n, np.zeros(batch_size, dtype=np.int64)
-        new = attention_mask[:, -q_len:].to("cpu", torch.bool).numpy()
-        if new.shape != (batch_size, q_len):
+            return np.ones((batch_size, q_len), dtype=bool)
+        real = attention_mask[:, -q_len:].to("cpu", torch.bool).numpy()
+        if real.shape != (batch_size, q_len):
             raise ValueError(
                 f"hf_paged: attention_mask of shape {tuple(attention_mask.shape)} does not cover "
                 f"{batch_size} rows x {q_len} new tokens"
             )
-        # Left padding only: within a row, once a real token appears, no pad may follow.
-        bad = (new[:, 1:] < new[:, :-1]).any(axis=1) | ((seq_before > 0) & ~new.all(axis=1))
-        if bad.any():
-            raise ValueError(
-                f"hf_paged: row {int(np.flatnonzero(bad)[0])} of the attention_mask has a pad after a real "
-                f"token. The paged cache stores left-padded batches only: set "
-                f"tokenizer.padding_side = 'left'."
-            )
-        n = new.sum(axis=1).astype(np.int64)
-        return n, q_len - n
+        return real
 
     # ---------------------------------------------------------------- prefix sharing
     def set_prefill_tokens(self, input_ids: torch.Tensor | None) -> None:
@@ -525,7 +696,7 @@ class PagedCache(Cache):
         blocks (same tokens from the row's first token on) are stored once."""
         self._prefill_tokens = input_ids
 
-    def _plan_prefix_reuse(self, n_new, pads, seq_before, q_len):
+    def _plan_prefix_reuse(self, real, started_here, q_len):
         """Which full prompt blocks of rows that start in this forward already exist.
 
         Returns ``reuse`` (row -> leading blocks to reference: a block id from the pool, or
@@ -535,19 +706,19 @@ class PagedCache(Cache):
         tokens at the same positions: the same K/V.
         """
         tokens, self._prefill_tokens = self._prefill_tokens, None
-        if not self.share_prefixes or tokens is None or tuple(tokens.shape) != (len(n_new), q_len):
+        if not self.share_prefixes or tokens is None or tuple(tokens.shape) != (len(real), q_len):
             return {}, {}
         tokens = tokens.to("cpu").numpy()
         bs = self.block_size
         reuse: dict[int, list] = {}
         row_hashes: dict[int, list[bytes]] = {}
         first_seen: dict[bytes, tuple[int, int]] = {}  # hash -> (row, block index) in this forward
-        for b in range(len(n_new)):
-            if seq_before[b] != 0:
+        for b in range(len(real)):
+            if not started_here[b]:
                 continue
-            row = tokens[b, int(pads[b]):].astype(np.int64)
+            row = tokens[b][real[b]].astype(np.int64)
             hashes, h = [], b""
-            for i in range(int(n_new[b]) // bs):
+            for i in range(len(row) // bs):
                 # 128-bit digest chained over the prefix: collisions are out of reach, and every
                 # process (tensor-parallel ranks) computes the same value
                 h = hashlib.blake2b(h + row[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
@@ -623,6 +794,7 @@ class PagedCache(Cache):
         self.block_tables = new
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.pad_lens = [self.pad_lens[i] for i in idx]
+        self.inner_pads = [list(self.inner_pads[i]) for i in idx]
 
     def fork_rows(self, idx: list[int]) -> None:
         """Public alias of row selection with repetition: rows share blocks copy-on-write."""
@@ -642,7 +814,11 @@ class PagedCache(Cache):
         self._end_forward()
         bs = self.block_size
         for b, table in enumerate(self.block_tables):
-            keep_tokens = max(0, min(self.seq_lens[b], max_length - self.pad_lens[b]))
+            # stored tokens among the first max_length logical positions: all but the pads there
+            runs = [(at, min(n, max_length - at)) for at, n in self.inner_pads[b] if at < max_length]
+            self.inner_pads[b] = runs
+            unstored = min(self.pad_lens[b], max_length) + sum(n for _, n in runs)
+            keep_tokens = max(0, min(self.seq_lens[b], max_length - unstored))
             keep_blocks = -(-keep_tokens // bs)
             dropped = table[keep_blocks:]
             del table[keep_blocks:]
@@ -658,8 +834,13 @@ class PagedCache(Cache):
         self._forward = None  # its unwritten K/V belonged to rows that are gone
         self.max_row_blocks = None
         self.pool.reset()
-        self.block_tables, self.seq_lens, self.pad_lens = [], [], []
+        self.block_tables, self.seq_lens, self.pad_lens, self.inner_pads = [], [], [], []
         self._logical_len = 0
+        self._model_config = None
+        if not self._config_given:
+            self.config = None
+        self._layers_per_forward = 0
+        self.interrupted = None
         self._prefill_tokens = None
         self._group_rows = None
 
@@ -741,20 +922,33 @@ def split_metadata(packed: torch.Tensor, batch: int, width: int, q_len: int):
             packed[c:c + batch * q_len].view(batch, q_len))
 
 
-def _config_bytes_per_token(config, dtype) -> int:
+def config_kv_shape(config) -> tuple[int, int, int, int] | None:
+    """``(layers, kv_heads, key_dim, value_dim)`` of the K/V a model with this config stores per
+    token, or None when the config does not say."""
     if config is None:
-        return 0
+        return None
     try:
         layers = config.num_hidden_layers
         heads = config.num_attention_heads
+        if getattr(config, "qk_rope_head_dim", None) and getattr(config, "v_head_dim", None):
+            # multi-head latent attention (DeepSeek-V2/V3): K and V per query head, of two widths
+            return layers, heads, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    except AttributeError:
+    except (AttributeError, TypeError):
+        return None
+    return layers, kv_heads, head_dim, head_dim
+
+
+def _config_bytes_per_token(config, dtype) -> int:
+    shape = config_kv_shape(config)
+    if shape is None:
         return 0
+    layers, kv_heads, key_dim, value_dim = shape
     dtype = dtype or getattr(config, "dtype", None) or torch.get_default_dtype()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return layers * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return layers * kv_heads * (key_dim + value_dim) * torch.empty((), dtype=dtype).element_size()
 
 
 def cache_of(generate_output):

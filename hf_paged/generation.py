@@ -138,6 +138,11 @@ def _wrap_prefill(orig):
         if key is None:
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         cache: PagedCache = model_kwargs[key]
+        if generation_config.output_attentions:
+            raise ValueError(
+                "hf_paged: output_attentions=True cannot be served by attn_implementation='paged': its kernels never "
+                "materialise attention weights. Load the model with attn_implementation='eager' to get them."
+            )
         mask = model_kwargs.get("attention_mask")
         fresh = (
             cache.get_seq_length() == 0
@@ -150,7 +155,7 @@ def _wrap_prefill(orig):
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
 
         batch = input_ids.shape[0]
-        rep, inverse, lengths = _distinct_rows(input_ids, mask)
+        rep, inverse, lengths, left_padded = _distinct_rows(input_ids, mask)
         if not cache.share_prefixes:
             rep, inverse = list(range(batch)), list(range(batch))
         prompt_lengths = [lengths[r] for r in rep]
@@ -167,10 +172,14 @@ def _wrap_prefill(orig):
             cache.set_prefill_tokens(input_ids)
             outputs = orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         else:
-            if generation_config.output_hidden_states or generation_config.output_attentions:
-                groups = [list(range(len(rep)))]  # per-position outputs cannot be merged across groups
+            # Groups are trimmed to their longest prompt, which needs pads first in every row, and
+            # per-position outputs (hidden states, attentions) keep stock's [rows, width] shapes.
+            per_position = generation_config.output_hidden_states or generation_config.output_attentions
+            trim = left_padded and not per_position
+            if not trim:
+                groups = [list(range(len(rep)))]
             outputs = _grouped_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
-                                       is_first_iteration, rep, lengths, groups, args, kwargs)
+                                       is_first_iteration, rep, lengths, groups, trim, args, kwargs)
             if len(rep) < batch:
                 # generate expanded the prompts (beams / num_return_sequences): each distinct prompt
                 # was prefilled once; fork the rows, sharing blocks copy-on-write.
@@ -201,11 +210,13 @@ def _prefill_groups(lengths: list[int], max_tokens: int | None) -> list[list[int
 
 
 def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                     rep, lengths, groups, args, kwargs):
-    """Prefill the distinct prompts ``rep`` group by group, each trimmed to its longest prompt.
+                     rep, lengths, groups, trim, args, kwargs):
+    """Prefill the distinct prompts ``rep`` group by group, each trimmed to its longest prompt
+    when ``trim`` (left-padded rows only), else over the batch's whole width.
 
     Cache row ``d`` holds prompt ``rep[d]``. Only the last position's logits leave the prefill
-    (that is all generate reads of it), so they are gathered into one ``[len(rep), 1, vocab]``.
+    (that is all generate reads of it), so they are gathered into one ``[len(rep), 1, vocab]``;
+    one group gives its other outputs (hidden states) whole.
     """
     batch, width = input_ids.shape
     cache._add_rows(len(rep))
@@ -215,7 +226,7 @@ def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwa
         for group in groups:
             rows = [rep[d] for d in group]
             rows_t = torch.tensor(rows, device=input_ids.device)
-            w = max(1, max(lengths[r] for r in rows))  # trimmed to the group's longest prompt
+            w = max(1, max(lengths[r] for r in rows)) if trim else width
             sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
             for k in ("attention_mask", "position_ids", "token_type_ids"):
                 v = sub.get(k)
@@ -236,15 +247,16 @@ def _grouped_prefill(orig, model, cache, input_ids, generation_config, model_kwa
         cache._group_rows = None
         cache._forward = None
     cache._logical_len = width
-    for d in range(len(rep)):  # logically every row is as wide as the batch
-        cache.pad_lens[d] = width - cache.seq_lens[d]
+    if trim:
+        for d in range(len(rep)):  # logically every row is as wide as the batch: its pads come first
+            cache.pad_lens[d] = width - cache.seq_lens[d]
     outputs["logits"] = merged
     return outputs
 
 
 def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """First row of each distinct (tokens, mask) prompt, each row's index among them, and each
-    row's real (non-pad) length."""
+    """First row of each distinct (tokens, mask) prompt, each row's index among them, each row's
+    real (non-pad) length, and whether every row has its pads first (left padding)."""
     ids = input_ids.cpu().numpy()
     mask = attention_mask.cpu().numpy() if attention_mask is not None and attention_mask.dim() == 2 else None
     first: dict[bytes, int] = {}
@@ -257,7 +269,8 @@ def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None)
             rep.append(b)
         inverse.append(first[k])
     lengths = mask.sum(axis=1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
-    return rep, inverse, lengths
+    left_padded = mask is None or bool((mask[:, 1:] >= mask[:, :-1]).all())
+    return rep, inverse, lengths, left_padded
 
 
 def _take_rows(value, rows: torch.Tensor, batch: int):
@@ -277,15 +290,26 @@ def _broadcast_rows(value, inverse: torch.Tensor, n_distinct: int):
 def _wrap_generate(orig):
     @functools.wraps(orig)
     def generate(self, *args, **kwargs):
+        if not is_paged(self):
+            return orig(self, *args, **kwargs)
+        user_cache = _paged_cache_key(kwargs)
+        user_cache = kwargs[user_cache] if user_cache is not None else None
+        forwards_before = user_cache.forwards if user_cache is not None else 0
         # An instance attribute "forward" already there is someone else's (accelerate's device_map
         # hooks): leave the model as it is. Installed for this call only, removed by its owner.
-        if not is_paged(self) or not graphs_enabled() or "forward" in self.__dict__:
-            return orig(self, *args, **kwargs)
-        graphed = self.forward = GraphedForward(self)
+        graphed = None
+        if graphs_enabled() and "forward" not in self.__dict__:
+            graphed = self.forward = GraphedForward(self)
         try:
             return orig(self, *args, **kwargs)
+        except BaseException as exc:
+            # The user's cache holds whatever the interrupted generation had written: refuse to
+            # continue from it (a later call would build on incomplete rows) until reset().
+            if user_cache is not None and user_cache.forwards != forwards_before and user_cache.interrupted is None:
+                user_cache.interrupted = f"{type(exc).__name__}: {exc}"[:300]
+            raise
         finally:
-            if self.__dict__.get("forward") is graphed:
+            if graphed is not None and self.__dict__.get("forward") is graphed:
                 del self.__dict__["forward"]
 
     return generate

@@ -264,7 +264,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
     width = _table_width(cache)
 
     fwd = cache.begin_forward(kwargs.get("attention_mask"), q_len=1, batch_size=batch, device=device,
-                              dtype=model.dtype, table_width=width)
+                              dtype=model.dtype, table_width=width, config=model.config)
     fwd.max_seq_len = width * cache.block_size  # one launch config for the eager and the replayed steps
     try:
         cache.grow_layer_pools()  # now, so that no pool is reallocated inside a graph

@@ -104,7 +104,7 @@ def test_max_memory_cap_is_converted_to_blocks(llama):
     cache.reset()
     with pytest.raises(OutOfBlocksError, match="max_blocks=3"):
         _gen(paged, ids, mask, max_new_tokens=10, past_key_values=cache)  # 49 tokens: 4 blocks
-    with pytest.raises(ValueError, match="cannot read the memory size"):
+    with pytest.raises(ValueError, match="cannot read max_memory=.lots."):
         PagedCache(max_memory="lots")
 
 
@@ -160,12 +160,21 @@ def test_streamer_stopping_criteria_scores(llama):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
 
 
-def test_right_padding_is_refused_with_the_fix(llama):
-    paged, _ = llama
+def test_right_padding_and_pads_inside_rows_give_stock_results(llama):
+    """Pads anywhere in a row are not stored; a pad's query reads the real keys before it, as
+    stock's does, so right-padded and holed masks give stock's logits and tokens."""
+    paged, stock = llama
     ids, mask = left_padded_batch([5, 9], seed=12)
-    right_mask = mask.flip(1)
-    with pytest.raises(ValueError, match="padding_side = 'left'"):
-        paged(ids, attention_mask=right_mask, past_key_values=PagedCache())
+    holed = mask.clone()
+    holed[1, 3] = 0
+    for m in (mask.flip(1), holed):
+        with torch.no_grad():
+            out = paged(ids, attention_mask=m, past_key_values=PagedCache()).logits
+            ref = stock(ids, attention_mask=m).logits
+        seen = m.cumsum(1) > 0  # positions with a real token at or before them
+        torch.testing.assert_close(out[seen], ref[seen], atol=1e-5, rtol=0)
+        kw = dict(max_new_tokens=6, do_sample=False)
+        assert torch.equal(_gen(paged, ids, m, **kw).sequences, _gen(stock, ids, m, **kw).sequences)
 
 
 def test_cache_implementation_conflict(llama):
@@ -258,3 +267,24 @@ def test_mask_hand_off_lives_in_one_mask_call(llama):
         ref = stock(ids, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     assert not cache.block_tables  # the refused cache was never touched again
+
+
+def test_cache_layers_follow_the_cache_contract(llama):
+    """len(cache) layers, each cache.layers[i] with keys/values as a DynamicCache holds them
+    (zeros at pads), as transformers' own code walks them."""
+    paged, stock = llama
+    ids, mask = left_padded_batch([5, 9], seed=17)
+    cache, dense = PagedCache(), DynamicCache(config=stock.config)
+    assert len(cache) == len(cache.layers) == 0
+    out = _gen(paged, ids, mask, max_new_tokens=4, past_key_values=cache)
+    ref = _gen(stock, ids, mask, max_new_tokens=4, past_key_values=dense)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert len(cache) == len(cache.layers) == stock.config.num_hidden_layers
+    real = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], 1).bool()[:, None, :, None]
+    for i in range(len(cache)):
+        for mine, theirs in ((cache.layers[i].keys, dense.layers[i].keys),
+                             (cache.layers[i].values, dense.layers[i].values)):
+            assert mine.shape == theirs.shape
+            torch.testing.assert_close(mine * real, theirs * real, atol=1e-5, rtol=0)
+            assert not (mine * ~real).any()
+        assert cache.layers[i].get_seq_length() == dense.layers[i].get_seq_length()
