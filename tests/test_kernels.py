@@ -42,8 +42,9 @@ DEVICES = (["cpu"] if _cpu_triton_usable() else []) + (["cuda"] if torch.cuda.is
 if not DEVICES:
     pytest.skip("no device can run the Triton kernels (no CUDA, interpreter unavailable)", allow_module_level=True)
 
-# bf16 tl.dot is broken in Triton's CPU interpreter (garbage results), so CPU covers
-# fp32 + fp16 and CUDA covers fp32 + bf16.
+# CPU covers fp32 + fp16 and CUDA covers fp32 + bf16; bf16 under the interpreter (whose own
+# bf16 tl.dot is broken: the kernels work around it) has its own small test,
+# test_bf16_under_interpreter.
 DTYPES = {"cpu": (torch.float32, torch.float16), "cuda": (torch.float32, torch.bfloat16)}
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 6e-2)}  # (rel-norm, max-abs)
 
@@ -569,6 +570,56 @@ def test_unsupported_shapes_raise():
     q = torch.zeros(1, 1, 1, 64, device=dev)
     with pytest.raises(ValueError, match=r"block_size 24 .*multiple of 16"):
         _tri().paged_attention(q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 1.0)
+
+
+BF16_CPU_CASES = [
+    # q_len, pads, feature, new (this forward's K/V passed as new_key/new_value), splits
+    (1, 0, None, False, 1),
+    (1, 0, "window", True, 2),
+    (1, 0, "softcap", True, 1),
+    (6, 2, None, False, None),
+    (6, 2, "window", True, None),
+    (6, 2, "softcap", True, None),
+]
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="needs Triton's CPU interpreter")
+@pytest.mark.parametrize("q_len,pads,feature,new,splits", BF16_CPU_CASES)
+def test_bf16_under_interpreter(q_len, pads, feature, new, splits, monkeypatch):
+    """bf16 in Triton's interpreter: it keeps bf16 as uint16 bit patterns and its own tl.dot
+    multiplies the bits (triton-lang/triton#11584), so the kernels upcast tl.dot operands to fp32
+    when interpreted (attention._INTERPRETED). Decode and multi-token, pool and new K/V, tiny."""
+    from hf_paged.kernels import attention as tri_attn
+
+    dtype, batch, num_q_heads, head_dim, block_size = torch.bfloat16, 2, 4, 32, 16
+    case = PagedCase(120 + q_len, [6, 40], 2, head_dim, block_size, dtype, "cpu")
+    query = _query(case.g, batch, num_q_heads, q_len, head_dim, dtype, "cpu")
+    qpos = _tail_positions(case.seq_lens, q_len, pads)
+    kw = _feature_kwargs(feature, case.g, num_q_heads, window=7)
+    scale = head_dim ** -0.5
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    scale, **kw)
+    small = dict(block_n=16, num_kv_splits=splits) if q_len == 1 else dict(block_n=16, block_m=16)
+    for tma in ([False, True] if new and q_len > 1 else [False]):
+        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
+        new_kw = {}
+        if new:
+            blk, off, new_key, new_value = case.new_kv(qpos)
+            real = qpos >= 0
+            k_cache[blk[real], off[real]] = NAN  # not yet written: must come from new_key/new_value
+            v_cache[blk[real], off[real]] = NAN
+            slots = torch.where(real, blk * block_size + off, -1).to(torch.int32).contiguous()
+            new_kw = dict(new_key=new_key, new_value=new_value, slot_mapping=slots)
+        out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype)
+        _tri().paged_attention(query, k_cache, v_cache, case.block_table, case.seq_lens, qpos, scale, out=out,
+                               **kw, **small, **new_kw)
+        _check_close(out, ref, dtype)
+        if pads:
+            assert (out[0, :pads] == 0).all()
+        finite = ~torch.isnan(case.key_cache)
+        assert torch.equal(k_cache[finite], case.key_cache[finite]) and torch.equal(v_cache[finite],
+                                                                                   case.value_cache[finite])
 
 
 # ----------------------------------------------------------------------------- store / copy

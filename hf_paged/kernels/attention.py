@@ -52,6 +52,14 @@ def _softcap(s, softcap):
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
+# True when Triton built this module's kernels for its CPU interpreter (TRITON_INTERPRET=1 at
+# import). The interpreter keeps bfloat16 tensors as raw uint16 bit patterns and its tl.dot runs
+# np.matmul on those bits (garbage, ~1e8; triton-lang/triton#11584), so when interpreting, the
+# tl.dot operands are upcast to fp32 first (fp16 / fp32 results are unchanged: numpy accumulates
+# in fp32 either way). A constexpr global: on the GPU it is False and the branch compiles out.
+_INTERPRETED = tl.constexpr(type(_softcap).__name__ == "InterpretedFunction")
+
+
 @triton.jit
 def _load_kv_rows(
     row_ptr, dims, n_mask, dim_mask, stride_d,
@@ -91,7 +99,10 @@ def _softmax_step(
     MASKED=False is for interior tiles where every row sees every key: no predicates,
     and no -inf guards (every score is finite there).
     """
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if _INTERPRETED:  # bf16 tl.dot is wrong in the interpreter: see _INTERPRETED
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if USE_SOFTCAP:
         s = _softcap(s * scale, softcap) * LOG2E
         qk_scale = 1.0
@@ -147,7 +158,10 @@ def _attend_tile(
                                          MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
     v = _load_kv_rows(value_cache_ptr + block_id * stride_vb + offset * stride_vt + kv_head * stride_vh,
                       dims, n_mask, dim_mask, stride_vd, MASKED, EVEN_D)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if _INTERPRETED:  # p rounded to V's dtype as on the GPU, then both operands upcast
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -201,7 +215,10 @@ def _attend_new_tile(
                                          MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
     v = _load_new_rows(new_value, b, kv_head, start, t, dims, dim_mask, num_queries,
                        stride_nvb, stride_nvh, stride_nvt, stride_nvd, BLOCK_N, BLOCK_D, MASKED, EVEN_D, TMA)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    if _INTERPRETED:  # p rounded to V's dtype as on the GPU, then both operands upcast
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
