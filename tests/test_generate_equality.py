@@ -91,8 +91,8 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
     widths = []
     orig = cache_module.PagedCache.begin_forward
 
-    def spy(self, attention_mask, q_len, batch_size, device, dtype=None):
-        fwd = orig(self, attention_mask, q_len, batch_size, device, dtype)
+    def spy(self, attention_mask, q_len, batch_size, device, dtype=None, **kwargs):
+        fwd = orig(self, attention_mask, q_len, batch_size, device, dtype, **kwargs)
         if not widths or widths[-1] != (batch_size, q_len) or fwd is not spy.last:
             widths.append((batch_size, q_len))
         spy.last = fwd

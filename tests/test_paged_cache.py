@@ -226,12 +226,12 @@ def test_import_is_idempotent_and_checks_signatures(monkeypatch):
         gen._check_signatures()
 
 
-def test_wrong_dtype_for_an_existing_cache(llama):
-    paged, _ = llama
+def test_wrong_dtype_for_an_existing_cache():
+    paged, _ = make_pair("llama")
     ids, mask = left_padded_batch([5], seed=14)
     cache = PagedCache()
     paged(ids, attention_mask=mask, past_key_values=cache)
-    half = copy.deepcopy(paged).to(torch.bfloat16)
+    half = paged.to(torch.bfloat16)  # the same model, now in bf16
     m2 = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], 1)
     with pytest.raises(TypeError, match="one PagedCache serves one dtype"):
         half(torch.tensor([[7]]), attention_mask=m2, past_key_values=cache)
