@@ -66,7 +66,7 @@ def paged_attention_forward(
     sinks = s_aux if s_aux is not None else kwargs.get("sinks")
     if isinstance(attention_mask, PagedForward):
         fwd = attention_mask.on(query.device)
-        layer_idx = module.layer_idx
+        layer_idx = kv_layer_of(module)
         k_pool, v_pool = fwd.cache.layer_pools(layer_idx)
         # This layer's new K/V (taken by PagedCache.update) are written by this launch.
         new = fwd.pending.pop(layer_idx, None)
@@ -84,6 +84,22 @@ def paged_attention_forward(
         return out, None
     dropout = dropout if module.training else 0.0
     return dense_attention(query, key, value, attention_mask, scaling, softcap, sinks, dropout), None
+
+
+def kv_layer_of(module) -> int:
+    """The layer whose pools an attention layer reads: its own, or for a layer that reuses an
+    earlier layer's K/V (Gemma3n's last ``num_kv_shared_layers``), the last earlier layer of its
+    type, which stores them (the rule transformers applies, in 5.17 and later releases alike)."""
+    layer = module.__dict__.get("_hf_paged_kv_layer")
+    if layer is None:
+        layer = module.layer_idx
+        if getattr(module, "is_kv_shared_layer", False):
+            config = module.config
+            first_shared = config.num_hidden_layers - config.num_kv_shared_layers
+            kind = config.layer_types[layer]
+            layer = max(i for i in range(first_shared) if config.layer_types[i] == kind)
+        module.__dict__["_hf_paged_kv_layer"] = layer
+    return layer
 
 
 def dense_attention(query, key, value, mask, scaling, softcap=None, sinks=None, dropout=0.0):

@@ -935,6 +935,7 @@ def config_kv_shape(config) -> tuple[int, int, int, int] | None:
             return layers, heads, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layers -= getattr(config, "num_kv_shared_layers", 0) or 0  # layers reading another's K/V (Gemma3n)
     except (AttributeError, TypeError):
         return None
     return layers, kv_heads, head_dim, head_dim

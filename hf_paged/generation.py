@@ -68,23 +68,59 @@ def is_paged(model) -> bool:
     return getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_NAME
 
 
+# Layer types whose K/V the paged cache holds; any other type keeps state the cache has no room
+# for (conv, SSM, linear-attention) or attends in a way the kernels do not implement.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+# Multi-head latent attention models known to cache the compressed latents and expand them with
+# ``module.expand_kv`` after reading the cache (what the paged attention's latent path serves).
+LATENT_ATTENTION_MODEL_TYPES = {"deepseek_v2", "deepseek_v3"}
+
+
 def check_supported(model_cls, config) -> None:
     """Raise :class:`UnsupportedModelError` for models the paged cache cannot serve."""
     model_type = getattr(config, "model_type", "?")
     name = getattr(model_cls, "__name__", str(model_cls))
+
+    def refuse(reason: str):
+        raise UnsupportedModelError(
+            f"{name} (model_type={model_type!r}) is not supported by attn_implementation='paged': {reason}. Load it "
+            f"with attn_implementation='sdpa' or 'eager'."
+        )
+
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{name} (model_type={model_type!r}) is an encoder-decoder model, which is not supported by "
-            f"attn_implementation='paged' (it keeps decoder-only self-attention caches). Load it with "
-            f"attn_implementation='sdpa' or 'eager'."
-        )
+        refuse("it is an encoder-decoder model (the paged cache keeps decoder-only self-attention caches)")
     if model_type in UNSUPPORTED_MODEL_TYPES or not getattr(model_cls, "_supports_attention_backend", False):
+        refuse("it does not route its attention through transformers' attention interface (supported families "
+               "include Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, GPT-2, OPT, GPT-NeoX, Starcoder2 and OLMo2)")
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    if getattr(model_cls, "_is_stateful", False) or layer_types - ATTENTION_LAYER_TYPES:
+        other = sorted(layer_types - ATTENTION_LAYER_TYPES)
+        refuse(f"it keeps conv/SSM/linear-attention state in its cache (layer_types include {other}), and the paged "
+               f"cache holds attention K/V only" if other else
+               "it keeps recurrent state in its cache, and the paged cache holds attention K/V only")
+    if getattr(text, "kv_lora_rank", None) is not None and getattr(text, "model_type", None) \
+            not in LATENT_ATTENTION_MODEL_TYPES:
+        refuse(f"its multi-head latent attention is served for {sorted(LATENT_ATTENTION_MODEL_TYPES)} only")
+
+
+def _refuse_media_inputs(module, args, kwargs):
+    """Forward pre-hook of multimodal models: image/audio/video inputs with a paged cache."""
+    if not any(isinstance(kwargs.get(k), PagedCache) for k in ("cache", "past_key_values")):
+        return None
+    media = sorted(k for k, v in kwargs.items() if v is not None and k.startswith(MEDIA_INPUT_PREFIXES))
+    if media:
         raise UnsupportedModelError(
-            f"{name} (model_type={model_type!r}) does not route its attention through transformers' "
-            f"attention interface, so it is not supported by attn_implementation='paged'. Load it with "
-            f"attn_implementation='sdpa' or 'eager'; supported families include Llama, Mistral, Qwen2/3, "
-            f"Gemma2/3, Phi3, GPT-2, OPT, GPT-NeoX, Starcoder2 and OLMo2."
+            f"{type(module).__name__} (model_type={getattr(module.config, 'model_type', '?')!r}) got {media} with "
+            f"attn_implementation='paged': image, video and audio prompts are not supported (their tokens attend to "
+            f"each other both ways, and prompts are shared by their token ids, which are the same for every image). "
+            f"Text-only prompts work; load the model with attn_implementation='sdpa' for multimodal ones."
         )
+    return None
+
+
+# Names of generate's/forward's multimodal inputs (transformers' VLMs and audio models).
+MEDIA_INPUT_PREFIXES = ("pixel_", "image_", "video_", "audio_", "input_features", "mm_encoder_outputs")
 
 
 def _paged_cache_key(model_kwargs: dict) -> str | None:
@@ -99,6 +135,11 @@ def _wrap_check_attn(orig):
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, *args, **kwargs):
         if attn_implementation == ATTN_NAME:
             check_supported(type(self), self.config)
+            modalities = getattr(type(self), "input_modalities", "text")
+            if set([modalities] if isinstance(modalities, str) else modalities) - {"text"} and \
+                    not getattr(self, "_hf_paged_media_hook", False):
+                self.register_forward_pre_hook(_refuse_media_inputs, with_kwargs=True)
+                self._hf_paged_media_hook = True
         return orig(self, attn_implementation, is_init_check, *args, **kwargs)
 
     return _check_and_adjust_attn_implementation

@@ -669,6 +669,36 @@ def test_copy_blocks(device, strided_cache):
     assert torch.equal(case.key_cache, exp_k) and torch.equal(case.value_cache, exp_v)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("key_dim,value_dim", [(48, 16), (16, 40)])
+def test_store_and_copy_with_two_widths(device, key_dim, value_dim):
+    """K and V of different widths (multi-head latent attention caches its two latents so):
+    store and copy each with its own (head, dim) run, against the reference."""
+    dtype = DTYPES[device][1]
+    g = torch.Generator().manual_seed(9)
+    num_blocks, block_size, heads, batch, q_len = 6, 16, 1, 2, 5
+
+    def pools():
+        return (torch.randn(num_blocks, block_size, heads, key_dim, generator=g).to(device, dtype),
+                torch.randn(num_blocks, block_size, heads, value_dim, generator=g).to(device, dtype))
+
+    k_pool, v_pool = pools()
+    key = torch.randn(batch, q_len, heads, key_dim, generator=g).to(device, dtype).transpose(1, 2)
+    value = torch.randn(batch, heads, q_len, value_dim, generator=g).to(device, dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[: batch * q_len].reshape(batch, q_len)
+    slots[0, 1] = -1
+    slots = slots.to(device, torch.int32)
+    exp_k, exp_v = k_pool.clone(), v_pool.clone()
+    reference.store_kv(key, value, exp_k, exp_v, slots)
+    _tri().store_kv(key, value, k_pool, v_pool, slots)
+    assert torch.equal(k_pool, exp_k) and torch.equal(v_pool, exp_v)
+    src = torch.tensor([3, 0], device=device)
+    dst = torch.tensor([1, 5], device=device)
+    reference.copy_blocks(exp_k, exp_v, src, dst)
+    _tri().copy_blocks(k_pool, v_pool, src, dst)
+    assert torch.equal(k_pool, exp_k) and torch.equal(v_pool, exp_v)
+
+
 # ----------------------------------------------------------------------------- backends
 
 

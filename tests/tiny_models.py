@@ -32,6 +32,13 @@ FAMILIES = {
     "gpt_neox": ({"rotary_pct": 0.5}, "sdpa"),
     "starcoder2": ({}, "sdpa"),
     "olmo2": ({}, "sdpa"),
+    # the last 2 of 4 layers read the K/V of the last earlier layer of their type
+    "gemma3n_text": (
+        {"num_hidden_layers": 4, "head_dim": 16, "sliding_window": 8, "num_kv_shared_layers": 2,
+         "layer_types": ["sliding_attention", "full_attention"] * 2, "vocab_size_per_layer_input": VOCAB,
+         "hidden_size_per_layer_input": 8, "laurel_rank": 8, "altup_num_inputs": 2},
+        "sdpa",
+    ),
 }
 
 # Families whose decode step cannot be captured as a CUDA graph: generate decodes them eagerly (after one

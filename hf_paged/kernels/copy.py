@@ -27,6 +27,7 @@ def _copy_blocks_kernel(
     BLOCK_SIZE: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pair = tl.program_id(0)
@@ -40,10 +41,15 @@ def _copy_blocks_kernel(
     head = (elem // HEAD_DIM) % NUM_HEADS
     dim = elem % HEAD_DIM
     k_off = token * stride_kt + head * stride_kh + dim * stride_kd
-    v_off = token * stride_vt + head * stride_vh + dim * stride_vd
     k = tl.load(key_cache_ptr + src_block * stride_kb + k_off, mask=mask)
-    v = tl.load(value_cache_ptr + src_block * stride_vb + v_off, mask=mask)
     tl.store(key_cache_ptr + dst_block * stride_kb + k_off, k, mask=mask)
+    if HEAD_DIM_V != HEAD_DIM:  # V's block has its own volume (compiled out otherwise)
+        mask = elem < BLOCK_SIZE * NUM_HEADS * HEAD_DIM_V
+        token = elem // (NUM_HEADS * HEAD_DIM_V)
+        head = (elem // HEAD_DIM_V) % NUM_HEADS
+        dim = elem % HEAD_DIM_V
+    v_off = token * stride_vt + head * stride_vh + dim * stride_vd
+    v = tl.load(value_cache_ptr + src_block * stride_vb + v_off, mask=mask)
     tl.store(value_cache_ptr + dst_block * stride_vb + v_off, v, mask=mask)
 
 
@@ -59,10 +65,11 @@ def copy_blocks(
     check_device(key_cache, value_cache, src, dst)
     if src.shape != dst.shape or src.dim() != 1:
         raise ValueError(f"src and dst must be 1-D of one length, got {tuple(src.shape)} and {tuple(dst.shape)}")
-    if value_cache.shape != key_cache.shape:
+    if value_cache.shape[:3] != key_cache.shape[:3]:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
     _, block_size, num_heads, head_dim = key_cache.shape
-    block_elems = block_size * num_heads * head_dim
+    head_dim_v = value_cache.shape[3]
+    block_elems = block_size * num_heads * max(head_dim, head_dim_v)
     block = min(4096, next_pow2(block_elems))
     grid = (src.numel(), cdiv(block_elems, block))
     _copy_blocks_kernel[grid](
@@ -71,6 +78,7 @@ def copy_blocks(
         BLOCK_SIZE=block_size,
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
         BLOCK=block,
         num_warps=4,
     )

@@ -31,12 +31,12 @@ def store_kv(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]."""
-    batch, num_kv_heads, num_tokens, head_dim = key.shape
+    batch, num_kv_heads, num_tokens, _ = key.shape
     block_size = key_cache.shape[1]
     slots = slot_mapping.reshape(-1).to(torch.long)
-    # [B, H, Q, D] -> [B*Q, H, D]: one row per token, matching the slot order.
-    k_rows = key.permute(0, 2, 1, 3).reshape(batch * num_tokens, num_kv_heads, head_dim)
-    v_rows = value.permute(0, 2, 1, 3).reshape(batch * num_tokens, num_kv_heads, head_dim)
+    # [B, H, Q, D] -> [B*Q, H, D]: one row per token, matching the slot order (V's D may differ).
+    k_rows = key.permute(0, 2, 1, 3).reshape(batch * num_tokens, num_kv_heads, key.shape[3])
+    v_rows = value.permute(0, 2, 1, 3).reshape(batch * num_tokens, num_kv_heads, value.shape[3])
     keep = slots >= 0
     # Boolean indexing syncs on CUDA; this path is the CPU/oracle path, so that is fine.
     if not bool(keep.all()):

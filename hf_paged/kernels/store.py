@@ -2,7 +2,8 @@
 
 Memory layout:
     key, value             : [B, num_kv_heads, Q, head_dim], any strides (transformers'
-                             [batch, heads, seq, dim], usually a transposed view)
+                             [batch, heads, seq, dim], usually a transposed view); value's
+                             head_dim may differ from key's (latent attention caches two widths)
     key_cache, value_cache : [num_blocks, block_size, num_kv_heads, head_dim], any strides
     slot_mapping           : int32/int64 [B, Q]; slot = block_id * block_size + offset,
                              a negative slot is a pad token and is not written
@@ -35,6 +36,7 @@ def _store_kv_kernel(
     stride_sb, stride_st,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
@@ -62,12 +64,16 @@ def _store_kv_kernel(
     dst_v = block_id * stride_vcb + offset * stride_vct
 
     k = tl.load(key_ptr + src_k[:, None] + (head * stride_kh + dim * stride_kd)[None, :], mask=mask)
-    v = tl.load(value_ptr + src_v[:, None] + (head * stride_vh + dim * stride_vd)[None, :], mask=mask)
     tl.store(
         key_cache_ptr + dst_k[:, None] + (head * stride_kch + dim * stride_kcd)[None, :],
         k.to(key_cache_ptr.dtype.element_ty),
         mask=mask,
     )
+    if HEAD_DIM_V != HEAD_DIM:  # V's (head, dim) run has its own length (compiled out otherwise)
+        head = hd // HEAD_DIM_V
+        dim = hd % HEAD_DIM_V
+        mask = write[:, None] & (hd < NUM_HEADS * HEAD_DIM_V)[None, :]
+    v = tl.load(value_ptr + src_v[:, None] + (head * stride_vh + dim * stride_vd)[None, :], mask=mask)
     tl.store(
         value_cache_ptr + dst_v[:, None] + (head * stride_vch + dim * stride_vcd)[None, :],
         v.to(value_cache_ptr.dtype.element_ty),
@@ -84,15 +90,18 @@ def store_kv(
 ) -> None:
     """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]."""
     check_device(key, value, key_cache, value_cache, slot_mapping)
-    if key.dim() != 4 or value.shape != key.shape:
-        raise ValueError(f"key/value must be [B, num_kv_heads, Q, head_dim] of one shape, got {tuple(key.shape)} and {tuple(value.shape)}")
+    if key.dim() != 4 or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"key/value must be [B, num_kv_heads, Q, head_dim] (head_dim may differ), got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")
     batch, num_heads, tokens_per_row, head_dim = key.shape
+    head_dim_v = value.shape[3]
     _, block_size, cache_heads, cache_dim = key_cache.shape
-    if value_cache.shape != key_cache.shape:
+    if value_cache.shape[:3] != key_cache.shape[:3]:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    if (cache_heads, cache_dim) != (num_heads, head_dim):
+    if (cache_heads, cache_dim, value_cache.shape[3]) != (num_heads, head_dim, head_dim_v):
         raise ValueError(
-            f"key has {num_heads} heads x {head_dim} dims but the cache holds {cache_heads} x {cache_dim}"
+            f"key/value have {num_heads} heads x {head_dim}/{head_dim_v} dims but the cache holds "
+            f"{cache_heads} x {cache_dim}/{value_cache.shape[3]}"
         )
     if tuple(slot_mapping.shape) != (batch, tokens_per_row):
         raise ValueError(f"slot_mapping must be [B, Q] = {(batch, tokens_per_row)}, got {tuple(slot_mapping.shape)}")
@@ -100,7 +109,7 @@ def store_kv(
     if num_tokens == 0:
         return
 
-    row_elems = num_heads * head_dim
+    row_elems = num_heads * max(head_dim, head_dim_v)
     block_hd = min(next_pow2(row_elems), 4096)
     # ~8K elements per program: enough bytes in flight per SM without a huge grid.
     block_t = max(1, min(64, 8192 // block_hd))
@@ -113,6 +122,7 @@ def store_kv(
         *slot_mapping.stride(),
         NUM_HEADS=num_heads,
         HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
         BLOCK_SIZE=block_size,
         BLOCK_T=block_t,
         BLOCK_HD=block_hd,
