@@ -16,6 +16,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .cache import PagedForward, cache_from_mask_offset, device_guard
+from .kernels.reference import gather_context
+from .kernels.reference import paged_attention as reference_attention
 
 ATTN_NAME = "paged"
 
@@ -68,6 +70,9 @@ def paged_attention_forward(
         fwd = attention_mask.on(query.device)
         layer_idx = kv_layer_of(module)
         k_pool, v_pool = fwd.cache.layer_pools(layer_idx)
+        if callable(getattr(module, "expand_kv", None)):
+            return latent_attention(module, query, fwd, layer_idx, k_pool, v_pool, float(scaling), sliding_window,
+                                    softcap, sinks), None
         # This layer's new K/V (taken by PagedCache.update) are written by this launch.
         new = fwd.pending.pop(layer_idx, None)
         new_key, new_value, slots = (None, None, None) if new is None else (new[0], new[1], fwd.slot_mapping)
@@ -84,6 +89,26 @@ def paged_attention_forward(
         return out, None
     dropout = dropout if module.training else 0.0
     return dense_attention(query, key, value, attention_mask, scaling, softcap, sinks, dropout), None
+
+
+def latent_attention(module, query, fwd: PagedForward, layer_idx: int, k_pool, v_pool, scaling, sliding_window,
+                     softcap, sinks) -> torch.Tensor:
+    """Multi-head latent attention (DeepSeek-V2/V3): the pools hold the two compressed latents
+    each token caches (``kv_lora_rank`` and ``qk_rope_head_dim`` wide, one head); every step
+    expands the context's latents into per-head K/V with the layer's own ``expand_kv``, as stock
+    does with its DynamicCache, and attends over them in PyTorch on every device."""
+    new = fwd.pending.pop(layer_idx, None)
+    with device_guard(query.device):
+        if new is not None:
+            fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, fwd.slot_mapping)
+        block_size = k_pool.shape[1]
+        context = min(fwd.block_table.shape[1], -(-fwd.max_seq_len // block_size)) * block_size
+        key, value = module.expand_kv(gather_context(k_pool, fwd.block_table, fwd.seq_lens, context),
+                                      gather_context(v_pool, fwd.block_table, fwd.seq_lens, context))
+    # The expanded K/V as one block of `context` positions per row.
+    rows = torch.arange(query.shape[0], device=query.device, dtype=torch.int32)[:, None]
+    return reference_attention(query, key.transpose(1, 2), value.transpose(1, 2), rows, fwd.seq_lens, fwd.query_pos,
+                               scaling, sliding_window, softcap, sinks, max_seq_len=context)
 
 
 def kv_layer_of(module) -> int:

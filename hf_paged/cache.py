@@ -930,9 +930,9 @@ def config_kv_shape(config) -> tuple[int, int, int, int] | None:
     try:
         layers = config.num_hidden_layers
         heads = config.num_attention_heads
-        if getattr(config, "qk_rope_head_dim", None) and getattr(config, "v_head_dim", None):
-            # multi-head latent attention (DeepSeek-V2/V3): K and V per query head, of two widths
-            return layers, heads, config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+        if getattr(config, "kv_lora_rank", None):
+            # multi-head latent attention (DeepSeek-V2/V3): one head of two compressed latents
+            return layers, 1, config.kv_lora_rank, config.qk_rope_head_dim
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         layers -= getattr(config, "num_kv_shared_layers", 0) or 0  # layers reading another's K/V (Gemma3n)

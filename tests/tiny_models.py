@@ -32,6 +32,19 @@ FAMILIES = {
     "gpt_neox": ({"rotary_pct": 0.5}, "sdpa"),
     "starcoder2": ({}, "sdpa"),
     "olmo2": ({}, "sdpa"),
+    # multi-head latent attention: the cache holds two latents, expanded to K/V of two widths
+    "deepseek_v3": (
+        {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": None, "qk_rope_head_dim": 8,
+         "qk_nope_head_dim": 16, "v_head_dim": 12, "moe_intermediate_size": 32, "n_routed_experts": 4,
+         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+        "sdpa",
+    ),
+    "deepseek_v2": (
+        {"num_key_value_heads": 4, "kv_lora_rank": 32, "q_lora_rank": 24, "qk_rope_head_dim": 8,
+         "qk_nope_head_dim": 16, "v_head_dim": 12, "moe_intermediate_size": 32, "n_routed_experts": 4,
+         "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1},
+        "sdpa",
+    ),
     # the last 2 of 4 layers read the K/V of the last earlier layer of their type
     "gemma3n_text": (
         {"num_hidden_layers": 4, "head_dim": 16, "sliding_window": 8, "num_kv_shared_layers": 2,

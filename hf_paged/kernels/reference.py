@@ -50,6 +50,20 @@ def store_kv(
     value_cache[block_ids, offsets] = v_rows.to(value_cache.dtype)
 
 
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, context: int) -> torch.Tensor:
+    """The first ``context`` stored positions of every row, ``[B, H, context, D]`` (``context`` a
+    multiple of the block size, at most the table's width), zeros at or past ``seq_lens``."""
+    batch = block_table.shape[0]
+    _, block_size, heads, dim = cache.shape
+    blocks = block_table[:, : context // block_size].to(device=cache.device, dtype=torch.long)
+    rows = cache[blocks].reshape(batch, context, heads, dim)
+    # Blocks past seq_lens may be recycled and hold NaN: zero them so 0-probabilities times V stay
+    # 0 (0 * NaN = NaN would otherwise leak into every row).
+    valid = torch.arange(context, device=cache.device)[None, :] < seq_lens.to(cache.device, torch.long)[:, None]
+    rows = torch.where(valid[:, :, None, None], rows, torch.zeros((), dtype=rows.dtype, device=cache.device))
+    return rows.permute(0, 2, 1, 3)
+
+
 def copy_blocks(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -98,10 +112,11 @@ def paged_attention(
         store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
     batch, num_q_heads, num_queries, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
+    value_dim = value_cache.shape[3]  # may differ from the keys' (latent attention expands to two widths)
     group = num_q_heads // num_kv_heads
     device = query.device
     if out is None:
-        out = torch.empty(batch, num_queries, num_q_heads, head_dim, dtype=query.dtype, device=device)
+        out = torch.empty(batch, num_queries, num_q_heads, value_dim, dtype=query.dtype, device=device)
     if batch == 0 or num_queries == 0:
         return out
 
@@ -115,20 +130,10 @@ def paged_attention(
     num_blocks_used = max(1, min(max_blocks, -(-context // block_size)))
     context = num_blocks_used * block_size
 
-    seq_lens_l = seq_lens.to(device=device, dtype=torch.long)
     key_index = torch.arange(context, device=device)
-    # Blocks past seq_lens may be recycled and hold NaN: zero them so 0-probabilities
-    # times V stay 0 (0 * NaN = NaN would otherwise leak into every row).
-    kv_valid = key_index[None, :] < seq_lens_l[:, None]  # [B, L]
-    blocks = block_table[:, :num_blocks_used].to(device=device, dtype=torch.long)
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        rows = cache[blocks].reshape(batch, context, num_kv_heads, head_dim)
-        rows = torch.where(kv_valid[:, :, None, None], rows, torch.zeros((), dtype=rows.dtype, device=device))
-        return rows.permute(0, 2, 1, 3).float()  # [B, Hkv, L, D]
-
-    keys = gather(key_cache)
-    values = gather(value_cache)
+    kv_valid = key_index[None, :] < seq_lens.to(device=device, dtype=torch.long)[:, None]  # [B, L]
+    keys = gather_context(key_cache, block_table, seq_lens, context).float()
+    values = gather_context(value_cache, block_table, seq_lens, context).float()
 
     qpos = query_pos.to(device=device, dtype=torch.long)  # [B, Q]
     if sinks is not None:
@@ -158,6 +163,6 @@ def paged_attention(
         # Rows without any visible key (pad queries) softmax to NaN: define them as 0.
         probs = torch.where(allowed.any(-1, keepdim=True), probs, torch.zeros((), device=device))
         o = torch.matmul(probs.view(batch, num_kv_heads, group * nq, context), values)
-        o = o.view(batch, num_kv_heads, group, nq, head_dim).permute(0, 3, 1, 2, 4)
-        out[:, q0:q1] = o.reshape(batch, nq, num_q_heads, head_dim).to(out.dtype)
+        o = o.view(batch, num_kv_heads, group, nq, value_dim).permute(0, 3, 1, 2, 4)
+        out[:, q0:q1] = o.reshape(batch, nq, num_q_heads, value_dim).to(out.dtype)
     return out
