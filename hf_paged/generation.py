@@ -108,7 +108,7 @@ def _refuse_media_inputs(module, args, kwargs):
     """Forward pre-hook of multimodal models: image/audio/video inputs with a paged cache."""
     if not any(isinstance(kwargs.get(k), PagedCache) for k in ("cache", "past_key_values")):
         return None
-    media = sorted(k for k, v in kwargs.items() if v is not None and k.startswith(MEDIA_INPUT_PREFIXES))
+    media = sorted(k for k, v in kwargs.items() if k.startswith(MEDIA_INPUT_PREFIXES) and _holds_media(v))
     if media:
         raise UnsupportedModelError(
             f"{type(module).__name__} (model_type={getattr(module.config, 'model_type', '?')!r}) got {media} with "
@@ -117,6 +117,15 @@ def _refuse_media_inputs(module, args, kwargs):
             f"Text-only prompts work; load the model with attn_implementation='sdpa' for multimodal ones."
         )
     return None
+
+
+def _holds_media(value) -> bool:
+    """A multimodal input that carries something (generate passes empty encoder outputs for text)."""
+    if isinstance(value, dict):
+        return any(_holds_media(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_media(v) for v in value)
+    return value is not None
 
 
 # Names of generate's/forward's multimodal inputs (transformers' VLMs and audio models).
