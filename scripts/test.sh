@@ -5,8 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-# 1. everything, on the default backend (PyTorch reference on CPU, Triton on CUDA)
+# 1. everything, on the default backend (PyTorch reference on CPU, Triton on CUDA), on the newest
+#    transformers this Python has (setup.sh installs the newest release the package allows)
 "$PY" -m pytest -q -p no:cacheprovider
 # 2. the generate equality suite again with every attention/store/copy through the Triton kernels
 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_generate_equality.py tests/test_prefix_sharing.py
+# 3. the oldest transformers we support (5.17), in a venv layered over this Python's packages (torch
+#    and the rest are shared; transformers 5.17 brings its own huggingface_hub pin); the real-model
+#    (slow) tests ran in 1.
+OLD=.ci-venv-transformers-5.17
+[ -x "$OLD/bin/python" ] || "$PY" -m venv --system-site-packages "$OLD"
+"$OLD/bin/python" -m pip install -q "transformers==5.17.0"
+PYTHONPATH=$PWD "$OLD/bin/python" -m pytest -q -p no:cacheprovider -m "not slow"
