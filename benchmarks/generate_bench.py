@@ -37,6 +37,9 @@ p.add_argument("--repeat", type=int, default=1, help="timed rounds per path, alt
 p.add_argument("--full-warmup", action="store_true",
                help="run each workload once per path, untimed, before timing it (stock's DynamicCache is "
                     "much slower until the CUDA allocator holds blocks of every size it grows through)")
+p.add_argument("--gc-collect", action="store_true",
+               help="call gc.collect() before each run (a user's loop does not: by default the peak is what a "
+                    "loop of generate calls gets)")
 p.add_argument("--eager-too", action="store_true",
                help="also time the paged path with CUDA graphs off (HF_PAGED_CUDA_GRAPHS=0), one round")
 args = p.parse_args()
@@ -74,7 +77,8 @@ else:
 
 emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
      triton=getattr(__import__("triton"), "__version__", "?"), hf_paged=hf_paged.__version__,
-     gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"))
+     gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"),
+     gc_collect_before_each_run=args.gc_collect)
 
 if dev == "cuda" and want("bw"):
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
@@ -122,7 +126,8 @@ def batch(lengths, seed=0):
 
 def generate(lengths, new, cache=None, **gen):
     ids, mask = batch(lengths)
-    gc.collect()  # nothing of an earlier run may count in this run's peak
+    if args.gc_collect:
+        gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
