@@ -288,3 +288,15 @@ def test_cache_layers_follow_the_cache_contract(llama):
             torch.testing.assert_close(mine * real, theirs * real, atol=1e-5, rtol=0)
             assert not (mine * ~real).any()
         assert cache.layers[i].get_seq_length() == dense.layers[i].get_seq_length()
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(max_blocks=2.5), "max_blocks"), (dict(max_blocks="8"), "max_blocks"), (dict(max_blocks=True), "max_blocks"),
+    (dict(max_blocks=0), "max_blocks"), (dict(max_memory=float("nan")), "max_memory"),
+    (dict(max_memory=float("inf")), "max_memory"), (dict(max_memory=-1), "max_memory"),
+    (dict(max_memory="0GiB"), "max_memory"), (dict(max_memory=[4]), "max_memory"), (dict(block_size=16.0), "block_size"),
+    (dict(max_prefill_tokens=0), "max_prefill_tokens"),
+])
+def test_bad_cache_arguments_raise_one_value_error_naming_the_argument(kwargs, named):
+    with pytest.raises(ValueError, match=rf"hf_paged: (cannot read )?{named}"):
+        PagedCache(**kwargs)
