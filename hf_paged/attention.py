@@ -44,6 +44,23 @@ def paged_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
+def layer_chunk_size(module: torch.nn.Module) -> int | None:
+    """The attention chunk of a chunked-attention layer (Llama 4), None for any other layer.
+
+    transformers gives the attention function no chunk (no kwarg, no module attribute): the stock
+    path applies it through the mask (create_chunked_causal_mask) of the layers whose
+    ``config.layer_types[layer_idx]`` is ``"chunked_attention"``, which the paged mask does not build.
+    """
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_types is None or layer_idx is None or not 0 <= layer_idx < len(layer_types):
+        return None
+    if layer_types[layer_idx] != "chunked_attention":
+        return None
+    return getattr(config, "attention_chunk_size", None)
+
+
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -60,7 +77,9 @@ def paged_attention_forward(
 
     ``query`` is ``[B, Hq, Q, D]``; returns ``([B, Q, Hq, D], None)``. With a paged cache, K/V are
     read from the layer's block pool through the block table (``key``/``value`` are only this
-    forward's new tokens, already stored by ``PagedCache.update``).
+    forward's new tokens, already stored by ``PagedCache.update``). A chunked-attention layer
+    (Llama 4) attends within its chunk (see :func:`layer_chunk_size`); without a paged cache the
+    mask from transformers already says so.
     """
     if scaling is None:
         scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
@@ -84,7 +103,7 @@ def paged_attention_forward(
             out = fwd.backend.paged_attention(
                 query, k_pool, v_pool, fwd.block_table, fwd.seq_lens, fwd.query_pos, float(scaling),
                 sliding_window, softcap, sinks, None, fwd.max_seq_len, new_key, new_value, slots, plans=fwd.plans,
-                max_context_len=fwd.max_context_len,
+                max_context_len=fwd.max_context_len, chunk_size=layer_chunk_size(module),
             )
         return out, None
     dropout = dropout if module.training else 0.0

@@ -80,7 +80,7 @@ def test_prompt_lookup_decoding(pair):
     assert torch.equal(out.sequences, plain.sequences), name
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "opt", "llama4_text"])
 def test_prefill_in_length_sorted_groups(family, monkeypatch):
     """max_prefill_tokens splits the prefill into groups of prompts sorted by length, each trimmed
     to its longest prompt: same tokens and logits as stock, fewer padded tokens computed."""
@@ -116,3 +116,57 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
         assert cache.get_seq_length() == 41 + 7
         assert cache.memory_stats()["tokens_logical"] == sum(n + 7 for n in (5, 41, 23, 38, 9)) * (
             2 if "num_beams" in kw else 1)
+
+
+def _llama4_pair(chunk, seed=0):
+    """(paged, stock) tiny Llama 4 text models, same weights, layer 0 chunked (layer_types)."""
+    from transformers import AutoModelForCausalLM, Llama4TextConfig
+
+    def config():
+        return Llama4TextConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+            attention_chunk_size=chunk, no_rope_layers=[1, 0], max_position_embeddings=512, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2,
+        )
+
+    torch.manual_seed(seed)
+    stock = AutoModelForCausalLM.from_config(config(), attn_implementation="sdpa")
+    paged = AutoModelForCausalLM.from_config(config(), attn_implementation="paged")
+    paged.load_state_dict(stock.state_dict())
+    assert paged.config.layer_types == ["chunked_attention", "full_attention"]
+    return paged.eval(), stock.eval()
+
+
+def test_llama4_chunked_attention_matches_stock():
+    """Llama 4's chunked layers attend only within their chunk of 8 positions (counted from the
+    row's first real token): stock's tokens exactly for greedy, beam and seeded sampling on
+    left-padded prompts longer than several chunks. The same weights with a chunk longer than any
+    row give other tokens, so this cannot pass by ignoring the chunks."""
+    paged, stock = _llama4_pair(8)
+    _, unchunked = _llama4_pair(10**6)
+    unchunked.load_state_dict(stock.state_dict())
+    ids, mask = left_padded_batch([5, 30, 19], seed=7)
+    cases = [
+        dict(do_sample=False, output_logits=True),
+        dict(num_beams=2, do_sample=False),
+        dict(do_sample=True, top_k=0, num_return_sequences=2),
+    ]
+    for kw in cases:
+        kw = dict(max_new_tokens=12, eos_token_id=None, **kw)
+        runs = {}
+        for name, model in (("stock", stock), ("paged", paged), ("unchunked", unchunked)):
+            torch.manual_seed(1234)
+            runs[name] = _gen(model, ids, mask, **kw)
+        ref, out = runs["stock"], runs["paged"]
+        assert isinstance(cache_of(out), PagedCache)
+        assert torch.equal(out.sequences, ref.sequences), kw
+        for a, b in zip(out.logits or (), ref.logits or ()):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+        assert not torch.equal(runs["unchunked"].sequences, ref.sequences), f"chunks make no difference here: {kw}"
+    # Without a paged cache the "paged" attention falls back to a dense one with transformers' mask,
+    # which carries the chunks itself.
+    with torch.no_grad():
+        dense, ref = (m(input_ids=ids, attention_mask=mask, use_cache=False).logits for m in (paged, stock))
+    real = mask.bool()
+    torch.testing.assert_close(dense[real], ref[real], atol=2e-4, rtol=0)

@@ -139,7 +139,10 @@ def _check_close(out, ref, dtype):
 
 def _feature_kwargs(feature, g, num_q_heads, device="cpu", window=None, softcap=4.0, sink_scale=1.0):
     """Attention kwargs for one optional feature: a sliding window (drawn from 1-39 when window is
-    None), a softcap, or attention sinks drawn from g (times sink_scale); {} for None."""
+    None), Llama 4's attention chunk ("chunk=C": chunk_size C), a softcap, or attention sinks
+    drawn from g (times sink_scale); {} for None."""
+    if feature is not None and feature.startswith("chunk="):
+        return {"chunk_size": int(feature.partition("=")[2])}
     if feature == "window":
         return {"sliding_window": window if window is not None else int(torch.randint(1, 40, (1,), generator=g))}
     if feature == "softcap":
@@ -152,7 +155,8 @@ def _feature_kwargs(feature, g, num_q_heads, device="cpu", window=None, softcap=
 # ----------------------------------------------------------------------------- naive oracle
 
 
-def _naive_attention(query, case: PagedCase, query_pos, scale, sliding_window=None, softcap=None, sinks=None):
+def _naive_attention(query, case: PagedCase, query_pos, scale, sliding_window=None, softcap=None, sinks=None,
+                     chunk_size=None):
     """Per-row, per-head dense float64 attention with an explicit mask."""
     batch, num_q_heads, num_queries, head_dim = query.shape
     num_kv_heads = case.key_cache.shape[2]
@@ -171,6 +175,8 @@ def _naive_attention(query, case: PagedCase, query_pos, scale, sliding_window=No
             mask = p <= qp
             if sliding_window is not None:
                 mask &= p > qp - sliding_window
+            if chunk_size is not None:
+                mask &= p // chunk_size == qp // chunk_size
             for h in range(num_q_heads):
                 kvh = h // group
                 sc = keys[:, kvh] @ query[b, h, t].double().cpu() * scale
@@ -193,6 +199,8 @@ def _naive_attention(query, case: PagedCase, query_pos, scale, sliding_window=No
         (3, (8, 2), 128, 16, 5, "softcap"),
         (4, (6, 2), 64, 32, 7, "sinks"),
         (5, (4, 2), 256, 16, 4, "window"),
+        (6, (4, 2), 64, 16, 7, "chunk=6"),
+        (7, (2, 1), 64, 32, 1, "chunk=5"),
     ],
 )
 def test_reference_matches_naive(seed, heads, head_dim, block_size, q_len, feature):
@@ -280,6 +288,10 @@ DECODE_CASES = [
     (4, (2, 2), 256, 32, [20, 49], "softcap", 2),
     (5, (6, 2), 128, 16, [31, 16, 1], "sinks", 1),
     (6, (6, 2), 64, 32, [100, 3], "sinks", 5),
+    # chunked attention: keys from the query's own chunk only (row 2's query at 48 starts one)
+    (7, (4, 1), 64, 16, [5, 90, 49], "chunk=8", 1),    # the chunk divides the block
+    (8, (8, 2), 64, 16, [40, 77, 25], "chunk=12", 3),  # it does not; split-KV (early splits empty)
+    (9, (4, 2), 80, 32, [100, 33], "chunk=48", 2),     # longer than a block, not a multiple of it
 ]
 
 
@@ -326,6 +338,9 @@ MULTI_CASES = [
     (4, (6, 2), 256, 16, [18, 25], 5, 1, "sinks"),
     (5, (2, 1), 64, 32, [70, 38], 33, 4, None),       # several query tiles
     (6, (4, 2), 128, 16, [50, 80], 20, 5, "window"),
+    (7, (4, 2), 64, 16, [50, 80], 20, 5, "chunk=8"),   # several chunks per row, pads, chunk | block
+    (8, (2, 1), 64, 32, [70, 38], 33, 4, "chunk=12"),  # several query tiles, chunk not dividing the block
+    (9, (4, 1), 64, 16, [90, 9], 9, 0, "chunk=32"),    # long cached context: only its last chunk is read
 ]
 
 
@@ -356,6 +371,11 @@ NEW_TOKEN_CASES = [
     (63, (2, 2), 96, 16, [20, 49], 1, 0, "softcap", 1),
     (64, (6, 2), 64, 32, [31, 16], 1, 1, "sinks", 2),     # row 0 a pad query: nothing stored
     (65, (4, 2), 64, 16, [12, 40], 12, 3, None, None),    # several tokens: stored, then attended
+    # chunked: row 0's query (32) starts a chunk, so its cache range is empty and it sees only the
+    # token folded in from registers
+    (66, (4, 2), 64, 16, [33, 64, 70], 1, 0, "chunk=8", 1),
+    (67, (8, 2), 64, 16, [20, 49, 90], 1, 0, "chunk=12", 3),  # fused, split-KV
+    (68, (4, 2), 64, 16, [12, 40], 12, 3, "chunk=5", None),   # several tokens over chunk edges
 ]
 
 
@@ -418,6 +438,9 @@ NEW_MULTI_CASES = [
     (85, (2, 1), 64, 32, [70, 38], 37, 4, None),        # several query and key tiles of new tokens
     (86, (4, 2), 128, 16, [50, 80], 40, 21, "window"),  # pads over more than one key tile
     (87, (4, 2), 64, 16, [48, 33], 33, 0, None),        # row 1: a prompt of exactly Q tokens, unaligned
+    (88, (4, 2), 64, 16, [50, 80], 40, 21, "chunk=8"),  # pads over a key tile; chunks in context and own tokens
+    (89, (2, 1), 64, 32, [70, 38], 37, 4, "chunk=12"),  # chunk not dividing the block; several query tiles
+    (90, (4, 4), 64, 16, [48, 33], 33, 0, "chunk=20"),  # row 1 a prompt; chunk edges off the tiles
 ]
 
 
@@ -461,7 +484,7 @@ def test_multi_token_reads_own_tokens_from_new_kv(device, seed, heads, head_dim,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("feature", [None, "window", "sinks"])
+@pytest.mark.parametrize("feature", [None, "window", "sinks", "chunk=8"])
 def test_prompt_forward_reads_no_pool(device, feature, monkeypatch):
     """max_context_len=0 (a prompt forward): the kernel is built without the pool phase and reads
     every key from new_key/new_value (the pool is all NaN here). A row that has a context after
@@ -537,7 +560,7 @@ def test_multi_token_rows_in_another_layout_read_the_pool(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_launch_plans_are_reused_across_layers_and_keyed_on_what_changes(device):
     """One plans dict per forward: a later layer with other pools (same shapes) reuses the first
-    layer's launch with its own tensors; another window or softcap gets a plan of its own."""
+    layer's launch with its own tensors; another window, chunk or softcap gets a plan of its own."""
     dtype = DTYPES[device][0]
     seq_lens = [20, 45]
     ref_case = PagedCase(70, seq_lens, 2, 64, 16, dtype, device)
@@ -548,7 +571,7 @@ def test_launch_plans_are_reused_across_layers_and_keyed_on_what_changes(device)
     layers = [(ref_case.key_cache, ref_case.value_cache), second]
     qpos = (ref_case.seq_lens - 1)[:, None].contiguous()
     plans: dict = {}
-    for kw in ({}, {}, {"sliding_window": 6}, {"softcap": 2.0}):
+    for kw in ({}, {}, {"sliding_window": 6}, {"softcap": 2.0}, {"chunk_size": 6}, {"chunk_size": 8}):
         for key_cache, value_cache in layers:
             query = _query(g, 2, 8, 1, 64, dtype, device)
             out = _tri().paged_attention(query, key_cache, value_cache, ref_case.block_table,
@@ -556,7 +579,7 @@ def test_launch_plans_are_reused_across_layers_and_keyed_on_what_changes(device)
             ref = reference.paged_attention(query, key_cache, value_cache, ref_case.block_table,
                                             ref_case.seq_lens, qpos, 0.125, **kw)
             _check_close(out, ref, dtype)
-    assert len(plans) == 3  # {}, window, softcap: one plan each, shared by both layers
+    assert len(plans) == 5  # {}, window, softcap, two chunks: one plan each, shared by both layers
 
 
 def test_unsupported_shapes_raise():
@@ -570,6 +593,24 @@ def test_unsupported_shapes_raise():
     q = torch.zeros(1, 1, 1, 64, device=dev)
     with pytest.raises(ValueError, match=r"block_size 24 .*multiple of 16"):
         _tri().paged_attention(q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 1.0)
+
+
+def test_window_and_chunk_arguments_checked():
+    """A window and a chunk cannot be combined; a chunk (like a window) must be >= 1. Both backends
+    and the default backend's wrapper, which passes the chunk through."""
+    dev = DEVICES[0]
+    case = PagedCase(3, [20], 1, 64, 16, torch.float32, dev)
+    q = _query(case.g, 1, 2, 1, 64, torch.float32, dev)
+    qpos = torch.tensor([[19]], dtype=torch.int32, device=dev)
+    args = (q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos, 0.125)
+    for backend in (reference, _tri()):
+        with pytest.raises(ValueError, match=r"sliding_window \(4\) and chunk_size \(8\) cannot be combined"):
+            backend.paged_attention(*args, sliding_window=4, chunk_size=8)
+        for bad in (0, -3):
+            with pytest.raises(ValueError, match=rf"chunk_size must be >= 1 or None, got {bad}"):
+                backend.paged_attention(*args, chunk_size=bad)
+    out = K.paged_attention(*args, chunk_size=8)  # query 19: keys 16..19
+    _check_close(out, _naive_attention(q, case, qpos, 0.125, chunk_size=8), torch.float32)
 
 
 BF16_CPU_CASES = [

@@ -52,6 +52,13 @@ FAMILIES = {
          "hidden_size_per_layer_input": 8, "laurel_rank": 8, "altup_num_inputs": 2},
         "sdpa",
     ),
+    # Llama 4: layer 0 attends within chunks of 8 positions (layer_types "chunked_attention"), a
+    # chunk shorter than the prompts; layer 1 is full attention without RoPE; MoE feed-forward
+    "llama4_text": (
+        {"intermediate_size": 64, "intermediate_size_mlp": 128, "head_dim": 16, "num_local_experts": 2,
+         "num_experts_per_tok": 1, "attention_chunk_size": 8, "no_rope_layers": [1, 0]},
+        "sdpa",
+    ),
 }
 
 # Families whose decode step cannot be captured as a CUDA graph: generate decodes them eagerly (after one

@@ -7,7 +7,8 @@ Memory layout (both backends): key_cache / value_cache are
     backend.store_kv(key, value, key_cache, value_cache, slot_mapping)
     out = backend.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
                                   query_pos, scale, sliding_window, softcap, sinks, out,
-                                  max_seq_len, new_key, new_value, slot_mapping)
+                                  max_seq_len, new_key, new_value, slot_mapping,
+                                  chunk_size=None)  # Llama 4 chunked attention
     backend.copy_blocks(key_cache, value_cache, src, dst)
 
 The Triton modules (store, attention, copy) are imported lazily: Triton decides at
@@ -25,10 +26,12 @@ import types
 import torch
 
 from . import reference
+from .reference import check_local_attention
 
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "check_local_attention",
     "context_lens",
     "copy_blocks",
     "get_backend",
@@ -168,11 +171,11 @@ def store_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
 
 def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window=None,
                     softcap=None, sinks=None, out=None, max_seq_len=None, new_key=None, new_value=None,
-                    slot_mapping=None):
+                    slot_mapping=None, *, chunk_size=None):
     """paged_attention of the default backend (see get_backend)."""
     return get_backend().paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
                                          sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value,
-                                         slot_mapping)
+                                         slot_mapping, chunk_size=chunk_size)
 
 
 def copy_blocks(key_cache, value_cache, src, dst) -> None:

@@ -20,6 +20,12 @@ padded to >= 16 rows; multi-token: tokens x group), so every K/V tile is loaded 
 kv head and feeds a real tl.dot. A KV tile is BLOCK_N consecutive stored positions; each
 position looks its block up in the block table, so BLOCK_N is independent of block_size.
 Softmax is online in fp32, in the exp2 domain (scores pre-multiplied by log2(e)).
+
+Local attention (USE_WINDOW): a query at stored position p sees keys n <= p with n at or past a
+lower bound, _first_visible_key: p - W + 1 for a sliding window of W, or p - p % C with
+CHUNKED (Llama 4's chunked attention: only the keys of p's own chunk of C positions). One
+integer argument, local_size, carries W or C. Both bounds are non-decreasing in p, so the
+first visible key of a tile's first query bounds the whole tile.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv, check_device, context_lens, next_pow2
+from .reference import check_local_attention
 from .store import store_kv
 
 try:  # Triton >= 3.4: host-side TMA descriptors
@@ -50,6 +57,19 @@ def _softcap(s, softcap):
     # (and in the interpreter); exp overflow to inf still gives tanh = +-1.
     x = s / softcap
     return softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+
+
+@triton.jit
+def _first_visible_key(pos, local_size, CHUNKED: tl.constexpr):
+    # The first key position a query at stored position pos may see under local attention: the
+    # start of pos's chunk of C = local_size positions, or W - 1 positions back for a window of
+    # W = local_size. Both are non-decreasing in pos, so a tile or a row range can take the
+    # bound of its first query for all of its rows. (Pad rows, pos < 0, see no key anyway:
+    # n <= pos fails first.)
+    if CHUNKED:
+        return pos - pos % local_size
+    else:
+        return pos - local_size + 1
 
 
 # True when Triton built this module's kernels for its CPU interpreter (TRITON_INTERPRET=1 at
@@ -85,9 +105,10 @@ def _load_kv_rows(
 
 @triton.jit
 def _softmax_step(
-    q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
+    q, k, m_i, l_i, n, n_mask, pos, scale, softcap, local_size,
     MASKED: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -95,7 +116,8 @@ def _softmax_step(
     online softmax; returns (m_new, l_i, p, alpha) for the caller's V update.
 
     Rows are query rows with stored positions pos [M]; a key n is visible when n_mask (it
-    lies in the tile's valid range), n <= pos and, with a window, n > pos - window.
+    lies in the tile's valid range), n <= pos and, with a window, n > pos - window (with
+    CHUNKED, n >= pos - pos % chunk: the same chunk).
     MASKED=False is for interior tiles where every row sees every key: no predicates,
     and no -inf guards (every score is finite there).
     """
@@ -112,7 +134,12 @@ def _softmax_step(
     if MASKED:
         valid = (n[None, :] <= pos[:, None]) & n_mask[None, :]
         if USE_WINDOW:
-            valid = valid & (n[None, :] > pos[:, None] - sliding_window)
+            if CHUNKED:
+                valid = valid & (n[None, :] >= _first_visible_key(pos, local_size, True)[:, None])
+            else:
+                # n >= _first_visible_key, written as it always was (the window kernels' code
+                # stays the same: p - W + 1 would be one more add)
+                valid = valid & (n[None, :] > pos[:, None] - local_size)
         s = tl.where(valid, s, _NEG_INF)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MASKED:
@@ -132,12 +159,13 @@ def _attend_tile(
     key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     MASKED: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -154,8 +182,8 @@ def _attend_tile(
     offset = n % BLOCK_SIZE
     k = _load_kv_rows(key_cache_ptr + block_id * stride_kb + offset * stride_kt + kv_head * stride_kh,
                       dims, n_mask, dim_mask, stride_kd, MASKED, EVEN_D)
-    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
-                                         MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, local_size,
+                                         MASKED, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION)
     v = _load_kv_rows(value_cache_ptr + block_id * stride_vb + offset * stride_vt + kv_head * stride_vh,
                       dims, n_mask, dim_mask, stride_vd, MASKED, EVEN_D)
     if _INTERPRETED:  # p rounded to V's dtype as on the GPU, then both operands upcast
@@ -191,13 +219,14 @@ def _attend_new_tile(
     new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
     stride_nkb, stride_nkh, stride_nkt, stride_nkd,
     stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr,
     EVEN_D: tl.constexpr,
     TMA: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -211,8 +240,8 @@ def _attend_new_tile(
     n_mask = (n >= kv_lo) & (n < kv_end)
     k = _load_new_rows(new_key, b, kv_head, start, t, dims, dim_mask, num_queries,
                        stride_nkb, stride_nkh, stride_nkt, stride_nkd, BLOCK_N, BLOCK_D, MASKED, EVEN_D, TMA)
-    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, sliding_window,
-                                         MASKED, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    m_new, l_i, p, alpha = _softmax_step(q, k, m_i, l_i, n, n_mask, pos, scale, softcap, local_size,
+                                         MASKED, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION)
     v = _load_new_rows(new_value, b, kv_head, start, t, dims, dim_mask, num_queries,
                        stride_nvb, stride_nvh, stride_nvt, stride_nvd, BLOCK_N, BLOCK_D, MASKED, EVEN_D, TMA)
     if _INTERPRETED:  # p rounded to V's dtype as on the GPU, then both operands upcast
@@ -260,7 +289,7 @@ def _decode_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
     new_key_ptr, new_value_ptr, slot_mapping_ptr,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     tokens_per_split,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -285,6 +314,7 @@ def _decode_kernel(
     SPLIT: tl.constexpr,
     FUSED_STORE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -301,8 +331,8 @@ def _decode_kernel(
     else:
         kv_end = tl.minimum(seq_len, pos + 1)
     kv_begin = 0
-    if USE_WINDOW:
-        kv_begin = tl.maximum(pos - sliding_window + 1, 0)
+    if USE_WINDOW:  # (a pad query, pos < 0, reads nothing: hi <= 0)
+        kv_begin = tl.maximum(_first_visible_key(pos, local_size, CHUNKED), 0)
     lo = (kv_begin // BLOCK_N) * BLOCK_N
     hi = kv_end
     if SPLIT:
@@ -329,15 +359,15 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     block_table_row = block_table_ptr + b * stride_bt_b
     # All rows share the query position; n <= pos holds since hi <= pos + 1, and the
-    # window test (n > pos - window) is n >= kv_begin.
+    # window / chunk test is n >= kv_begin.
     pos_rows = tl.full([BLOCK_G], 0, tl.int32) + pos
     for start in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, start, pos_rows, hi,
             key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-            scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            scale, softcap, local_size,
+            BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
         )
 
     if FUSED_STORE:
@@ -354,7 +384,7 @@ def _decode_kernel(
                          nk, mask=dim_mask)
                 tl.store(value_cache_ptr + blk * stride_vb + off * stride_vt + kv_head * stride_vh + dims * stride_vd,
                          nv, mask=dim_mask)
-            if pos >= 0:  # the query sees its own token (always inside its window)
+            if pos >= 0:  # the query sees its own token (always inside its window or chunk)
                 m_i, l_i, acc = _fold_in_token(q, nk, nv, m_i, l_i, acc, scale, softcap, USE_SOFTCAP)
 
     if SPLIT:
@@ -423,17 +453,19 @@ def _attend_context(
     key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     EVEN_D: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Keys at positions [0, cache_end) (the cached context), from the pool."""
     if USE_WINDOW:
-        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+        # Every row's first visible key is at or past the first real query's (non-decreasing).
+        lo = tl.maximum(_first_visible_key(first_pos, local_size, CHUNKED), 0)
         masked_start = (lo // BLOCK_N) * BLOCK_N
     else:
         # Interior tiles: every key is <= the first real query's position, so all rows
@@ -444,17 +476,17 @@ def _attend_context(
                 q, m_i, l_i, acc, start, pos, cache_end,
                 key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
                 stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-                scale, softcap, sliding_window,
-                BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+                scale, softcap, local_size,
+                BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
             )
-    # Diagonal / window-edge / context-edge tiles.
+    # Diagonal / window- or chunk-edge / context-edge tiles.
     for start in range(masked_start, cache_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, start, pos, cache_end,
             key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-            scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            scale, softcap, local_size,
+            BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
         )
     return m_i, l_i, acc
 
@@ -465,12 +497,13 @@ def _attend_own_tokens(
     new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
     stride_nkb, stride_nkh, stride_nkt, stride_nkd,
     stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
     NEW_TMA: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -481,7 +514,7 @@ def _attend_own_tokens(
     pads = ctx_len - new_base
     t_end = kv_end - new_base
     if USE_WINDOW:
-        t_lo = tl.maximum(first_pos - sliding_window + 1 - new_base, pads)
+        t_lo = tl.maximum(_first_visible_key(first_pos, local_size, CHUNKED) - new_base, pads)
         masked_start = pads + ((t_lo - pads) // BLOCK_N) * BLOCK_N
     else:
         # [pads, masked_start): keys every real row sees (<= the first real query), unmasked.
@@ -492,17 +525,17 @@ def _attend_own_tokens(
                 q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
                 new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
                 stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-                scale, softcap, sliding_window,
-                BLOCK_N, BLOCK_D, False, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+                scale, softcap, local_size,
+                BLOCK_N, BLOCK_D, False, EVEN_D, NEW_TMA, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
             )
-    # The causal diagonal / window-edge tiles.
+    # The causal diagonal / window- or chunk-edge tiles.
     for start in range(masked_start, t_end, BLOCK_N):
         m_i, l_i, acc = _attend_new_tile(
             q, m_i, l_i, acc, start, pos, ctx_len, kv_end, new_base,
             new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
             stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-            scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            scale, softcap, local_size,
+            BLOCK_N, BLOCK_D, True, EVEN_D, NEW_TMA, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
         )
     return m_i, l_i, acc
 
@@ -513,7 +546,7 @@ def _multi_token_kernel(
     query_ptr, key_cache_ptr, value_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
     ctx_lens_ptr, new_key, new_value,
-    scale, softcap, sliding_window,
+    scale, softcap, local_size,
     num_queries,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -537,6 +570,7 @@ def _multi_token_kernel(
     HAS_NEW: tl.constexpr,
     NEW_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr = False,
 ):
     # Keys come from two places. Positions below ctx_len (the cached context: a shared prefix,
     # earlier turns) are read from the pool through the block table. With HAS_NEW, this
@@ -573,7 +607,7 @@ def _multi_token_kernel(
         ctx_len = seq_len
 
     # KV range of the whole tile: fully masked tiles (past the causal frontier of the
-    # last real query, or before the window of the first) are never visited. Pad rows
+    # last real query, or before the window or chunk of the first) are never visited. Pad rows
     # (pos = -1, e.g. left padding) do not widen it; an all-pad tile visits nothing.
     kv_end = tl.minimum(seq_len, tl.max(pos, 0) + 1)
     # First real query position (seq_len when the tile is all pads: no overflow, and
@@ -589,16 +623,16 @@ def _multi_token_kernel(
             q, m_i, l_i, acc, pos, first_pos, tl.minimum(ctx_len, kv_end),
             key_cache_ptr, value_cache_ptr, block_table_ptr + b * stride_bt_b, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
-            scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_SIZE, EVEN_D, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            scale, softcap, local_size,
+            BLOCK_N, BLOCK_SIZE, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
         )
     if HAS_NEW:
         m_i, l_i, acc = _attend_own_tokens(
             q, m_i, l_i, acc, pos, first_pos, ctx_len, kv_end, seq_len - num_queries,
             new_key, new_value, b, kv_head, dims, dim_mask, num_queries,
             stride_nkb, stride_nkh, stride_nkt, stride_nkd, stride_nvb, stride_nvh, stride_nvt, stride_nvd,
-            scale, softcap, sliding_window,
-            BLOCK_N, BLOCK_D, EVEN_D, NEW_TMA, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+            scale, softcap, local_size,
+            BLOCK_N, BLOCK_D, EVEN_D, NEW_TMA, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
         )
 
     o = _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS)
@@ -765,9 +799,12 @@ def paged_attention(
     block_m: int | None = None,
     plans: dict | None = None,
     max_context_len: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
+    chunk_size: chunked attention (Llama 4): a query at position p sees only the keys of its own
+    chunk, p // chunk_size == n // chunk_size (and n <= p). Not together with sliding_window.
     max_seq_len: optional host int >= max(seq_lens), only used to size split-KV.
     new_key / new_value [B, Hkv, Q, D] and slot_mapping [B, Q]: this forward's K/V, first stored
     at slot_mapping (negative = not stored) exactly as store_kv does; for decode (Q == 1) the
@@ -788,19 +825,20 @@ def paged_attention(
                key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
                None if out is None else (out.shape, out.stride()),
                None if new_key is None else (new_key.stride(), new_value.stride()),
-               num_kv_splits, block_n, block_m, max_context_len == 0)
+               num_kv_splits, block_n, block_m, max_context_len == 0, chunk_size)
         launch = plans.get(key)
     if launch is None:
         launch = _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window,
                        softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping,
-                       num_kv_splits, block_n, block_m, max_context_len)
+                       num_kv_splits, block_n, block_m, max_context_len, chunk_size)
         if plans is not None:
             plans[key] = launch
     return launch(query, key_cache, value_cache, sinks, out, new_key, new_value)
 
 
 def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window, softcap, sinks,
-          out, max_seq_len, new_key, new_value, slot_mapping, num_kv_splits, block_n, block_m, max_context_len):
+          out, max_seq_len, new_key, new_value, slot_mapping, num_kv_splits, block_n, block_m, max_context_len,
+          chunk_size=None):
     """Check the arguments and work out one launch; returns launch(query, key_cache, value_cache,
     sinks, out, new_key, new_value) -> out, valid for tensors of the same shapes, strides, dtypes
     and device with the same block_table, seq_lens, query_pos and slot_mapping."""
@@ -808,8 +846,7 @@ def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale
     check_device(query, key_cache, value_cache, block_table, seq_lens, query_pos, *extra)
     _check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks,
                           new_key, new_value, slot_mapping)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    check_local_attention(sliding_window, chunk_size)
     if softcap is not None and softcap <= 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
 
@@ -831,13 +868,16 @@ def _plan(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale
     elem_bytes = key_cache.element_size()
     # fp32 must not silently drop to tf32 on the tensor cores; 16-bit inputs ignore it.
     dot_precision = "ieee" if key_cache.dtype == torch.float32 else None
+    # A chunk is a variant of the window (another first visible key): USE_WINDOW, and CHUNKED
+    # says which; local_size carries W or C.
     flags = dict(
-        USE_WINDOW=sliding_window is not None,
+        USE_WINDOW=sliding_window is not None or chunk_size is not None,
+        CHUNKED=chunk_size is not None,
         USE_SOFTCAP=softcap is not None,
         USE_SINKS=sinks is not None,
         DOT_PRECISION=dot_precision,
     )
-    scalars = (float(scale), float(softcap or 1.0), int(sliding_window or 0))
+    scalars = (float(scale), float(softcap or 1.0), int(sliding_window or chunk_size or 0))
     # Strides of out as launched: ours is contiguous, a caller's has its strides in the plan key.
     out_strides = out.stride() if out is not None else (
         num_queries * num_q_heads * head_dim, num_q_heads * head_dim, head_dim, 1)

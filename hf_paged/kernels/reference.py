@@ -23,6 +23,17 @@ import torch
 _SCORE_CHUNK_ELEMS = 1 << 24
 
 
+def check_local_attention(sliding_window: int | None, chunk_size: int | None) -> None:
+    """ValueError unless at most one of a sliding window and an attention chunk is given, >= 1."""
+    if sliding_window is not None and chunk_size is not None:
+        raise ValueError(f"sliding_window ({sliding_window}) and chunk_size ({chunk_size}) cannot be combined: "
+                         "a layer attends within a window or within a chunk")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -98,6 +109,7 @@ def paged_attention(
     *,
     plans: dict | None = None,
     max_context_len: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -106,8 +118,10 @@ def paged_attention(
     gathers the whole block table.
     new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
     attended to. plans, max_context_len: accepted for the Triton backend's signature; nothing
-    to plan here.
+    to plan here. chunk_size: chunked attention (Llama 4): a query at position p sees only the
+    keys of its own chunk, n // chunk_size == p // chunk_size; not with sliding_window.
     """
+    check_local_attention(sliding_window, chunk_size)
     if new_key is not None:
         store_kv(new_key, new_value, key_cache, value_cache, slot_mapping)
     batch, num_q_heads, num_queries, head_dim = query.shape
@@ -153,6 +167,8 @@ def paged_attention(
         allowed = (key_index[None, None, :] <= pos) & kv_valid[:, None, :] & (pos >= 0)
         if sliding_window is not None:
             allowed &= key_index[None, None, :] > pos - sliding_window
+        if chunk_size is not None:  # the query's own chunk (pad rows, pos < 0, see nothing anyway)
+            allowed &= key_index[None, None, :] >= pos - pos % chunk_size
         allowed = allowed[:, None, None]  # [B, 1, 1, nq, L]
         scores = scores.masked_fill(~allowed, float("-inf"))
         if sinks is not None:
