@@ -25,7 +25,7 @@ class RecordingBackend:
 
     def paged_attention(self, query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
                         sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping, *, plans,
-                        max_context_len):
+                        max_context_len, chunk_size=None):
         # the attention launch writes the layer's new K/V (see PagedCache.update)
         self.calls.append(("store", new_key.device, key_cache.device, slot_mapping.device, id(slot_mapping)))
         assert block_table.device == seq_lens.device == query_pos.device == key_cache.device
