@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .cache import cache_of
+from .cache import DEFAULT_BLOCK_SIZE, _config_bytes_per_token, backend_name, cache_of
 from .testing import dense_cache_bytes
 
 SUBCOMMANDS = ("generate",)
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: 0.95 when sampling)")
     d.add_argument("--seed", type=int, default=0, help="random seed, set before each batch (default: 0)")
     c = g.add_argument_group("paged cache")
-    c.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the cache's, 16)")
+    c.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per KV block (default: {DEFAULT_BLOCK_SIZE}; a multiple of 16 for the Triton kernels)")
     c.add_argument("--max-memory", default=None, help="cap on the KV pool, e.g. 2GiB, 512MB")
     o = g.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="write {index, prompt, outputs} per prompt, in the original order")
@@ -98,8 +99,9 @@ def _error(exc_or_msg) -> str:
 
 
 def _validate(args) -> None:
-    def err(msg):
-        raise SystemExit(_error(msg))
+    def err(msg):  # one line and exit status 2, as argparse's own errors
+        print(_error(msg), file=sys.stderr)
+        raise SystemExit(2)
 
     for name in ("batch_size", "max_new_tokens", "num_beams", "num_return_sequences", "block_size"):
         v = getattr(args, name)
@@ -126,7 +128,52 @@ def is_demo(args) -> bool:
 def parse_memory(value) -> int:
     from .cache import parse_memory as _parse
 
-    return _parse(value)
+    return _parse(value, name="--max-memory")
+
+
+class InputError(ValueError):
+    """Bad input found before the model is loaded (exit status 2)."""
+
+
+def check_block_size(args, device) -> None:
+    """The Triton kernels take multiples of 16 only; the PyTorch backend (the CPU's) any size."""
+    if args.block_size is None or args.block_size % 16 == 0 or args.attn_implementation != "paged":
+        return
+    if backend_name(device) == "triton":
+        raise InputError(
+            f"--block-size {args.block_size} is not supported by the Triton kernels (used on CUDA devices and "
+            "with HF_PAGED_BACKEND=triton): use a multiple of 16, e.g. 16 or 32"
+        )
+
+
+def read_model_config(path):
+    """The model's config, read before its weights: a folder that is not a checkpoint fails in one
+    line instead of a traceback from deep inside from_pretrained."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"model folder '{path}' has no config.json: not a transformers checkpoint folder")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the model config in '{path}': {str(e).splitlines()[0]}") from None
+
+
+def check_max_memory(args, config, dtype) -> None:
+    """``--max-memory`` must hold one KV block at least; a block's bytes come from the config
+    (layers x KV heads x head dims x dtype bytes per token), so the weights need not be loaded."""
+    if args.max_memory is None or args.attn_implementation != "paged":
+        return
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    per_token = _config_bytes_per_token(text_config, dtype)
+    block_size = args.block_size or DEFAULT_BLOCK_SIZE
+    cap = parse_memory(args.max_memory)
+    if per_token and cap < per_token * block_size:
+        raise InputError(
+            f"--max-memory {args.max_memory} is {cap} bytes, less than one KV block: {per_token * block_size} bytes "
+            f"({per_token} bytes per token x block size {block_size}, {str(dtype).replace('torch.', '')}). "
+            "Raise --max-memory or lower --block-size."
+        )
 
 
 # =============================================================================== jobs
@@ -152,7 +199,7 @@ class JobResult:
     report: dict = field(default_factory=dict)
 
 
-def generation_kwargs(args, tokenizer) -> dict:
+def generation_kwargs(args) -> dict:
     kw = {"max_new_tokens": args.max_new_tokens}
     if args.num_beams is not None:
         kw["num_beams"] = args.num_beams
@@ -484,37 +531,20 @@ def main(argv=None) -> int:
 
 def cmd_generate(args) -> int:
     from .block_pool import OutOfBlocksError
-    from .prompts import PromptSourceError, load_prompts
-
-    try:
-        if is_demo(args):
-            jobs = demo_jobs(args)
-        else:
-            prompts = (
-                load_prompts(args.prompts, split=args.split, field=args.field, limit=args.limit)
-                if args.prompts is not None
-                else _builtin_for_options(args)
-            )
-            jobs = None
-    except (FileNotFoundError, PromptSourceError) as e:
-        print(_error(e), file=sys.stderr)
-        return 2
-    if jobs is not None and args.limit is not None:
-        for job in jobs:
-            job.prompts = job.prompts[: args.limit] or job.prompts[:1]
+    from .prompts import PromptSourceError
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.model is None:
-        from .real_model import smollm2_path
+    # Everything that can be wrong with the input fails here, in one line, before the model loads.
+    try:
+        check_block_size(args, device)
+        jobs = plan_jobs(args)
+        model_path = model_folder(args)
+        check_max_memory(args, read_model_config(model_path), dtype)
+    except (FileNotFoundError, PromptSourceError, InputError) as e:
+        print(_error(e), file=sys.stderr)
+        return 2
 
-        model_path = smollm2_path()
-    else:
-        model_path = args.model
-        if not os.path.exists(model_path):
-            print(f"hf-paged: error: model folder not found: '{model_path}' (there is no HuggingFace hub "
-                  "access here: give a local checkpoint folder)", file=sys.stderr)
-            return 2
     print(f"Loading {model_path} ({str(dtype).replace('torch.', '')}, {device}, "
           f"attn_implementation={args.attn_implementation!r})...", file=sys.stderr)
     model, tokenizer = load_model(model_path, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
@@ -523,8 +553,6 @@ def cmd_generate(args) -> int:
         stock_model, _ = load_model(model_path, dtype=dtype, device=device, attn_implementation="sdpa")
 
     chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
-    if jobs is None:
-        jobs = [Job("generate", prompts, generation_kwargs(args, tokenizer), args.batch_size)]
     cache_kwargs = {}
     if args.block_size is not None:
         cache_kwargs["block_size"] = args.block_size
@@ -567,6 +595,36 @@ def _warm_up(model, tokenizer) -> None:
     enc = tokenizer(["Hello"], return_tensors="pt").to(model.device)
     with torch.inference_mode():
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+def plan_jobs(args) -> list[Job]:
+    """The demo's three jobs, or one job over the prompts (``--prompts``, else the built-in ones)."""
+    from .prompts import load_prompts
+
+    if is_demo(args):
+        jobs = demo_jobs(args)
+        if args.limit is not None:
+            for job in jobs:
+                job.prompts = job.prompts[: args.limit] or job.prompts[:1]
+        return jobs
+    prompts = (
+        load_prompts(args.prompts, split=args.split, field=args.field, limit=args.limit)
+        if args.prompts is not None
+        else _builtin_for_options(args)
+    )
+    return [Job("generate", prompts, generation_kwargs(args), args.batch_size)]
+
+
+def model_folder(args) -> str:
+    """``--model``, else the embedded SmolLM2 (converted on first use)."""
+    if args.model is None:
+        from .real_model import smollm2_path
+
+        return str(smollm2_path())
+    if not os.path.exists(args.model):
+        raise InputError(f"model folder not found: '{args.model}' (there is no HuggingFace hub access here: give a "
+                         "local checkpoint folder)")
+    return args.model
 
 
 def _builtin_for_options(args):

@@ -261,9 +261,9 @@ def test_cli_parsing():
     args = cli.parse_args(["generate", "--prompts", "x.txt", "--num-beams", "4", "--num-return-sequences", "2",
                            "--no-chat", "--attn-implementation", "sdpa", "--max-memory", "2GiB"])
     assert not cli.is_demo(args) and args.chat is False and args.attn_implementation == "sdpa"
-    kw = cli.generation_kwargs(args, None)
+    kw = cli.generation_kwargs(args)
     assert kw == {"max_new_tokens": 48, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}
-    kw = cli.generation_kwargs(cli.parse_args(["--do-sample", "--top-p", "0.5"]), None)
+    kw = cli.generation_kwargs(cli.parse_args(["--do-sample", "--top-p", "0.5"]))
     assert kw["do_sample"] and kw["top_p"] == 0.5 and kw["temperature"] == 0.8
     for bad in (["--batch-size", "0"], ["--num-return-sequences", "2"], ["--max-memory", "lots"],
                 ["--num-beams", "2", "--num-return-sequences", "3"]):
@@ -381,6 +381,90 @@ def test_cli_missing_model_folder(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("hello\n")
     rc = cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "no_model")])
     assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def _config_only_model(folder):
+    """A model folder holding only a config (2 layers x 2 KV heads x head_dim 8: one fp32 block of
+    16 tokens is 2 * 2 * 8 * 2 * 4 * 16 = 4096 bytes) and no weights: a run that got as far as
+    loading the model would fail with a traceback, so a one-line error proves the check came first."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 32, "intermediate_size": 64, "vocab_size": 100,
+    }))
+    return folder
+
+
+def _one_line_error(capsys, rc, expected_rc=2) -> str:
+    assert rc == expected_rc
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hf-paged: error: "), err
+    return err
+
+
+def test_cli_max_memory_below_one_block(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("hello\n")
+    model = _config_only_model(tmp_path / "m")
+    base = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(model), "--dtype", "float32"]
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "4000"]))
+    assert "--max-memory 4000 is 4000 bytes, less than one KV block: 4096 bytes" in err
+    assert "256 bytes per token x block size 16, float32" in err
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32"]))
+    assert "less than one KV block: 8192 bytes" in err
+    with pytest.raises(SystemExit) as exc:  # unreadable: an argument error naming the option
+        cli.parse_args(["--max-memory", "lots"])
+    err = _one_line_error(capsys, exc.value.code)
+    assert "cannot read --max-memory='lots'" in err
+
+
+def test_cli_model_folder_without_config(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("hello\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(empty)]))
+    assert f"model folder '{empty}' has no config.json" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(bad)]))
+    assert f"cannot read the model config in '{bad}'" in err and "not a valid JSON file" in err
+
+
+def test_cli_block_size_for_the_triton_kernels(tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("hello\n")
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8"]
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    err = _one_line_error(capsys, cli.main(args))
+    assert "--block-size 8 is not supported by the Triton kernels" in err and "multiple of 16" in err
+    monkeypatch.setenv("HF_PAGED_BACKEND", "torch")  # the PyTorch backend takes any block size:
+    err = _one_line_error(capsys, cli.main(args))  # the next check (the model folder) fails instead
+    assert "has no config.json" in err
+    # --attn-implementation sdpa ignores --block-size (no paged cache): no block-size check
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    err = _one_line_error(capsys, cli.main([*args, "--attn-implementation", "sdpa"]))
+    assert "has no config.json" in err
+
+
+def test_load_prompts_split_not_found(tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    splits = DatasetDict({"validation": Dataset.from_dict({"prompt": ["v"]}),
+                          "test": Dataset.from_dict({"prompt": ["t1", "t2"]})})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "files").mkdir()
+    for name, ds in splits.items():
+        ds.to_json(str(tmp_path / "files" / f"{name}.jsonl"))
+    for folder in (tmp_path / "saved", tmp_path / "files"):
+        with pytest.raises(PromptSourceError, match=(
+                f"'{folder}' has no split 'train'; its splits: test, validation: choose one with --split")):
+            load_prompts(folder)
+        with pytest.raises(PromptSourceError, match="has no split 'dev'; its splits: test, validation"):
+            load_prompts(folder, split="dev")
+        assert [p.text for p in load_prompts(folder, split="test")] == ["t1", "t2"]
+    capsys.readouterr()
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "saved")]))
+    assert "has no split 'train'; its splits: test, validation: choose one with --split" in err
 
 
 def test_python_dash_m_entry_point():
