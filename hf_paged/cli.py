@@ -19,6 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
 from .cache import DEFAULT_BLOCK_SIZE, _config_bytes_per_token, backend_name, cache_of
 from .testing import dense_cache_bytes
 
@@ -384,10 +387,68 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
+class DecodeProgress(StoppingCriteria):
+    """Moves a job's progress bar (prompts done, tokens generated, tokens/s) at every decode step,
+    not only between batches: added to generate's stopping criteria, it is called once per step in
+    every decoding mode (greedy, sampling, beam search), and it stops nothing.
+
+    Greedy and sampled rows count until their stop token, as the report counts them. Beam search
+    calls it with its candidate beams, reordered at every step: there each sequence the batch
+    returns counts one token per step, an estimate that the exact count replaces when the batch
+    ends. The count stays on the device and is read only when the bar is redrawn (at most every
+    ``bar.mininterval`` s): on CUDA, generate avoids a host sync per step, and so does this."""
+
+    def __init__(self, bar, stop_ids: list[int], device, beam_search: bool):
+        self.bar = bar
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.beam_search = beam_search
+        self.tokens = 0  # exact, over the batches done
+        self.seconds = 0.0  # in generate, over the batches done
+        self.sequences = 0  # this batch returns
+        self.batch_tokens = 0  # this batch's so far (a device tensor once counted)
+        self.generating = None  # per row: not stopped yet (greedy and sampling)
+        self.batch_start = None
+        self.last_draw = 0.0
+
+    def start_batch(self, sequences: int) -> None:
+        self.sequences, self.batch_tokens, self.generating = sequences, 0, None
+        self.batch_start = time.perf_counter()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.beam_search:
+            self.batch_tokens = self.batch_tokens + self.sequences
+        else:
+            last = input_ids[:, -1]
+            if self.generating is None:
+                self.generating = torch.ones_like(last, dtype=torch.bool)
+            self.batch_tokens = self.generating.sum() + self.batch_tokens
+            self.generating &= ~torch.isin(last, self.stop_ids)
+        if time.perf_counter() - self.last_draw >= self.bar.mininterval:
+            self.draw()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def end_batch(self, prompts: int, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.batch_tokens, self.batch_start = 0, None
+        self.draw(prompts_done=prompts)
+
+    def draw(self, prompts_done: int = 0) -> None:
+        now = time.perf_counter()
+        tokens = self.tokens + int(self.batch_tokens)
+        seconds = self.seconds + (now - self.batch_start if self.batch_start is not None else 0.0)
+        # the new count first: bar.update may redraw, and must not show the previous one
+        self.bar.set_postfix_str(f"{tokens} tokens, {tokens / seconds if seconds > 0 else 0.0:.1f} tokens/s",
+                                 refresh=False)
+        self.bar.update(prompts_done)
+        self.bar.refresh()
+        self.last_draw = now
+
+
 def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None = None, seed: int = 0,
             stock_model=None, progress: bool = True) -> JobResult:
-    """Generate for every prompt of ``job`` in batches sorted by length; outputs in original order."""
-    import torch
+    """Generate for every prompt of ``job`` in batches sorted by length; outputs in original order.
+    With ``progress``, a bar on stderr counts the prompts and the tokens (see DecodeProgress)."""
     from tqdm.auto import tqdm
 
     texts = [format_prompt(p, tokenizer, chat) for p in job.prompts]
@@ -400,8 +461,10 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
     stock = {"wall_s": 0.0, "kv_bytes": 0, "new_tokens": 0, "mismatches": 0} if stock_model is not None else None
     greedy_like = not job.gen_kwargs.get("do_sample")
 
-    def generate(m, enc, with_cache):
+    def generate(m, enc, with_cache, criteria=()):
         kw = dict(job.gen_kwargs)
+        if criteria:
+            kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", ()), *criteria])
         if with_cache and cache_kwargs:
             from . import PagedCache
 
@@ -416,15 +479,19 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    bar = tqdm(batches, desc=job.name[:40], unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=len(job.prompts), desc=job.name[:40], unit="prompt", disable=not progress, file=sys.stderr,
+               leave=False)
+    decode_progress = DecodeProgress(bar, stop, device, beam_search=int(job.gen_kwargs.get("num_beams") or 1) > 1)
     try:
-        for batch in bar:
+        for batch in batches:
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             prompt_len = enc["input_ids"].shape[1]
-            out, dt = generate(model, enc, with_cache=True)
+            decode_progress.start_batch(len(batch) * nrs)
+            out, dt = generate(model, enc, with_cache=True, criteria=[decode_progress] if progress else [])
             result.wall_s += dt
             gen = out.sequences[:, prompt_len:]
-            result.new_tokens += count_new_tokens(gen, stop)
+            tokens = count_new_tokens(gen, stop)
+            result.new_tokens += tokens
             result.sequences += gen.shape[0]
             result.batch_stats.append(kv_stats(cache_of(out)))
             decoded = tokenizer.batch_decode(gen, skip_special_tokens=True)
@@ -438,6 +505,7 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
                 stock["kv_bytes"] = max(stock["kv_bytes"], dense_cache_bytes(cache_of(ref)))
                 stock["mismatches"] += _count_mismatches(gen, ref_gen, stop)
             del out
+            decode_progress.end_batch(len(batch), tokens, dt)
     finally:
         bar.close()
     if stock is not None:
@@ -494,16 +562,12 @@ def write_jsonl(path, results: list[JobResult], with_job: bool) -> None:
 
 # =============================================================================== model loading
 def resolve_device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device):
-    import torch
-
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -590,8 +654,6 @@ def cmd_generate(args) -> int:
 
 
 def _warm_up(model, tokenizer) -> None:
-    import torch
-
     enc = tokenizer(["Hello"], return_tensors="pt").to(model.device)
     with torch.inference_mode():
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)

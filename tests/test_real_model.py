@@ -329,6 +329,59 @@ def test_run_job_restores_original_order(models):
     assert res.sequences == 10 and res.report["prompts"] == 5
 
 
+def test_cli_progress_counts_tokens_per_decode_step():
+    import io
+
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    bar = tqdm(total=3, unit="prompt", file=out, mininterval=0)
+    step = cli.DecodeProgress(bar, stop_ids=[2], device=torch.device("cpu"), beam_search=False)
+    step.start_batch(sequences=3)
+    ids = torch.full((3, 4), 9)
+    # rows 0, 1, 2 stop (token 2, also the pad of finished rows) at steps 2, 3, 4: 2 + 3 + 4 tokens
+    for tokens in ([5, 6, 7], [2, 6, 7], [2, 2, 8], [2, 2, 2]):
+        ids = torch.cat([ids, torch.tensor(tokens)[:, None]], dim=1)
+        stop = step(ids, None)
+        assert stop.dtype == torch.bool and stop.shape == (3,) and stop.device == ids.device and not stop.any()
+    assert "9 tokens" in out.getvalue() and bar.n == 0  # moved during the batch, no prompt done yet
+    assert cli.count_new_tokens(ids[:, 4:], [2]) == 9  # as the report counts them
+    step.end_batch(prompts=3, tokens=9, seconds=1.5)
+    assert bar.n == 3 and "9 tokens, 6.0 tokens/s" in out.getvalue()
+
+    beams = cli.DecodeProgress(bar, stop_ids=[2], device=torch.device("cpu"), beam_search=True)
+    beams.start_batch(sequences=2)  # beam search passes the candidate beams: each returned sequence counts
+    beams(torch.full((8, 5), 9), None)
+    beams(torch.full((8, 6), 2), None)
+    beams.draw()
+    assert "4 tokens" in out.getvalue().rsplit("\r", 1)[-1]
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.parametrize("mode", [
+    {"do_sample": False},
+    {"do_sample": True, "num_return_sequences": 2},
+    {"do_sample": False, "num_beams": 2, "num_return_sequences": 2},
+], ids=["greedy", "sampling", "beam"])
+def test_run_job_progress_bar_moves_every_decode_step(models, mode, capsys, monkeypatch):
+    paged, _, tok = models
+    from hf_paged.prompts import Prompt
+
+    calls = []
+    real_call = cli.DecodeProgress.__call__
+    monkeypatch.setattr(cli.DecodeProgress, "__call__", lambda self, *a, **kw: (calls.append(1), real_call(self, *a, **kw))[1])
+    prompts = [Prompt(q, "text", str(i)) for i, q in enumerate(["Hi", "Name a color.", "What is 2 + 2?"])]
+    job = cli.Job("t", prompts, {"max_new_tokens": 3, "min_new_tokens": 3, **mode}, batch_size=2)
+    res = cli.run_job(job, paged, tok, chat=True, progress=True)
+    assert len(calls) == 2 * 3  # 2 batches x 3 decode steps
+    err = capsys.readouterr().err
+    assert "3/3" in err and "prompt" in err and f"{res.new_tokens} tokens, " in err and "tokens/s" in err
+    calls.clear()
+    cli.run_job(job, paged, tok, chat=True, progress=False)
+    assert not calls and capsys.readouterr().err == ""
+
+
 # ============================================================================ (d) CLI end to end
 @pytest.mark.slow
 @needs_model
