@@ -6,14 +6,14 @@
 
 ``generate`` loads a causal LM with ``attn_implementation="paged"``, runs ``model.generate`` over
 batches of prompts (sorted by length, longest first, so that a batch holds similar lengths), writes
-the outputs in the original prompt order and closes with a report of speed and KV-cache memory:
-what the paged cache used and what stock transformers' dense cache would have held.
+each finished batch's outputs to ``--output`` (see output_file.py: in the original prompt order once
+the run completes) and closes with a report of speed and KV-cache memory: what the paged cache used
+and what stock transformers' dense cache would have held.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +23,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .cache import DEFAULT_BLOCK_SIZE, _config_bytes_per_token, backend_name, cache_of
+from .output_file import OutputFile, OutputFileError, check_output_path
 from .testing import dense_cache_bytes
 
 SUBCOMMANDS = ("generate",)
@@ -78,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens per KV block (default: {DEFAULT_BLOCK_SIZE}; a multiple of 16 for the Triton kernels)")
     c.add_argument("--max-memory", default=None, help="cap on the KV pool, e.g. 2GiB, 512MB")
     o = g.add_argument_group("output")
-    o.add_argument("--output", metavar="FILE.jsonl", help="write {index, prompt, outputs} per prompt, in the original order")
+    o.add_argument("--output", metavar="FILE.jsonl",
+                   help="write {index, prompt, outputs} per prompt as batches finish; in the original order at the end")
+    existing = o.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an existing --output file: skip the prompts it already holds")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     o.add_argument("--compare-stock", action="store_true",
                    help="also run stock transformers (sdpa) on the same batches: token equality, time, memory")
     o.add_argument("--max-print-chars", type=int, default=160, help="truncate printed texts (0: print nothing)")
@@ -121,6 +127,8 @@ def _validate(args) -> None:
             parse_memory(args.max_memory)
         except ValueError as e:
             err(str(e))
+    if (args.resume or args.overwrite) and not args.output:
+        err(f"--{'resume' if args.resume else 'overwrite'} applies to an --output file; none given")
 
 
 def is_demo(args) -> bool:
@@ -193,7 +201,8 @@ class Job:
 @dataclass
 class JobResult:
     job: Job
-    outputs: list  # per prompt (original order): list of generated texts
+    outputs: list  # per prompt (original order): list of generated texts; None for a prompt skipped
+    skipped: int = 0  # prompts not computed: already in the output file
     new_tokens: int = 0
     sequences: int = 0
     wall_s: float = 0.0
@@ -303,9 +312,10 @@ def kv_stats(cache) -> dict:
 
 
 def build_report(batch_stats: list[dict], *, prompts: int, sequences: int, new_tokens: int, wall_s: float,
-                 stock: dict | None = None) -> dict:
-    """The closing report of one job. Memory figures are peaks over batches (batches run one after
-    another; each batch's cache is freed before the next)."""
+                 stock: dict | None = None, skipped: int = 0) -> dict:
+    """The closing report of one job: ``prompts`` computed in this run, ``skipped`` ones already in
+    the output file. Memory figures are peaks over batches (batches run one after another; each
+    batch's cache is freed before the next)."""
 
     def peak(key):
         return max((int(s.get(key, 0)) for s in batch_stats), default=0)
@@ -313,6 +323,7 @@ def build_report(batch_stats: list[dict], *, prompts: int, sequences: int, new_t
     used, dense = peak("bytes_used"), peak("bytes_dense")
     report = {
         "prompts": prompts,
+        "skipped": skipped,
         "sequences": sequences,
         "batches": len(batch_stats),
         "new_tokens": new_tokens,
@@ -348,7 +359,10 @@ def format_report(report: dict, title: str = "") -> str:
     lines.append(
         f"   {report['prompts']} prompt(s), {report['sequences']} sequence(s), {report['batches']} batch(es): "
         f"{report['new_tokens']} new tokens in {report['wall_s']:.1f} s = {report['tokens_per_s']:.1f} tokens/s"
+        + (f"; {report['skipped']} skipped (already in the output file)" if report.get("skipped") else "")
     )
+    if not report["batches"]:  # every prompt was skipped: nothing ran, no memory to report
+        return "\n".join(lines)
     if not report.get("paged", True):
         lines.append(f"   KV cache (peak over batches): stock dense cache {fmt_bytes(report['kv_bytes_used'])} "
                      "(not a paged cache: attn_implementation is not 'paged')")
@@ -446,18 +460,21 @@ class DecodeProgress(StoppingCriteria):
 
 
 def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None = None, seed: int = 0,
-            stock_model=None, progress: bool = True) -> JobResult:
-    """Generate for every prompt of ``job`` in batches sorted by length; outputs in original order.
-    With ``progress``, a bar on stderr counts the prompts and the tokens (see DecodeProgress)."""
+            stock_model=None, progress: bool = True, done=frozenset(), on_batch=None) -> JobResult:
+    """Generate for the prompts of ``job`` whose indices are not in ``done``, in batches sorted by
+    length; outputs in original order (None for those in ``done``). ``on_batch(result, indices)``
+    follows each batch, given the indices of the prompts it finished. With ``progress``, a bar on
+    stderr counts the prompts and the tokens (see DecodeProgress)."""
     from tqdm.auto import tqdm
 
-    texts = [format_prompt(p, tokenizer, chat) for p in job.prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    batches = plan_batches(lengths, job.batch_size)
+    todo = [i for i in range(len(job.prompts)) if i not in done]
+    texts = {i: format_prompt(job.prompts[i], tokenizer, chat) for i in todo}
+    lengths = [len(ids) for ids in tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]] if todo else []
+    batches = [[todo[k] for k in batch] for batch in plan_batches(lengths, job.batch_size)]
     nrs = int(job.gen_kwargs.get("num_return_sequences") or 1)
     stop = _stop_ids(model, tokenizer)
     device = model.device
-    result = JobResult(job, outputs=[None] * len(job.prompts))
+    result = JobResult(job, outputs=[None] * len(job.prompts), skipped=len(job.prompts) - len(todo))
     stock = {"wall_s": 0.0, "kv_bytes": 0, "new_tokens": 0, "mismatches": 0} if stock_model is not None else None
     greedy_like = not job.gen_kwargs.get("do_sample")
 
@@ -479,7 +496,7 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    bar = tqdm(total=len(job.prompts), desc=job.name[:40], unit="prompt", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=len(todo), desc=job.name[:40], unit="prompt", disable=not progress, file=sys.stderr,
                leave=False)
     decode_progress = DecodeProgress(bar, stop, device, beam_search=int(job.gen_kwargs.get("num_beams") or 1) > 1)
     try:
@@ -497,6 +514,8 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
             decoded = tokenizer.batch_decode(gen, skip_special_tokens=True)
             for j, i in enumerate(batch):
                 result.outputs[i] = decoded[j * nrs : (j + 1) * nrs]
+            if on_batch is not None:
+                on_batch(result, batch)
             if stock is not None:
                 ref, sdt = generate(stock_model, enc, with_cache=False)
                 stock["wall_s"] += sdt
@@ -512,8 +531,8 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
         stock["tokens_equal"] = (stock["mismatches"] == 0) if greedy_like else None
     result.stock = stock
     result.report = build_report(
-        result.batch_stats, prompts=len(job.prompts), sequences=result.sequences,
-        new_tokens=result.new_tokens, wall_s=result.wall_s, stock=stock,
+        result.batch_stats, prompts=len(todo), sequences=result.sequences,
+        new_tokens=result.new_tokens, wall_s=result.wall_s, stock=stock, skipped=result.skipped,
     )
     return result
 
@@ -538,26 +557,13 @@ def print_outputs(result: JobResult, limit: int, file=None) -> None:
     if limit <= 0:
         return
     for i, (prompt, outs) in enumerate(zip(result.job.prompts, result.outputs)):
+        if outs is None:  # skipped: already in the output file
+            continue
         label = prompt.name if prompt.name else str(i)
         print(f"[{label}] {_short(prompt.text.strip(), limit // 2)}", file=file)
         for k, text in enumerate(outs):
             prefix = f"  -> ({k + 1}) " if len(outs) > 1 else "  -> "
             print(prefix + _short(text.strip(), limit), file=file)
-
-
-def write_jsonl(path, results: list[JobResult], with_job: bool) -> None:
-    """One line per prompt, in the original order: {"index", "prompt", "outputs": [...]}."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for res in results:
-            for i, (prompt, outs) in enumerate(zip(res.job.prompts, res.outputs)):
-                rec = {"index": i, "prompt": prompt.text, "outputs": outs}
-                if prompt.name and prompt.kind != "text":  # built-in prompts: "chat/3", "HumanEval/0"
-                    rec["name"] = prompt.name
-                if with_job:
-                    rec["job"] = res.job.name
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 # =============================================================================== model loading
@@ -599,13 +605,21 @@ def cmd_generate(args) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    # Everything that can be wrong with the input fails here, in one line, before the model loads.
+    # Everything that can be wrong with the input fails here, in one line, before the model loads;
+    # the output path first, before the prompts are read.
     try:
+        if args.output:
+            check_output_path(args.output, resume=args.resume, overwrite=args.overwrite)
         check_block_size(args, device)
         jobs = plan_jobs(args)
+        output = OutputFile(args.output, jobs, resume=args.resume) if args.output else None
+        if output is not None and all(len(output.done(job)) == len(job.prompts) for job in jobs):
+            print(f"all {output.resumed} prompt(s) are already in {args.output}: nothing to generate")
+            print(f"wrote {output.finish()} record(s) to {args.output} (in the original order)")
+            return 0
         model_path = model_folder(args)
         check_max_memory(args, read_model_config(model_path), dtype)
-    except (FileNotFoundError, PromptSourceError, InputError) as e:
+    except (FileNotFoundError, PromptSourceError, InputError, OutputFileError) as e:
         print(_error(e), file=sys.stderr)
         return 2
 
@@ -632,25 +646,39 @@ def cmd_generate(args) -> int:
         _warm_up(stock_model, tokenizer)
 
     results = []
-    for job in jobs:
-        print(f"\n== {job.name}", flush=True)
-        try:
+    try:
+        for job in jobs:
+            print(f"\n== {job.name}", flush=True)
             res = run_job(job, model, tokenizer, chat=chat, cache_kwargs=cache_kwargs, seed=args.seed,
-                          stock_model=stock_model)
-        except OutOfBlocksError as e:
-            print(_error(e), file=sys.stderr)
-            return 3
-        print_outputs(res, args.max_print_chars)
-        print(format_report(res.report), flush=True)
-        results.append(res)
+                          stock_model=stock_model, done=output.done(job) if output else frozenset(),
+                          on_batch=output.write_batch if output else None)
+            print_outputs(res, args.max_print_chars)
+            print(format_report(res.report), flush=True)
+            results.append(res)
+    except OutOfBlocksError as e:
+        print(_error(f"{e}{_records_kept(output, ' ')}"), file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(_error(f"interrupted{_records_kept(output, '; ')}"), file=sys.stderr)
+        return 130
+    finally:
+        if output is not None:
+            output.close()
 
     if len(results) > 1:
         total = summarize(results)
         print("\n" + format_report(total, title="all jobs"))
-    if args.output:
-        write_jsonl(args.output, results, with_job=len(results) > 1)
-        print(f"\nwrote {sum(len(r.outputs) for r in results)} record(s) to {args.output}")
+    if output is not None:
+        kept = f" ({output.resumed} from the earlier run)" if output.resumed else ""
+        print(f"\nwrote {output.finish()} record(s) to {args.output}{kept}")
     return 0
+
+
+def _records_kept(output, separator: str) -> str:
+    """The end of an interrupted run's error line: what its output file holds, and how to go on."""
+    if output is None or not output.records:
+        return ""
+    return f"{separator}{len(output.records)} record(s) kept in {output.path}: rerun with --resume to continue."
 
 
 def _warm_up(model, tokenizer) -> None:
@@ -713,7 +741,8 @@ def summarize(results: list[JobResult]) -> dict:
         }
     return build_report(
         stats,
-        prompts=sum(len(r.job.prompts) for r in results),
+        prompts=sum(r.report["prompts"] for r in results),
+        skipped=sum(r.skipped for r in results),
         sequences=sum(r.sequences for r in results),
         new_tokens=sum(r.new_tokens for r in results),
         wall_s=sum(r.wall_s for r in results),

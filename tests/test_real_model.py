@@ -422,6 +422,98 @@ def test_cli_jsonl_prompts_in_original_order(tmp_path, capsys, smollm2_dir):
     assert "identical tokens" in text and "3 batch(es)" in text
 
 
+def _interrupt_generate(monkeypatch, at_call, error, on_call=None):
+    """Make the CLI's model raise ``error`` at its ``at_call``-th generate (the first is the
+    warm-up); ``on_call(n)`` runs before each call."""
+    real_load = cli.load_model
+    calls = []
+
+    def load_model(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        real_generate = model.generate
+
+        def generate(*a, **kw):
+            calls.append(1)
+            if on_call is not None:
+                on_call(len(calls))
+            if len(calls) == at_call:
+                raise error
+            return real_generate(*a, **kw)
+
+        model.generate = generate
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), 130), (hf_paged.OutOfBlocksError(9, 1, 4), 3)],
+                         ids=["interrupt", "out_of_blocks"])
+def test_cli_output_written_as_batches_finish_and_resumed(tmp_path, capsys, monkeypatch, smollm2_dir, error, status):
+    questions = ["Hi", "Name a color.", "Write a long explanation of how rain forms, step by step, please.",
+                 "What is 2 + 2?", "List three animals that live in the ocean."]
+    (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--prompts", str(tmp_path / "q.txt"), "--batch-size", "2", "--max-new-tokens", "2",
+            "--output", str(out)]
+    seen = {}
+    # calls: 1 warm-up, 2 and 3 the batches of prompts (2, 4) and (3, 1), longest first; 4 fails
+    _interrupt_generate(monkeypatch, 4, error, on_call=lambda n: seen.setdefault(n, out.exists() and _records(out)))
+    assert cli.main(args) == status
+    assert seen[2] is False  # nothing written before the first batch finished
+    assert [r["index"] for r in seen[3]] == [2, 4]  # the first batch, written before the second began
+    first = _records(out)
+    assert [r["index"] for r in first] == [2, 4, 3, 1]  # both finished batches kept, in the order they ran
+    assert [r["prompt"] for r in first] == [questions[i] for i in (2, 4, 3, 1)]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-paged: error: ") and f"4 record(s) kept in {out}: rerun with --resume to continue." in err
+
+    with out.open("a") as f:
+        f.write('{"index": 0, "prompt": "Hi", "outp')  # a killed run's last line, cut short
+    monkeypatch.undo()
+    assert cli.main(args) == 2  # an existing file is not overwritten without a flag
+    assert cli.main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "1 prompt(s), 1 sequence(s), 1 batch(es)" in text and "4 skipped (already in the output file)" in text
+    assert "[0] Hi" in text and "[1] Name a color." not in text  # only the computed prompt is printed
+    assert f"wrote 5 record(s) to {out} (4 from the earlier run)" in text
+    final = _records(out)
+    assert [r["index"] for r in final] == [0, 1, 2, 3, 4] and [r["prompt"] for r in final] == questions
+    assert {r["index"]: r for r in final if r["index"]} == {r["index"]: r for r in first}  # kept as they were
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert "5 prompt(s), 5 sequence(s), 3 batch(es)" in capsys.readouterr().out
+    assert [r["index"] for r in _records(out)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@needs_model
+@needs_humaneval
+def test_cli_demo_resumes_after_a_later_job_runs_out_of_memory(tmp_path, capsys, monkeypatch, smollm2_dir):
+    out = tmp_path / "demo.jsonl"
+    args = ["--max-new-tokens", "2", "--limit", "2", "--output", str(out)]
+    _interrupt_generate(monkeypatch, 3, hf_paged.OutOfBlocksError(9, 1, 4))  # warm-up, job 1, job 2 fails
+    assert cli.main(args) == 3
+    first = _records(out)
+    assert sorted((r["job"], r["index"]) for r in first) == [("greedy: 8 chat questions", i) for i in (0, 1)]
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert cli.main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "0 prompt(s), 0 sequence(s), 0 batch(es): 0 new tokens in 0.0 s = 0.0 tokens/s; 2 skipped" in text
+    assert "-- report: all jobs\n   2 prompt(s), 6 sequence(s), 2 batch(es)" in text  # counts this run's work
+    recs = _records(out)
+    assert [r["job"].split(":")[0] for r in recs] == ["greedy", "greedy", "sampling", "beam search"]
+    assert recs[:2] == sorted(first, key=lambda r: r["index"]) and [r["name"] for r in recs] == ["chat/0", "chat/1", "HumanEval/53", "chat/2"]
+    assert [len(r["outputs"]) for r in recs] == [1, 1, 4, 2]
+
+
 # ============================================================================ (e) errors
 def test_cli_missing_prompts_file(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
@@ -434,6 +526,55 @@ def test_cli_missing_model_folder(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("hello\n")
     rc = cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "no_model")])
     assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_cli_output_path_checked_before_anything_heavy(tmp_path, capsys):
+    missing_prompts = ["generate", "--prompts", str(tmp_path / "nope.txt")]  # read after the output check
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(tmp_path)]))
+    assert f"--output '{tmp_path}' is a directory" in err
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(tmp_path / "no" / "out.jsonl")]))
+    assert f"folder '{tmp_path / 'no'}' does not exist" in err
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", "/sys/hf_paged_out.jsonl"]))
+    assert "cannot write in folder '/sys'" in err
+    existing = tmp_path / "out.jsonl"
+    existing.write_text('{"index": 0, "prompt": "p", "outputs": ["o"]}\n')
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(existing)]))
+    assert "exists: --resume continues it" in err and "--overwrite replaces it" in err
+    assert existing.read_text() == '{"index": 0, "prompt": "p", "outputs": ["o"]}\n'  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    for bad in (["--output", str(existing), "--resume", "--overwrite"], ["--resume"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(bad)
+        assert exc.value.code == 2
+    assert "--resume applies to an --output file" in capsys.readouterr().err
+
+
+def test_cli_resume_checks_the_prompts_of_the_file(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("first\nsecond\n")
+    out = tmp_path / "out.jsonl"
+    # a missing model folder fails after the output file's check: reaching it means the file was accepted
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--resume",
+            "--model", str(tmp_path / "no_model")]
+
+    def resume(*lines):
+        out.write_text("".join(lines))
+        return _one_line_error(capsys, cli.main(args))
+
+    rec = lambda i, prompt, **kw: json.dumps({"index": i, "prompt": prompt, "outputs": ["x"], **kw}) + "\n"  # noqa: E731
+    assert "model folder not found" in resume(rec(1, "second"), '{"index": 0, "prom')  # cut short: dropped
+    err = resume(rec(1, "other"))
+    assert f"'{out}' was written for other prompts: its line 1 holds prompt 'other' but this run's prompt 1 is 'second'" in err
+    assert "--overwrite replaces it" in err
+    assert "has index 2 but this run has 2 prompt(s)" in resume(rec(0, "first"), rec(2, "third"))
+    assert "is from job 'greedy: 8 chat questions', which this run does not have" in resume(
+        rec(0, "first", job="greedy: 8 chat questions"))
+    assert "line 1 is not JSON" in resume('{"index": 0, "prom\n', rec(1, "second"))
+    assert "line 1 is not an hf-paged record" in resume('["first"]\n')
+    # every prompt already there: nothing to load, the file is put in the original order
+    out.write_text(rec(1, "second") + rec(0, "first"))
+    assert cli.main(args) == 0
+    assert "nothing to generate" in capsys.readouterr().out
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
 
 
 def _config_only_model(folder):
