@@ -167,7 +167,8 @@ def read_model_config(path):
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the model config in '{path}': {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot read the model config in '{path}': {reason}") from None
 
 
 def check_max_memory(args, config, dtype) -> None:
@@ -179,7 +180,7 @@ def check_max_memory(args, config, dtype) -> None:
     per_token = _config_bytes_per_token(text_config, dtype)
     block_size = args.block_size or DEFAULT_BLOCK_SIZE
     cap = parse_memory(args.max_memory)
-    if per_token and cap < per_token * block_size:
+    if per_token and cap < per_token * block_size:  # per_token 0: the config does not say (the cache will)
         raise InputError(
             f"--max-memory {args.max_memory} is {cap} bytes, less than one KV block: {per_token * block_size} bytes "
             f"({per_token} bytes per token x block size {block_size}, {str(dtype).replace('torch.', '')}). "

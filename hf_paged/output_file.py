@@ -48,7 +48,7 @@ def check_output_path(path: str, *, resume: bool, overwrite: bool) -> None:
 
 
 def _folder(path: str) -> str:
-    return os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(path) or "."
 
 
 def make_record(job, index: int, outputs: list[str], with_job: bool) -> dict:
