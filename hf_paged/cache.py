@@ -34,6 +34,7 @@ _MEMORY_UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block
 
 
 def parse_memory(value: int | float | str, name: str = "max_memory") -> int:
@@ -221,7 +222,7 @@ class PagedCache(Cache):
     def __init__(
         self,
         config=None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         max_blocks: int | None = None,
         max_memory: int | str | None = None,
         share_prefixes: bool = True,
@@ -974,14 +975,19 @@ def device_guard(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _backend_for(device: torch.device):
-    """The kernels for tensors on ``device``: Triton on CUDA, the PyTorch reference elsewhere,
-    unless ``HF_PAGED_BACKEND`` forces one (read at each call, so tests can switch it)."""
+def backend_name(device: torch.device) -> str:
+    """The kernels' backend for tensors on ``device``: Triton on CUDA, the PyTorch reference
+    elsewhere, unless ``HF_PAGED_BACKEND`` forces one (read at each call, so tests can switch it)."""
     import os
 
+    return os.environ.get("HF_PAGED_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+
+
+def _backend_for(device: torch.device):
+    """The kernels for tensors on ``device`` (see :func:`backend_name`)."""
     from .kernels import get_backend
 
-    name = os.environ.get("HF_PAGED_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    name = backend_name(device)
     backend = _BACKENDS.get((name, device.type))
     if backend is None:
         backend = _BACKENDS[(name, device.type)] = get_backend(name)

@@ -6,20 +6,24 @@
 
 ``generate`` loads a causal LM with ``attn_implementation="paged"``, runs ``model.generate`` over
 batches of prompts (sorted by length, longest first, so that a batch holds similar lengths), writes
-the outputs in the original prompt order and closes with a report of speed and KV-cache memory:
-what the paged cache used and what stock transformers' dense cache would have held.
+each finished batch's outputs to ``--output`` (see output_file.py: in the original prompt order once
+the run completes) and closes with a report of speed and KV-cache memory: what the paged cache used
+and what stock transformers' dense cache would have held.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from .cache import cache_of
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .cache import DEFAULT_BLOCK_SIZE, _config_bytes_per_token, backend_name, cache_of
+from .output_file import OutputFile, OutputFileError, check_output_path
 from .testing import dense_cache_bytes
 
 SUBCOMMANDS = ("generate",)
@@ -71,10 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: 0.95 when sampling)")
     d.add_argument("--seed", type=int, default=0, help="random seed, set before each batch (default: 0)")
     c = g.add_argument_group("paged cache")
-    c.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the cache's, 16)")
+    c.add_argument("--block-size", type=int, default=None,
+                   help=f"tokens per KV block (default: {DEFAULT_BLOCK_SIZE}; a multiple of 16 for the Triton kernels)")
     c.add_argument("--max-memory", default=None, help="cap on the KV pool, e.g. 2GiB, 512MB")
     o = g.add_argument_group("output")
-    o.add_argument("--output", metavar="FILE.jsonl", help="write {index, prompt, outputs} per prompt, in the original order")
+    o.add_argument("--output", metavar="FILE.jsonl",
+                   help="write {index, prompt, outputs} per prompt as batches finish; in the original order at the end")
+    existing = o.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue an existing --output file: skip the prompts it already holds")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     o.add_argument("--compare-stock", action="store_true",
                    help="also run stock transformers (sdpa) on the same batches: token equality, time, memory")
     o.add_argument("--max-print-chars", type=int, default=160, help="truncate printed texts (0: print nothing)")
@@ -98,8 +108,9 @@ def _error(exc_or_msg) -> str:
 
 
 def _validate(args) -> None:
-    def err(msg):
-        raise SystemExit(_error(msg))
+    def err(msg):  # one line and exit status 2, as argparse's own errors
+        print(_error(msg), file=sys.stderr)
+        raise SystemExit(2)
 
     for name in ("batch_size", "max_new_tokens", "num_beams", "num_return_sequences", "block_size"):
         v = getattr(args, name)
@@ -116,6 +127,8 @@ def _validate(args) -> None:
             parse_memory(args.max_memory)
         except ValueError as e:
             err(str(e))
+    if (args.resume or args.overwrite) and not args.output:
+        err(f"--{'resume' if args.resume else 'overwrite'} applies to an --output file; none given")
 
 
 def is_demo(args) -> bool:
@@ -126,7 +139,53 @@ def is_demo(args) -> bool:
 def parse_memory(value) -> int:
     from .cache import parse_memory as _parse
 
-    return _parse(value)
+    return _parse(value, name="--max-memory")
+
+
+class InputError(ValueError):
+    """Bad input found before the model is loaded (exit status 2)."""
+
+
+def check_block_size(args, device) -> None:
+    """The Triton kernels take multiples of 16 only; the PyTorch backend (the CPU's) any size."""
+    if args.block_size is None or args.block_size % 16 == 0 or args.attn_implementation != "paged":
+        return
+    if backend_name(device) == "triton":
+        raise InputError(
+            f"--block-size {args.block_size} is not supported by the Triton kernels (used on CUDA devices and "
+            "with HF_PAGED_BACKEND=triton): use a multiple of 16, e.g. 16 or 32"
+        )
+
+
+def read_model_config(path):
+    """The model's config, read before its weights: a folder that is not a checkpoint fails in one
+    line instead of a traceback from deep inside from_pretrained."""
+    from transformers import AutoConfig
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"model folder '{path}' has no config.json: not a transformers checkpoint folder")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot read the model config in '{path}': {reason}") from None
+
+
+def check_max_memory(args, config, dtype) -> None:
+    """``--max-memory`` must hold one KV block at least; a block's bytes come from the config
+    (layers x KV heads x head dims x dtype bytes per token), so the weights need not be loaded."""
+    if args.max_memory is None or args.attn_implementation != "paged":
+        return
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    per_token = _config_bytes_per_token(text_config, dtype)
+    block_size = args.block_size or DEFAULT_BLOCK_SIZE
+    cap = parse_memory(args.max_memory)
+    if per_token and cap < per_token * block_size:  # per_token 0: the config does not say (the cache will)
+        raise InputError(
+            f"--max-memory {args.max_memory} is {cap} bytes, less than one KV block: {per_token * block_size} bytes "
+            f"({per_token} bytes per token x block size {block_size}, {str(dtype).replace('torch.', '')}). "
+            "Raise --max-memory or lower --block-size."
+        )
 
 
 # =============================================================================== jobs
@@ -143,7 +202,8 @@ class Job:
 @dataclass
 class JobResult:
     job: Job
-    outputs: list  # per prompt (original order): list of generated texts
+    outputs: list  # per prompt (original order): list of generated texts; None for a prompt skipped
+    skipped: int = 0  # prompts not computed: already in the output file
     new_tokens: int = 0
     sequences: int = 0
     wall_s: float = 0.0
@@ -152,7 +212,7 @@ class JobResult:
     report: dict = field(default_factory=dict)
 
 
-def generation_kwargs(args, tokenizer) -> dict:
+def generation_kwargs(args) -> dict:
     kw = {"max_new_tokens": args.max_new_tokens}
     if args.num_beams is not None:
         kw["num_beams"] = args.num_beams
@@ -253,9 +313,10 @@ def kv_stats(cache) -> dict:
 
 
 def build_report(batch_stats: list[dict], *, prompts: int, sequences: int, new_tokens: int, wall_s: float,
-                 stock: dict | None = None) -> dict:
-    """The closing report of one job. Memory figures are peaks over batches (batches run one after
-    another; each batch's cache is freed before the next)."""
+                 stock: dict | None = None, skipped: int = 0) -> dict:
+    """The closing report of one job: ``prompts`` computed in this run, ``skipped`` ones already in
+    the output file. Memory figures are peaks over batches (batches run one after another; each
+    batch's cache is freed before the next)."""
 
     def peak(key):
         return max((int(s.get(key, 0)) for s in batch_stats), default=0)
@@ -263,6 +324,7 @@ def build_report(batch_stats: list[dict], *, prompts: int, sequences: int, new_t
     used, dense = peak("bytes_used"), peak("bytes_dense")
     report = {
         "prompts": prompts,
+        "skipped": skipped,
         "sequences": sequences,
         "batches": len(batch_stats),
         "new_tokens": new_tokens,
@@ -298,7 +360,10 @@ def format_report(report: dict, title: str = "") -> str:
     lines.append(
         f"   {report['prompts']} prompt(s), {report['sequences']} sequence(s), {report['batches']} batch(es): "
         f"{report['new_tokens']} new tokens in {report['wall_s']:.1f} s = {report['tokens_per_s']:.1f} tokens/s"
+        + (f"; {report['skipped']} skipped (already in the output file)" if report.get("skipped") else "")
     )
+    if not report["batches"]:  # every prompt was skipped: nothing ran, no memory to report
+        return "\n".join(lines)
     if not report.get("paged", True):
         lines.append(f"   KV cache (peak over batches): stock dense cache {fmt_bytes(report['kv_bytes_used'])} "
                      "(not a paged cache: attn_implementation is not 'paged')")
@@ -337,24 +402,87 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
+class DecodeProgress(StoppingCriteria):
+    """Moves a job's progress bar (prompts done, tokens generated, tokens/s) at every decode step,
+    not only between batches: added to generate's stopping criteria, it is called once per step in
+    every decoding mode (greedy, sampling, beam search), and it stops nothing.
+
+    Greedy and sampled rows count until their stop token, as the report counts them. Beam search
+    calls it with its candidate beams, reordered at every step: there each sequence the batch
+    returns counts one token per step, an estimate that the exact count replaces when the batch
+    ends. The count stays on the device and is read only when the bar is redrawn (at most every
+    ``bar.mininterval`` s): on CUDA, generate avoids a host sync per step, and so does this."""
+
+    def __init__(self, bar, stop_ids: list[int], device, beam_search: bool):
+        self.bar = bar
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.beam_search = beam_search
+        self.tokens = 0  # exact, over the batches done
+        self.seconds = 0.0  # in generate, over the batches done
+        self.sequences = 0  # this batch returns
+        self.batch_tokens = 0  # this batch's so far (a device tensor once counted)
+        self.generating = None  # per row: not stopped yet (greedy and sampling)
+        self.batch_start = None
+        self.last_draw = 0.0
+
+    def start_batch(self, sequences: int) -> None:
+        self.sequences, self.batch_tokens, self.generating = sequences, 0, None
+        self.batch_start = time.perf_counter()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.beam_search:
+            self.batch_tokens = self.batch_tokens + self.sequences
+        else:
+            last = input_ids[:, -1]
+            if self.generating is None:
+                self.generating = torch.ones_like(last, dtype=torch.bool)
+            self.batch_tokens = self.generating.sum() + self.batch_tokens
+            self.generating &= ~torch.isin(last, self.stop_ids)
+        if time.perf_counter() - self.last_draw >= self.bar.mininterval:
+            self.draw()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def end_batch(self, prompts: int, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.batch_tokens, self.batch_start = 0, None
+        self.draw(prompts_done=prompts)
+
+    def draw(self, prompts_done: int = 0) -> None:
+        now = time.perf_counter()
+        tokens = self.tokens + int(self.batch_tokens)
+        seconds = self.seconds + (now - self.batch_start if self.batch_start is not None else 0.0)
+        # the new count first: bar.update may redraw, and must not show the previous one
+        self.bar.set_postfix_str(f"{tokens} tokens, {tokens / seconds if seconds > 0 else 0.0:.1f} tokens/s",
+                                 refresh=False)
+        self.bar.update(prompts_done)
+        self.bar.refresh()
+        self.last_draw = now
+
+
 def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None = None, seed: int = 0,
-            stock_model=None, progress: bool = True) -> JobResult:
-    """Generate for every prompt of ``job`` in batches sorted by length; outputs in original order."""
-    import torch
+            stock_model=None, progress: bool = True, done=frozenset(), on_batch=None) -> JobResult:
+    """Generate for the prompts of ``job`` whose indices are not in ``done``, in batches sorted by
+    length; outputs in original order (None for those in ``done``). ``on_batch(result, indices)``
+    follows each batch, given the indices of the prompts it finished. With ``progress``, a bar on
+    stderr counts the prompts and the tokens (see DecodeProgress)."""
     from tqdm.auto import tqdm
 
-    texts = [format_prompt(p, tokenizer, chat) for p in job.prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    batches = plan_batches(lengths, job.batch_size)
+    todo = [i for i in range(len(job.prompts)) if i not in done]
+    texts = {i: format_prompt(job.prompts[i], tokenizer, chat) for i in todo}
+    lengths = [len(ids) for ids in tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]] if todo else []
+    batches = [[todo[k] for k in batch] for batch in plan_batches(lengths, job.batch_size)]
     nrs = int(job.gen_kwargs.get("num_return_sequences") or 1)
     stop = _stop_ids(model, tokenizer)
     device = model.device
-    result = JobResult(job, outputs=[None] * len(job.prompts))
+    result = JobResult(job, outputs=[None] * len(job.prompts), skipped=len(job.prompts) - len(todo))
     stock = {"wall_s": 0.0, "kv_bytes": 0, "new_tokens": 0, "mismatches": 0} if stock_model is not None else None
     greedy_like = not job.gen_kwargs.get("do_sample")
 
-    def generate(m, enc, with_cache):
+    def generate(m, enc, with_cache, criteria=()):
         kw = dict(job.gen_kwargs)
+        if criteria:
+            kw["stopping_criteria"] = StoppingCriteriaList([*kw.get("stopping_criteria", ()), *criteria])
         if with_cache and cache_kwargs:
             from . import PagedCache
 
@@ -369,20 +497,26 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    bar = tqdm(batches, desc=job.name[:40], unit="batch", disable=not progress, file=sys.stderr, leave=False)
+    bar = tqdm(total=len(todo), desc=job.name[:40], unit="prompt", disable=not progress, file=sys.stderr,
+               leave=False)
+    decode_progress = DecodeProgress(bar, stop, device, beam_search=int(job.gen_kwargs.get("num_beams") or 1) > 1)
     try:
-        for batch in bar:
+        for batch in batches:
             enc = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             prompt_len = enc["input_ids"].shape[1]
-            out, dt = generate(model, enc, with_cache=True)
+            decode_progress.start_batch(len(batch) * nrs)
+            out, dt = generate(model, enc, with_cache=True, criteria=[decode_progress] if progress else [])
             result.wall_s += dt
             gen = out.sequences[:, prompt_len:]
-            result.new_tokens += count_new_tokens(gen, stop)
+            tokens = count_new_tokens(gen, stop)
+            result.new_tokens += tokens
             result.sequences += gen.shape[0]
             result.batch_stats.append(kv_stats(cache_of(out)))
             decoded = tokenizer.batch_decode(gen, skip_special_tokens=True)
             for j, i in enumerate(batch):
                 result.outputs[i] = decoded[j * nrs : (j + 1) * nrs]
+            if on_batch is not None:
+                on_batch(result, batch)
             if stock is not None:
                 ref, sdt = generate(stock_model, enc, with_cache=False)
                 stock["wall_s"] += sdt
@@ -391,14 +525,15 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
                 stock["kv_bytes"] = max(stock["kv_bytes"], dense_cache_bytes(cache_of(ref)))
                 stock["mismatches"] += _count_mismatches(gen, ref_gen, stop)
             del out
+            decode_progress.end_batch(len(batch), tokens, dt)
     finally:
         bar.close()
     if stock is not None:
         stock["tokens_equal"] = (stock["mismatches"] == 0) if greedy_like else None
     result.stock = stock
     result.report = build_report(
-        result.batch_stats, prompts=len(job.prompts), sequences=result.sequences,
-        new_tokens=result.new_tokens, wall_s=result.wall_s, stock=stock,
+        result.batch_stats, prompts=len(todo), sequences=result.sequences,
+        new_tokens=result.new_tokens, wall_s=result.wall_s, stock=stock, skipped=result.skipped,
     )
     return result
 
@@ -423,6 +558,8 @@ def print_outputs(result: JobResult, limit: int, file=None) -> None:
     if limit <= 0:
         return
     for i, (prompt, outs) in enumerate(zip(result.job.prompts, result.outputs)):
+        if outs is None:  # skipped: already in the output file
+            continue
         label = prompt.name if prompt.name else str(i)
         print(f"[{label}] {_short(prompt.text.strip(), limit // 2)}", file=file)
         for k, text in enumerate(outs):
@@ -430,33 +567,14 @@ def print_outputs(result: JobResult, limit: int, file=None) -> None:
             print(prefix + _short(text.strip(), limit), file=file)
 
 
-def write_jsonl(path, results: list[JobResult], with_job: bool) -> None:
-    """One line per prompt, in the original order: {"index", "prompt", "outputs": [...]}."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for res in results:
-            for i, (prompt, outs) in enumerate(zip(res.job.prompts, res.outputs)):
-                rec = {"index": i, "prompt": prompt.text, "outputs": outs}
-                if prompt.name and prompt.kind != "text":  # built-in prompts: "chat/3", "HumanEval/0"
-                    rec["name"] = prompt.name
-                if with_job:
-                    rec["job"] = res.job.name
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 # =============================================================================== model loading
 def resolve_device(name: str):
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def resolve_dtype(name: str, device):
-    import torch
-
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -484,37 +602,28 @@ def main(argv=None) -> int:
 
 def cmd_generate(args) -> int:
     from .block_pool import OutOfBlocksError
-    from .prompts import PromptSourceError, load_prompts
-
-    try:
-        if is_demo(args):
-            jobs = demo_jobs(args)
-        else:
-            prompts = (
-                load_prompts(args.prompts, split=args.split, field=args.field, limit=args.limit)
-                if args.prompts is not None
-                else _builtin_for_options(args)
-            )
-            jobs = None
-    except (FileNotFoundError, PromptSourceError) as e:
-        print(_error(e), file=sys.stderr)
-        return 2
-    if jobs is not None and args.limit is not None:
-        for job in jobs:
-            job.prompts = job.prompts[: args.limit] or job.prompts[:1]
+    from .prompts import PromptSourceError
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.model is None:
-        from .real_model import smollm2_path
+    # Everything that can be wrong with the input fails here, in one line, before the model loads;
+    # the output path first, before the prompts are read.
+    try:
+        if args.output:
+            check_output_path(args.output, resume=args.resume, overwrite=args.overwrite)
+        check_block_size(args, device)
+        jobs = plan_jobs(args)
+        output = OutputFile(args.output, jobs, resume=args.resume) if args.output else None
+        if output is not None and all(len(output.done(job)) == len(job.prompts) for job in jobs):
+            print(f"all {output.resumed} prompt(s) are already in {args.output}: nothing to generate")
+            print(f"wrote {output.finish()} record(s) to {args.output} (in the original order)")
+            return 0
+        model_path = model_folder(args)
+        check_max_memory(args, read_model_config(model_path), dtype)
+    except (FileNotFoundError, PromptSourceError, InputError, OutputFileError) as e:
+        print(_error(e), file=sys.stderr)
+        return 2
 
-        model_path = smollm2_path()
-    else:
-        model_path = args.model
-        if not os.path.exists(model_path):
-            print(f"hf-paged: error: model folder not found: '{model_path}' (there is no HuggingFace hub "
-                  "access here: give a local checkpoint folder)", file=sys.stderr)
-            return 2
     print(f"Loading {model_path} ({str(dtype).replace('torch.', '')}, {device}, "
           f"attn_implementation={args.attn_implementation!r})...", file=sys.stderr)
     model, tokenizer = load_model(model_path, dtype=dtype, device=device, attn_implementation=args.attn_implementation)
@@ -523,8 +632,6 @@ def cmd_generate(args) -> int:
         stock_model, _ = load_model(model_path, dtype=dtype, device=device, attn_implementation="sdpa")
 
     chat = args.chat if args.chat is not None else bool(getattr(tokenizer, "chat_template", None))
-    if jobs is None:
-        jobs = [Job("generate", prompts, generation_kwargs(args, tokenizer), args.batch_size)]
     cache_kwargs = {}
     if args.block_size is not None:
         cache_kwargs["block_size"] = args.block_size
@@ -540,33 +647,75 @@ def cmd_generate(args) -> int:
         _warm_up(stock_model, tokenizer)
 
     results = []
-    for job in jobs:
-        print(f"\n== {job.name}", flush=True)
-        try:
+    try:
+        for job in jobs:
+            print(f"\n== {job.name}", flush=True)
             res = run_job(job, model, tokenizer, chat=chat, cache_kwargs=cache_kwargs, seed=args.seed,
-                          stock_model=stock_model)
-        except OutOfBlocksError as e:
-            print(_error(e), file=sys.stderr)
-            return 3
-        print_outputs(res, args.max_print_chars)
-        print(format_report(res.report), flush=True)
-        results.append(res)
+                          stock_model=stock_model, done=output.done(job) if output else frozenset(),
+                          on_batch=output.write_batch if output else None)
+            print_outputs(res, args.max_print_chars)
+            print(format_report(res.report), flush=True)
+            results.append(res)
+    except OutOfBlocksError as e:
+        print(_error(f"{e}{_records_kept(output, ' ')}"), file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(_error(f"interrupted{_records_kept(output, '; ')}"), file=sys.stderr)
+        return 130
+    finally:
+        if output is not None:
+            output.close()
 
     if len(results) > 1:
         total = summarize(results)
         print("\n" + format_report(total, title="all jobs"))
-    if args.output:
-        write_jsonl(args.output, results, with_job=len(results) > 1)
-        print(f"\nwrote {sum(len(r.outputs) for r in results)} record(s) to {args.output}")
+    if output is not None:
+        kept = f" ({output.resumed} from the earlier run)" if output.resumed else ""
+        print(f"\nwrote {output.finish()} record(s) to {args.output}{kept}")
     return 0
 
 
-def _warm_up(model, tokenizer) -> None:
-    import torch
+def _records_kept(output, separator: str) -> str:
+    """The end of an interrupted run's error line: what its output file holds, and how to go on."""
+    if output is None or not output.records:
+        return ""
+    return f"{separator}{len(output.records)} record(s) kept in {output.path}: rerun with --resume to continue."
 
+
+def _warm_up(model, tokenizer) -> None:
     enc = tokenizer(["Hello"], return_tensors="pt").to(model.device)
     with torch.inference_mode():
         model.generate(**enc, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+def plan_jobs(args) -> list[Job]:
+    """The demo's three jobs, or one job over the prompts (``--prompts``, else the built-in ones)."""
+    from .prompts import load_prompts
+
+    if is_demo(args):
+        jobs = demo_jobs(args)
+        if args.limit is not None:
+            for job in jobs:
+                job.prompts = job.prompts[: args.limit] or job.prompts[:1]
+        return jobs
+    prompts = (
+        load_prompts(args.prompts, split=args.split, field=args.field, limit=args.limit)
+        if args.prompts is not None
+        else _builtin_for_options(args)
+    )
+    return [Job("generate", prompts, generation_kwargs(args), args.batch_size)]
+
+
+def model_folder(args) -> str:
+    """``--model``, else the embedded SmolLM2 (converted on first use)."""
+    if args.model is None:
+        from .real_model import smollm2_path
+
+        return str(smollm2_path())
+    if not os.path.exists(args.model):
+        raise InputError(f"model folder not found: '{args.model}' (there is no HuggingFace hub access here: give a "
+                         "local checkpoint folder)")
+    return args.model
 
 
 def _builtin_for_options(args):
@@ -593,7 +742,8 @@ def summarize(results: list[JobResult]) -> dict:
         }
     return build_report(
         stats,
-        prompts=sum(len(r.job.prompts) for r in results),
+        prompts=sum(r.report["prompts"] for r in results),
+        skipped=sum(r.skipped for r in results),
         sequences=sum(r.sequences for r in results),
         new_tokens=sum(r.new_tokens for r in results),
         wall_s=sum(r.wall_s for r in results),

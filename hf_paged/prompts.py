@@ -227,27 +227,12 @@ def _quiet_datasets():
 
 def _load_with_datasets(src: str, split: str | None, is_local: bool):
     try:
-        from datasets import load_dataset
+        import datasets  # noqa: F401
     except ImportError:
         raise PromptSourceError("hf_paged: loading a data set needs the 'datasets' package (pip install datasets).") from None
-    lower = src.lower()
-    builder = next((b for ext, b in ((".csv", "csv"), (".tsv", "csv"), (".parquet", "parquet"), (".arrow", "arrow")) if lower.endswith(ext)), None)
     try:
         with _offline(), _quiet_datasets():
-            if builder is not None:
-                kwargs = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
-                return load_dataset(builder, data_files=src, split=split or "train", **kwargs)
-            if is_local and pathlib.Path(src).is_dir():
-                try:
-                    from datasets import load_from_disk
-
-                    ds = load_from_disk(src)
-                    if hasattr(ds, "keys"):  # a DatasetDict
-                        ds = ds[split or "train"]
-                    return ds
-                except FileNotFoundError:
-                    pass  # not a save_to_disk folder: let load_dataset infer the format
-            return load_dataset(src, split=split or "train")
+            splits = _load_splits(src, is_local)
     except Exception as e:  # datasets raises many types; all mean "cannot load"
         where = "local path" if is_local else "data set name"
         raise PromptSourceError(
@@ -256,6 +241,37 @@ def _load_with_datasets(src: str, split: str | None, is_local: bool):
             "and data sets already in the datasets cache work here (no HuggingFace hub access). For a "
             "file, use a .txt (one prompt per line) or .jsonl/.json (\"prompt\" or \"text\" field)."
         ) from e
+    return _pick_split(splits, split, src)
+
+
+def _load_splits(src: str, is_local: bool):
+    """Every split of ``src`` (a ``DatasetDict``), or a ``Dataset``: a save_to_disk folder of one
+    split. All splits are read, so that a missing split can be named with the ones there are
+    (``load_dataset`` prepares them all even when asked for one)."""
+    from datasets import load_dataset, load_from_disk
+
+    lower = src.lower()
+    builder = next((b for ext, b in ((".csv", "csv"), (".tsv", "csv"), (".parquet", "parquet"), (".arrow", "arrow")) if lower.endswith(ext)), None)
+    if builder is not None:
+        kwargs = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
+        return load_dataset(builder, data_files=src, **kwargs)
+    if is_local and pathlib.Path(src).is_dir():
+        try:
+            return load_from_disk(src)
+        except FileNotFoundError:
+            pass  # not a save_to_disk folder: let load_dataset infer the format
+    return load_dataset(src)
+
+
+def _pick_split(splits, split: str | None, src: str):
+    if not hasattr(splits, "keys"):  # a single Dataset saved to disk: it has no splits to choose from
+        return splits
+    name = split or "train"
+    if name not in splits:
+        raise PromptSourceError(
+            f"hf_paged: '{src}' has no split {name!r}; its splits: {', '.join(sorted(splits))}: choose one with --split."
+        )
+    return splits[name]
 
 
 def _records_to_texts(records, field: str | None, src: str) -> list[str]:

@@ -261,9 +261,9 @@ def test_cli_parsing():
     args = cli.parse_args(["generate", "--prompts", "x.txt", "--num-beams", "4", "--num-return-sequences", "2",
                            "--no-chat", "--attn-implementation", "sdpa", "--max-memory", "2GiB"])
     assert not cli.is_demo(args) and args.chat is False and args.attn_implementation == "sdpa"
-    kw = cli.generation_kwargs(args, None)
+    kw = cli.generation_kwargs(args)
     assert kw == {"max_new_tokens": 48, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}
-    kw = cli.generation_kwargs(cli.parse_args(["--do-sample", "--top-p", "0.5"]), None)
+    kw = cli.generation_kwargs(cli.parse_args(["--do-sample", "--top-p", "0.5"]))
     assert kw["do_sample"] and kw["top_p"] == 0.5 and kw["temperature"] == 0.8
     for bad in (["--batch-size", "0"], ["--num-return-sequences", "2"], ["--max-memory", "lots"],
                 ["--num-beams", "2", "--num-return-sequences", "3"]):
@@ -329,6 +329,59 @@ def test_run_job_restores_original_order(models):
     assert res.sequences == 10 and res.report["prompts"] == 5
 
 
+def test_cli_progress_counts_tokens_per_decode_step():
+    import io
+
+    from tqdm import tqdm
+
+    out = io.StringIO()
+    bar = tqdm(total=3, unit="prompt", file=out, mininterval=0)
+    step = cli.DecodeProgress(bar, stop_ids=[2], device=torch.device("cpu"), beam_search=False)
+    step.start_batch(sequences=3)
+    ids = torch.full((3, 4), 9)
+    # rows 0, 1, 2 stop (token 2, also the pad of finished rows) at steps 2, 3, 4: 2 + 3 + 4 tokens
+    for tokens in ([5, 6, 7], [2, 6, 7], [2, 2, 8], [2, 2, 2]):
+        ids = torch.cat([ids, torch.tensor(tokens)[:, None]], dim=1)
+        stop = step(ids, None)
+        assert stop.dtype == torch.bool and stop.shape == (3,) and stop.device == ids.device and not stop.any()
+    assert "9 tokens" in out.getvalue() and bar.n == 0  # moved during the batch, no prompt done yet
+    assert cli.count_new_tokens(ids[:, 4:], [2]) == 9  # as the report counts them
+    step.end_batch(prompts=3, tokens=9, seconds=1.5)
+    assert bar.n == 3 and "9 tokens, 6.0 tokens/s" in out.getvalue()
+
+    beams = cli.DecodeProgress(bar, stop_ids=[2], device=torch.device("cpu"), beam_search=True)
+    beams.start_batch(sequences=2)  # beam search passes the candidate beams: each returned sequence counts
+    beams(torch.full((8, 5), 9), None)
+    beams(torch.full((8, 6), 2), None)
+    beams.draw()
+    assert "4 tokens" in out.getvalue().rsplit("\r", 1)[-1]
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.parametrize("mode", [
+    {"do_sample": False},
+    {"do_sample": True, "num_return_sequences": 2},
+    {"do_sample": False, "num_beams": 2, "num_return_sequences": 2},
+], ids=["greedy", "sampling", "beam"])
+def test_run_job_progress_bar_moves_every_decode_step(models, mode, capsys, monkeypatch):
+    paged, _, tok = models
+    from hf_paged.prompts import Prompt
+
+    calls = []
+    real_call = cli.DecodeProgress.__call__
+    monkeypatch.setattr(cli.DecodeProgress, "__call__", lambda self, *a, **kw: (calls.append(1), real_call(self, *a, **kw))[1])
+    prompts = [Prompt(q, "text", str(i)) for i, q in enumerate(["Hi", "Name a color.", "What is 2 + 2?"])]
+    job = cli.Job("t", prompts, {"max_new_tokens": 3, "min_new_tokens": 3, **mode}, batch_size=2)
+    res = cli.run_job(job, paged, tok, chat=True, progress=True)
+    assert len(calls) == 2 * 3  # 2 batches x 3 decode steps
+    err = capsys.readouterr().err
+    assert "3/3" in err and "prompt" in err and f"{res.new_tokens} tokens, " in err and "tokens/s" in err
+    calls.clear()
+    cli.run_job(job, paged, tok, chat=True, progress=False)
+    assert not calls and capsys.readouterr().err == ""
+
+
 # ============================================================================ (d) CLI end to end
 @pytest.mark.slow
 @needs_model
@@ -369,6 +422,98 @@ def test_cli_jsonl_prompts_in_original_order(tmp_path, capsys, smollm2_dir):
     assert "identical tokens" in text and "3 batch(es)" in text
 
 
+def _interrupt_generate(monkeypatch, at_call, error, on_call=None):
+    """Make the CLI's model raise ``error`` at its ``at_call``-th generate (the first is the
+    warm-up); ``on_call(n)`` runs before each call."""
+    real_load = cli.load_model
+    calls = []
+
+    def load_model(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+        real_generate = model.generate
+
+        def generate(*a, **kw):
+            calls.append(1)
+            if on_call is not None:
+                on_call(len(calls))
+            if len(calls) == at_call:
+                raise error
+            return real_generate(*a, **kw)
+
+        model.generate = generate
+        return model, tokenizer
+
+    monkeypatch.setattr(cli, "load_model", load_model)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), 130), (hf_paged.OutOfBlocksError(9, 1, 4), 3)],
+                         ids=["interrupt", "out_of_blocks"])
+def test_cli_output_written_as_batches_finish_and_resumed(tmp_path, capsys, monkeypatch, smollm2_dir, error, status):
+    questions = ["Hi", "Name a color.", "Write a long explanation of how rain forms, step by step, please.",
+                 "What is 2 + 2?", "List three animals that live in the ocean."]
+    (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--prompts", str(tmp_path / "q.txt"), "--batch-size", "2", "--max-new-tokens", "2",
+            "--output", str(out)]
+    seen = {}
+    # calls: 1 warm-up, 2 and 3 the batches of prompts (2, 4) and (3, 1), longest first; 4 fails
+    _interrupt_generate(monkeypatch, 4, error, on_call=lambda n: seen.setdefault(n, out.exists() and _records(out)))
+    assert cli.main(args) == status
+    assert seen[2] is False  # nothing written before the first batch finished
+    assert [r["index"] for r in seen[3]] == [2, 4]  # the first batch, written before the second began
+    first = _records(out)
+    assert [r["index"] for r in first] == [2, 4, 3, 1]  # both finished batches kept, in the order they ran
+    assert [r["prompt"] for r in first] == [questions[i] for i in (2, 4, 3, 1)]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hf-paged: error: ") and f"4 record(s) kept in {out}: rerun with --resume to continue." in err
+
+    with out.open("a") as f:
+        f.write('{"index": 0, "prompt": "Hi", "outp')  # a killed run's last line, cut short
+    monkeypatch.undo()
+    assert cli.main(args) == 2  # an existing file is not overwritten without a flag
+    assert cli.main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "1 prompt(s), 1 sequence(s), 1 batch(es)" in text and "4 skipped (already in the output file)" in text
+    assert "[0] Hi" in text and "[1] Name a color." not in text  # only the computed prompt is printed
+    assert f"wrote 5 record(s) to {out} (4 from the earlier run)" in text
+    final = _records(out)
+    assert [r["index"] for r in final] == [0, 1, 2, 3, 4] and [r["prompt"] for r in final] == questions
+    assert {r["index"]: r for r in final if r["index"]} == {r["index"]: r for r in first}  # kept as they were
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+    assert cli.main([*args, "--overwrite"]) == 0
+    assert "5 prompt(s), 5 sequence(s), 3 batch(es)" in capsys.readouterr().out
+    assert [r["index"] for r in _records(out)] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@needs_model
+@needs_humaneval
+def test_cli_demo_resumes_after_a_later_job_runs_out_of_memory(tmp_path, capsys, monkeypatch, smollm2_dir):
+    out = tmp_path / "demo.jsonl"
+    args = ["--max-new-tokens", "2", "--limit", "2", "--output", str(out)]
+    _interrupt_generate(monkeypatch, 3, hf_paged.OutOfBlocksError(9, 1, 4))  # warm-up, job 1, job 2 fails
+    assert cli.main(args) == 3
+    first = _records(out)
+    assert sorted((r["job"], r["index"]) for r in first) == [("greedy: 8 chat questions", i) for i in (0, 1)]
+    capsys.readouterr()
+    monkeypatch.undo()
+    assert cli.main([*args, "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "0 prompt(s), 0 sequence(s), 0 batch(es): 0 new tokens in 0.0 s = 0.0 tokens/s; 2 skipped" in text
+    assert "-- report: all jobs\n   2 prompt(s), 6 sequence(s), 2 batch(es)" in text  # counts this run's work
+    recs = _records(out)
+    assert [r["job"].split(":")[0] for r in recs] == ["greedy", "greedy", "sampling", "beam search"]
+    assert recs[:2] == sorted(first, key=lambda r: r["index"]) and [r["name"] for r in recs] == ["chat/0", "chat/1", "HumanEval/53", "chat/2"]
+    assert [len(r["outputs"]) for r in recs] == [1, 1, 4, 2]
+
+
 # ============================================================================ (e) errors
 def test_cli_missing_prompts_file(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
@@ -381,6 +526,139 @@ def test_cli_missing_model_folder(tmp_path, capsys):
     (tmp_path / "p.txt").write_text("hello\n")
     rc = cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "no_model")])
     assert rc == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_cli_output_path_checked_before_anything_heavy(tmp_path, capsys):
+    missing_prompts = ["generate", "--prompts", str(tmp_path / "nope.txt")]  # read after the output check
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(tmp_path)]))
+    assert f"--output '{tmp_path}' is a directory" in err
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(tmp_path / "no" / "out.jsonl")]))
+    assert f"folder '{tmp_path / 'no'}' does not exist" in err
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", "/sys/hf_paged_out.jsonl"]))
+    assert "cannot write in folder '/sys'" in err
+    existing = tmp_path / "out.jsonl"
+    existing.write_text('{"index": 0, "prompt": "p", "outputs": ["o"]}\n')
+    err = _one_line_error(capsys, cli.main([*missing_prompts, "--output", str(existing)]))
+    assert "exists: --resume continues it" in err and "--overwrite replaces it" in err
+    assert existing.read_text() == '{"index": 0, "prompt": "p", "outputs": ["o"]}\n'  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    for bad in (["--output", str(existing), "--resume", "--overwrite"], ["--resume"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(bad)
+        assert exc.value.code == 2
+    assert "--resume applies to an --output file" in capsys.readouterr().err
+
+
+def test_cli_resume_checks_the_prompts_of_the_file(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("first\nsecond\n")
+    out = tmp_path / "out.jsonl"
+    # a missing model folder fails after the output file's check: reaching it means the file was accepted
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--resume",
+            "--model", str(tmp_path / "no_model")]
+
+    def resume(*lines):
+        out.write_text("".join(lines))
+        return _one_line_error(capsys, cli.main(args))
+
+    rec = lambda i, prompt, **kw: json.dumps({"index": i, "prompt": prompt, "outputs": ["x"], **kw}) + "\n"  # noqa: E731
+    assert "model folder not found" in resume(rec(1, "second"), '{"index": 0, "prom')  # cut short: dropped
+    err = resume(rec(1, "other"))
+    assert f"'{out}' was written for other prompts: its line 1 holds prompt 'other' but this run's prompt 1 is 'second'" in err
+    assert "--overwrite replaces it" in err
+    assert "has index 2 but this run has 2 prompt(s)" in resume(rec(0, "first"), rec(2, "third"))
+    assert "is from job 'greedy: 8 chat questions', which this run does not have" in resume(
+        rec(0, "first", job="greedy: 8 chat questions"))
+    assert "line 1 is not JSON" in resume('{"index": 0, "prom\n', rec(1, "second"))
+    assert "line 1 is not an hf-paged record" in resume('["first"]\n')
+    # every prompt already there: nothing to load, the file is put in the original order
+    out.write_text(rec(1, "second") + rec(0, "first"))
+    assert cli.main(args) == 0
+    assert "nothing to generate" in capsys.readouterr().out
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 1]
+
+
+def _config_only_model(folder):
+    """A model folder holding only a config (2 layers x 2 KV heads x head_dim 8: one fp32 block of
+    16 tokens is 2 * 2 * 8 * 2 * 4 * 16 = 4096 bytes) and no weights: a run that got as far as
+    loading the model would fail with a traceback, so a one-line error proves the check came first."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 32, "intermediate_size": 64, "vocab_size": 100,
+    }))
+    return folder
+
+
+def _one_line_error(capsys, rc, expected_rc=2) -> str:
+    assert rc == expected_rc
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hf-paged: error: "), err
+    return err
+
+
+def test_cli_max_memory_below_one_block(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("hello\n")
+    model = _config_only_model(tmp_path / "m")
+    base = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(model), "--dtype", "float32"]
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "4000"]))
+    assert "--max-memory 4000 is 4000 bytes, less than one KV block: 4096 bytes" in err
+    assert "256 bytes per token x block size 16, float32" in err
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32"]))
+    assert "less than one KV block: 8192 bytes" in err
+    with pytest.raises(SystemExit) as exc:  # unreadable: an argument error naming the option
+        cli.parse_args(["--max-memory", "lots"])
+    err = _one_line_error(capsys, exc.value.code)
+    assert "cannot read --max-memory='lots'" in err
+
+
+def test_cli_model_folder_without_config(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("hello\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(empty)]))
+    assert f"model folder '{empty}' has no config.json" in err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(bad)]))
+    assert f"cannot read the model config in '{bad}'" in err and "not a valid JSON file" in err
+
+
+def test_cli_block_size_for_the_triton_kernels(tmp_path, capsys, monkeypatch):
+    (tmp_path / "p.txt").write_text("hello\n")
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8"]
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    err = _one_line_error(capsys, cli.main(args))
+    assert "--block-size 8 is not supported by the Triton kernels" in err and "multiple of 16" in err
+    monkeypatch.setenv("HF_PAGED_BACKEND", "torch")  # the PyTorch backend takes any block size:
+    err = _one_line_error(capsys, cli.main(args))  # the next check (the model folder) fails instead
+    assert "has no config.json" in err
+    # --attn-implementation sdpa ignores --block-size (no paged cache): no block-size check
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    err = _one_line_error(capsys, cli.main([*args, "--attn-implementation", "sdpa"]))
+    assert "has no config.json" in err
+
+
+def test_load_prompts_split_not_found(tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    splits = DatasetDict({"validation": Dataset.from_dict({"prompt": ["v"]}),
+                          "test": Dataset.from_dict({"prompt": ["t1", "t2"]})})
+    splits.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "files").mkdir()
+    for name, ds in splits.items():
+        ds.to_json(str(tmp_path / "files" / f"{name}.jsonl"))
+    for folder in (tmp_path / "saved", tmp_path / "files"):
+        with pytest.raises(PromptSourceError, match=(
+                f"'{folder}' has no split 'train'; its splits: test, validation: choose one with --split")):
+            load_prompts(folder)
+        with pytest.raises(PromptSourceError, match="has no split 'dev'; its splits: test, validation"):
+            load_prompts(folder, split="dev")
+        assert [p.text for p in load_prompts(folder, split="test")] == ["t1", "t2"]
+    capsys.readouterr()
+    err = _one_line_error(capsys, cli.main(["generate", "--prompts", str(tmp_path / "saved")]))
+    assert "has no split 'train'; its splits: test, validation: choose one with --split" in err
 
 
 def test_python_dash_m_entry_point():
