@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from hf_paged.kernels import attention as tri_attn  # noqa: E402
+from hf_paged.kernels import tuning  # noqa: E402
 from hf_paged.kernels import get_backend, reference  # noqa: E402
 
 DEV = "cuda"
@@ -123,8 +123,8 @@ def decode_case(batch: int, ctx: int, copy_bw: float, **kw) -> dict:
     torch.cuda.empty_cache()
     bw = kv_bytes / (ms * 1e-3)
     return {"ms": ms, "sdpa_ms": sdpa_ms, "vs_sdpa": ms / sdpa_ms, "GB/s": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw,
-            "splits": tri_attn.choose_num_splits(batch, HKV, ctx, tri_attn._decode_config(D, 2)[0],
-                                                 tri_attn._num_sms(torch.device(DEV))) if not kw else kw}
+            "splits": tuning.choose_num_splits(batch, HKV, ctx, tuning.decode_config(D, 2)[0],
+                                                 tuning.num_sms(torch.device(DEV))) if not kw else kw}
 
 
 def prefill_case(batch: int, q_len: int, **kw) -> dict:
@@ -172,7 +172,7 @@ def prefill_case(batch: int, q_len: int, **kw) -> dict:
             "sdpa_TFLOP/s": flops / (sdpa_ms * 1e-3) / 1e12, "store_and_attention_ms": store_ms,
             "store_and_attention_vs_sdpa": store_ms / sdpa_ms, "pool_ms": pool_ms, "pool_vs_sdpa": pool_ms / sdpa_ms,
             "general_kernel_ms": general_ms, "general_kernel_vs_sdpa": general_ms / sdpa_ms,
-            "rel_err_vs_sdpa": err, "new_kv_tma": tri_attn._new_kv_tma(torch.device(DEV))}
+            "rel_err_vs_sdpa": err, "new_kv_tma": tuning.new_kv_tma(torch.device(DEV))}
 
 
 def store_case(batch: int, q_len: int, copy_bw: float) -> dict:
@@ -202,21 +202,21 @@ def copy_blocks_case(num_pairs: int, copy_bw: float) -> dict:
 def sweep(copy_bw: float) -> dict:
     """Optional config exploration (BENCH_SWEEP=1): decode BLOCK_N/warps/stages/splits, prefill tiles."""
     res = {}
-    orig_dec, orig_mt = tri_attn._decode_config, tri_attn._multi_token_config
+    orig_dec, orig_mt = tuning.decode_config, tuning.multi_token_config
     try:
         decode_sweep = [] if os.environ.get("BENCH_SWEEP") == "prefill" else [(64, 4, 3), (64, 4, 4)]
         for bn, warps, stages in decode_sweep:
-            tri_attn._decode_config = lambda block_d, eb, c=(bn, warps, stages): c
+            tuning.decode_config = lambda block_d, eb, c=(bn, warps, stages): c
             for batch, ctx, splits in [(8, 32768, 8), (8, 32768, 16), (64, 4096, 1), (256, 1024, 1)]:
                 r = decode_case(batch, ctx, copy_bw, num_kv_splits=splits)
                 res[f"decode {batch}x{ctx} n{bn} w{warps} s{stages} splits{splits}"] = r
                 print(f"  decode {batch}x{ctx} n{bn} w{warps} s{stages} splits {splits}: {r['ms']:.4f} ms "
                       f"{r['pct_copy_bw']:.1f}% vs_sdpa {r['vs_sdpa']:.2f}", flush=True)
-        tri_attn._decode_config = orig_dec
+        tuning.decode_config = orig_dec
         for bm, bn, warps, stages in [(256, 64, 8, 3), (256, 64, 8, 2), (256, 64, 8, 4), (256, 32, 8, 3),
                                       (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2),
                                       (128, 64, 8, 3), (256, 64, 16, 3)]:
-            tri_attn._multi_token_config = lambda block_d, eb, kind="pool", c=(bm, bn, warps, stages): c
+            tuning.multi_token_config = lambda block_d, eb, kind="pool", c=(bm, bn, warps, stages): c
             try:
                 r = prefill_case(8, 2048)
             except Exception as exc:  # e.g. out of shared memory for this tile shape
@@ -227,7 +227,7 @@ def sweep(copy_bw: float) -> dict:
                   f"general {r['general_kernel_ms']:.4f} ms, pool {r['pool_ms']:.4f} ms ({r['pool_vs_sdpa']:.2f}x)",
                   flush=True)
     finally:
-        tri_attn._decode_config, tri_attn._multi_token_config = orig_dec, orig_mt
+        tuning.decode_config, tuning.multi_token_config = orig_dec, orig_mt
     return res
 
 

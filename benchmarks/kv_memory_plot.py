@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import hf_paged  # noqa: E402
 from hf_paged import cache_of  # noqa: E402
-from hf_paged.real_model import smollm2_path  # noqa: E402
-from hf_paged.testing import dense_cache_bytes  # noqa: E402
+from hf_paged.cli.real_model import smollm2_path  # noqa: E402
+from hf_paged.cli.jobs import dense_cache_bytes  # noqa: E402
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 path = smollm2_path()

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_paged  # registers attn_implementation="paged"
-from hf_paged.real_model import smollm2_path
+from hf_paged.cli.real_model import smollm2_path
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", help="a local checkpoint (default: the embedded SmolLM2-135M-Instruct)")

@@ -99,7 +99,7 @@ def load_model(model_path=None, device=None, dtype=None, attn_implementation="pa
     """(model, tokenizer) of a local checkpoint, or of the embedded SmolLM2-135M-Instruct."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_paged.real_model import prepare_tokenizer, smollm2_path
+    from hf_paged.cli.real_model import prepare_tokenizer, smollm2_path
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -142,7 +142,7 @@ def run_eval(
     replaces the prompt's stub); ``auto`` picks ``chat`` when the tokenizer has a chat template."""
     from tqdm.auto import tqdm
 
-    from hf_paged.prompts import load_humaneval
+    from hf_paged.cli.prompts import load_humaneval
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

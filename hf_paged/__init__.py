@@ -3,7 +3,7 @@
     import hf_paged
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="paged")
     out = model.generate(**inputs, return_dict_in_generate=True)
-    out.past_key_values.memory_stats()
+    hf_paged.cache_of(out).memory_stats()
 
 Importing the package registers the ``"paged"`` attention and mask functions with transformers and
 installs the generate hooks (both idempotent).
@@ -11,8 +11,11 @@ installs the generate hooks (both idempotent).
 
 from .attention import dense_attention, paged_attention_forward, paged_mask, register
 from .block_pool import BlockPool, OutOfBlocksError
-from .cache import CacheStateError, PagedCache, PagedForward, cache_of
-from .generation import UnsupportedModelError, check_supported, install
+from .cache import CacheStateError, PagedCache
+from .compat import cache_of
+from .forward import PagedForward
+from .generation import install
+from .support import UnsupportedModelError, check_supported
 
 __version__ = "0.1.0"
 

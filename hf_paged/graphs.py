@@ -38,8 +38,10 @@ import weakref
 
 import torch
 
-from .cache import PagedCache, PagedForward, _backend_for, split_metadata
-from .kernels import next_pow2
+from . import compat
+from .cache import PagedCache
+from .forward import ForwardMetadata, PagedForward
+from .kernels import backend_name, cdiv, next_pow2
 
 logger = logging.getLogger("hf_paged")
 
@@ -50,10 +52,9 @@ ENV_VAR = "HF_PAGED_CUDA_GRAPHS"
 _STATIC_INPUTS = ("input_ids", "position_ids", "cache_position", "token_type_ids")
 # Plain inputs that are part of a graph's key (a different value is a different graph).
 _PLAIN_INPUTS = ("use_cache", "return_dict", "logits_to_keep")
-_CACHE_KEYS = ("cache", "past_key_values")
 _OFF_IF_TRUE = ("output_attentions", "output_hidden_states")
 _KNOWN_INPUTS = frozenset(
-    _STATIC_INPUTS + _PLAIN_INPUTS + _CACHE_KEYS + _OFF_IF_TRUE + ("attention_mask", "inputs_embeds"))
+    _STATIC_INPUTS + _PLAIN_INPUTS + compat.CACHE_KEYS + _OFF_IF_TRUE + ("attention_mask", "inputs_embeds"))
 _DEVICE_TYPES = ("cuda",)  # tests add "cpu" together with an eager stand-in for the capture
 
 
@@ -130,53 +131,49 @@ class _DecodeGraph:
     step; the paged metadata carries what attention needs) and, where the model derives positions
     from ``cache.get_seq_length()``, with that length as a device tensor rather than a host int.
 
-    Nothing here holds the cache strongly: the cache holds its graphs (``cache._graph_state``), so
+    Nothing here holds the cache strongly: the cache holds its graphs (``cache.graph_state``), so
     a strong reference back would make a cycle that only Python's cyclic garbage collector frees,
     and a loop of generate calls would hold the previous call's pools while the next one runs.
     """
 
-    def __init__(self, fwd: PagedForward, inputs: dict, width: int, device: torch.device):
-        self.batch = fwd.block_table.shape[0]
-        self.width = width
-        self.meta = torch.empty_like(fwd.packed_meta)
+    def __init__(self, fwd: PagedForward, inputs: dict, device: torch.device):
+        meta = fwd.meta
+        # the static copy of the step's packed metadata, and the metadata over it
+        self.meta = ForwardMetadata.over(torch.empty_like(meta.packed), meta.batch, meta.width, 1,
+                                         max_seq_len=meta.max_seq_len, max_context_len=meta.max_context_len,
+                                         pads_after_start=False)
         self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
         self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
+        self.step = [0]  # the logical length the step ends at (read by the static step in Python)
         self.replay = None  # () -> (output class, output fields without the cache)
         self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
         self.verified = False
 
+    @property
+    def width(self) -> int:
+        return self.meta.width
+
     def refresh(self, fwd: PagedForward, inputs: dict) -> None:
         """This step's metadata and inputs into the static buffers."""
-        self.meta.copy_(fwd.packed_meta)
+        self.meta.packed.copy_(fwd.meta.packed)
         for name, t in inputs.items():
             self.inputs[name].copy_(t)
         self.seq_length.fill_(fwd.new_logical_len - 1)
+        self.step[0] = fwd.new_logical_len
 
-    def static_step(self, forward, cache: PagedCache, fwd: PagedForward, kwargs: dict):
+    def static_step(self, forward, cache: PagedCache, kwargs: dict):
         """The step over the static buffers (what is captured), as a closure that refers to the
         cache only weakly and to the buffers, not to this object."""
         cache_ref = weakref.ref(cache)
-        cache_keys = [k for k in _CACHE_KEYS if k in kwargs]
+        cache_keys = [k for k in compat.CACHE_KEYS if k in kwargs]
         plain = {k: v for k, v in kwargs.items() if k not in cache_keys and k not in self.inputs}
         plain["attention_mask"] = None
-        inputs, seq_length = self.inputs, self.seq_length
-        bt, sl, qp, sm = split_metadata(self.meta, self.batch, self.width, 1)
-        meta, max_seq_len, backend = self.meta, self.width * cache.block_size, fwd.backend
-        new_logical_len = fwd.new_logical_len
+        meta, inputs, seq_length, step = self.meta, self.inputs, self.seq_length, self.step
 
         def run():
             cache = cache_ref()
-            cache._forward = PagedForward(
-                cache_ref=cache_ref, q_len=1, block_table=bt, seq_lens=sl, query_pos=qp, slot_mapping=sm,
-                copy_src=None, copy_dst=None, max_seq_len=max_seq_len, new_logical_len=new_logical_len,
-                backend=backend, packed_meta=meta,
-            )
-            cache._seq_length_tensor = seq_length
-            try:
+            with cache.replaying(meta, seq_length, new_logical_len=step[0]):
                 outputs = forward(**plain, **{k: cache for k in cache_keys}, **inputs)
-                cache._flush_pending()  # K/V that no attention call wrote: written inside the graph too
-            finally:
-                cache._seq_length_tensor = None
             return type(outputs), {k: v for k, v in outputs.items() if v is not cache}
 
         return run
@@ -190,8 +187,9 @@ class _DecodeGraph:
 
 def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
     """The PagedCache of a forward that can run as a graph, else None (run it eagerly)."""
-    cache = next((kwargs[k] for k in _CACHE_KEYS if k in kwargs), None)
-    if not isinstance(cache, PagedCache) or cache._group_rows is not None or not cache.block_tables:
+    key = compat.cache_key(kwargs, PagedCache)
+    cache = kwargs[key] if key is not None else None
+    if cache is None or cache.in_prefill_group or not cache.is_initialized:
         return None
     if getattr(model, "_hf_paged_graphs_off", None):
         return None  # an earlier generate found this model's decode step not capturable
@@ -199,7 +197,7 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
         # Tensor parallelism: a capture that failed on one rank and not on another would leave the
         # ranks running different collectives, so every rank decodes eagerly.
         return None
-    state = cache._graph_state
+    state = cache.graph_state
     if state is not None and state.disabled:
         return None
     input_ids = kwargs.get("input_ids")
@@ -216,7 +214,7 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
         return None
     if not cache.key_cache or any(k is None or k.device != input_ids.device for k in cache.key_cache):
         return None  # a layer without a pool yet, or pools on several devices (device_map)
-    if input_ids.device.type == "cuda" and _backend_for(input_ids.device).name != "triton":
+    if input_ids.device.type == "cuda" and backend_name(input_ids.device) != "triton":
         return None  # the PyTorch backend (HF_PAGED_BACKEND=torch) is not capturable
     return cache
 
@@ -229,7 +227,7 @@ def _distributed() -> bool:
 def _table_width(cache: PagedCache) -> int:
     """Block table width of this step's graph: the generate call's bound when known (one graph per
     generate), else the next power of two over the longest row after this step."""
-    need = max(-(-(n + 1) // cache.block_size) for n in cache.seq_lens)
+    need = max(cdiv(n + 1, cache.block_size) for n in cache.seq_lens)
     if cache.max_row_blocks is not None and cache.max_row_blocks >= need:
         return cache.max_row_blocks
     return max(16, next_pow2(need))
@@ -255,25 +253,21 @@ class GraphedForward:
 
 
 def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
-    state = cache._graph_state
+    state = cache.graph_state
     if state is None:
-        state = cache._graph_state = _GraphState()
+        state = cache.graph_state = _GraphState()
     input_ids = kwargs["input_ids"]
     device = input_ids.device
     batch = input_ids.shape[0]
     width = _table_width(cache)
-
+    # one launch configuration (the table's width) for the eager and the replayed steps
     fwd = cache.begin_forward(kwargs.get("attention_mask"), q_len=1, batch_size=batch, device=device,
                               dtype=model.dtype, table_width=width, config=model.config)
-    fwd.max_seq_len = width * cache.block_size  # one launch config for the eager and the replayed steps
     try:
         cache.grow_layer_pools()  # now, so that no pool is reallocated inside a graph
-        if fwd.copy_src is not None:  # copy-on-write of shared tail blocks, a varying number per step
-            for k_pool, v_pool in zip(cache.key_cache, cache.value_cache):
-                fwd.backend.copy_blocks(k_pool, v_pool, fwd.copy_src, fwd.copy_dst)
-            fwd.copy_src = fwd.copy_dst = None
+        fwd.copy_blocks(cache.pools)  # copy-on-write of shared tail blocks: a varying number per step
         inputs = {k: kwargs[k] for k in _STATIC_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
-        key = (batch, width, cache._pools_version,
+        key = (batch, width, cache.pools.version,
                tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS))
         graph = state.graphs.get(key)
@@ -281,11 +275,11 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
             # then the same step is captured over the static buffers.
             outputs = forward(**kwargs)
-            graph = _DecodeGraph(fwd, inputs, width, device)
+            graph = _DecodeGraph(fwd, inputs, device)
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
             try:
-                graph.replay = _CAPTURE(graph.static_step(forward, cache, fwd, kwargs), _graph_pool(state, device))
+                graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(state, device))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
                 _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
                 return outputs
@@ -301,10 +295,9 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         if not graph.verified:
             # First replay: checked against the eager step with the model's real inputs. Both
             # write the same K/V to the same slots, so running both leaves the cache as one would.
-            replayed = graph.replay()[1]["logits"].clone()
-            cache._forward = fwd  # the eager step's mask function takes this step's metadata
-            outputs = forward(**kwargs)
+            outputs = forward(**kwargs)  # the eager step's mask function takes this step's metadata
             eager = outputs["logits"]
+            replayed = graph.replay()[1]["logits"]
             diff = (replayed.float() - eager.float()).abs().max().item()
             scale = eager.float().abs().max().item() + 1.0
             # The same kernels on the same inputs: equal but for rounding (a position or length
@@ -320,8 +313,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         STATS["replays"] += 1
         return graph.outputs(graph.replay(), cache)
     finally:
-        cache._end_forward()
-        cache._logical_len = fwd.new_logical_len
+        cache.end_forward()
 
 
 def _graph_pool(state: _GraphState, device: torch.device):

@@ -17,16 +17,3 @@ def left_padded_batch(lengths, vocab: int, seed: int = 0, low: int = 3, device="
         ids[i, width - n:] = torch.randint(low, vocab, (n,), generator=g)
         mask[i, width - n:] = 1
     return ids.to(device), mask.to(device)
-
-
-def dense_cache_bytes(cache) -> int:
-    """Bytes of the K/V tensors a stock (dense) cache such as a DynamicCache holds."""
-    total = 0
-    seen = set()
-    for layer in getattr(cache, "layers", []) or []:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if t is not None and hasattr(t, "numel") and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-    return total

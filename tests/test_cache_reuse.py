@@ -43,7 +43,7 @@ def test_multi_turn_batch_continues_like_stock(llama):
     cache = hf_paged.cache_of(out)
     # each row stores its real tokens only: prompt, 4 + 5 fed-back tokens, its second turn
     assert cache.seq_lens == [5 + 4 + 3 + 5, 9 + 4 + 7 + 5, 2 + 4 + 1 + 5]
-    assert [sum(n for _, n in runs) for runs in cache.inner_pads] == [4, 0, 6]
+    assert [sum(n for _, n in runs) for runs in cache.tables.inner_pads] == [4, 0, 6]
 
 
 class _Boom(StoppingCriteria):

@@ -39,7 +39,7 @@ def test_greedy_beam_sample_on_triton(cuda_pair, graphs, monkeypatch):
                 torch.testing.assert_close(a, b, atol=1e-3, rtol=0)  # tf32-free fp32: far below
         cache = cache_of(out)
         assert cache.key_cache[0].is_cuda
-        state = cache._graph_state
+        state = cache.graph_state
         if graphs == "on" and name in GRAPH_FALLBACK:  # tried once per model, then eager
             assert "reads a device value on the host" in paged._hf_paged_graphs_off, name
             assert state is None or state.replays == 0, name
@@ -102,7 +102,7 @@ def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch
         for kw in (dict(do_sample=False), dict(num_beams=3), dict(do_sample=True, num_return_sequences=3)):
             out = _gen(paged, ids, mask, max_new_tokens=8, **kw)
             cache = cache_of(out)
-            assert cache._graph_state.replays > 0, kw  # the graph path ran
+            assert cache.graph_state.replays > 0, kw  # the graph path ran
             ref = weakref.ref(cache)
             pool_bytes = sum(k.numel() * k.element_size() * 2 for k in cache.key_cache)
             del cache

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import hf_paged.cache as cache_module
+import hf_paged.forward as forward_module
 from hf_paged import PagedCache
 from hf_paged.attention import paged_attention_forward
 
@@ -23,26 +23,25 @@ class RecordingBackend:
     def copy_blocks(self, key_cache, value_cache, src, dst):
         self.calls.append(("copy", key_cache.device, src.device, dst.device, id(src)))
 
-    def paged_attention(self, query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
-                        sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value, slot_mapping, *, plans,
-                        max_context_len, chunk_size=None):
+    def attend(self, query, key_cache, value_cache, batch, layer, *, new_key=None, new_value=None, plans=None):
         # the attention launch writes the layer's new K/V (see PagedCache.update)
-        self.calls.append(("store", new_key.device, key_cache.device, slot_mapping.device, id(slot_mapping)))
-        assert block_table.device == seq_lens.device == query_pos.device == key_cache.device
+        self.calls.append(("store", new_key.device, key_cache.device, batch.slot_mapping.device,
+                           id(batch.slot_mapping)))
+        assert batch.block_table.device == batch.seq_lens.device == batch.query_pos.device == key_cache.device
         return query.transpose(1, 2)
 
 
 def _attend(fwd, layer, device):
     """What the model's attention layer does after cache.update: the "paged" attention function."""
     module = SimpleNamespace(layer_idx=layer, scaling=1.0, training=False)
-    q = torch.empty(fwd.block_table.shape[0], 4, fwd.q_len, 8, device=device)
+    q = torch.empty(fwd.meta.batch, 4, fwd.meta.q_len, 8, device=device)
     paged_attention_forward(module, q, None, None, fwd)
 
 
 @pytest.fixture
 def recorder(monkeypatch):
     rec = RecordingBackend()
-    monkeypatch.setattr(cache_module, "_backend_for", lambda device: rec)
+    monkeypatch.setattr(forward_module, "backend_for", lambda device: rec)
     return rec
 
 
@@ -61,8 +60,8 @@ def test_each_layer_pool_lives_on_its_layer_device_and_metadata_moves_once_per_d
     assert [(c[1], c[2], c[3]) for c in recorder.calls] == [(d, d, d) for d in devices]
     # the two meta layers share ONE moved copy of the metadata (moved once per device and forward)
     assert recorder.calls[1][4] == recorder.calls[2][4]
-    assert list(fwd._per_device) == [torch.device("meta")]
-    assert fwd.on(torch.device("meta")).block_table.device.type == "meta"
+    assert list(fwd._on_device) == [torch.device("meta")]
+    assert fwd.on(torch.device("meta")).meta.block_table.device.type == "meta"
     assert fwd.on(torch.device("cpu")) is fwd
 
 
@@ -75,7 +74,7 @@ def test_copy_on_write_sources_follow_each_device(recorder):
     cache.batch_repeat_interleave(2)  # two rows share a partial tail block
     recorder.calls.clear()
     fwd = cache.begin_forward(None, 1, 2, torch.device("cpu"))
-    assert fwd.copy_src is not None and len(fwd.copy_src) == 1  # one row copies, the other writes in place
+    assert fwd.meta.copy_src is not None and len(fwd.meta.copy_src) == 1  # one row copies, the other in place
     for layer, dev in enumerate(("cpu", "meta")):
         k = torch.empty(2, 2, 1, 8, device=dev)
         cache.update(k, k, layer)
@@ -89,7 +88,6 @@ def test_triton_forced_on_a_cpu_layer_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(kernels, "interpreter_enabled", lambda: False)
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
-    cache_module._BACKENDS.clear()
     cache = PagedCache()
     k = torch.randn(1, 2, 3, 8)
     # The kernels are resolved once per forward (when its metadata is built), so it fails there.
@@ -97,12 +95,12 @@ def test_triton_forced_on_a_cpu_layer_is_a_clear_error(monkeypatch):
         cache.begin_forward(torch.ones(1, 3, dtype=torch.bool), 3, 1, torch.device("cpu"))
         cache.update(k, k, 0)
     assert cache.block_tables == [] and cache.pool.num_used == 0  # failed before allocating anything
-    cache_module._BACKENDS.clear()
 
 
 def test_new_tokens_no_attention_wrote_are_written_before_the_cache_moves_on(recorder):
     """update() leaves the write to the attention launch; if none comes (a layer whose attention
-    never ran), the next forward or row operation writes them, on each layer's device."""
+    never ran), the end of the forward (here: a row operation, or the next forward) writes them,
+    on each layer's device."""
     cache = PagedCache()
     cache.begin_forward(torch.ones(1, 5, dtype=torch.bool), 5, 1, torch.device("cpu"))
     for layer, dev in enumerate(("cpu", "meta")):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+from tiny_models import FAMILIES, assert_logits_close, cache_of, left_padded_batch, make_pair
 
 from hf_paged import PagedCache
 
@@ -107,8 +107,7 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
         ref = _gen(stock, ids, mask, max_new_tokens=8, eos_token_id=None, **kw)
         out = _gen(paged, ids, mask, max_new_tokens=8, eos_token_id=None, past_key_values=cache, **kw)
         assert torch.equal(out.sequences, ref.sequences), (family, kw)
-        for a, b in zip(out.logits or (), ref.logits or ()):
-            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+        assert_logits_close(out, ref, kw)
         # groups of <= 90 padded tokens, longest prompts first: (41, 38) then (23, 9, 5); then the
         # decode steps over all rows
         rows = 10 if "num_beams" in kw else 5
@@ -161,8 +160,7 @@ def test_llama4_chunked_attention_matches_stock():
         ref, out = runs["stock"], runs["paged"]
         assert isinstance(cache_of(out), PagedCache)
         assert torch.equal(out.sequences, ref.sequences), kw
-        for a, b in zip(out.logits or (), ref.logits or ()):
-            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
+        assert_logits_close(out, ref, kw)
         assert not torch.equal(runs["unchunked"].sequences, ref.sequences), f"chunks make no difference here: {kw}"
     # Without a paged cache the "paged" attention falls back to a dense one with transformers' mask,
     # which carries the chunks itself.

@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 
-from tiny_models import FAMILIES, cache_of, left_padded_batch, make_pair
+from tiny_models import FAMILIES, assert_logits_close, cache_of, left_padded_batch, make_pair
 
 import hf_paged
 from hf_paged import graphs
@@ -50,9 +50,8 @@ def test_graphed_decode_equals_stock(pair, fake_graphs):
         torch.manual_seed(7)
         out = _gen(paged, ids, mask, **kw)
         assert torch.equal(out.sequences, ref.sequences), (name, kw)
-        for a, b in zip(out.get("logits") or (), ref.get("logits") or ()):
-            torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
-        state = cache_of(out)._graph_state
+        assert_logits_close(out, ref, kw)
+        state = cache_of(out).graph_state
         # one graph for the whole generate (the table width is the reservation's bound), checked
         # once against the eager step, then replayed for every later step
         assert state.disabled is None, (name, state.disabled)
@@ -66,7 +65,7 @@ def test_graphs_off_by_env(fake_graphs, monkeypatch):
     ids, mask = left_padded_batch([7, 19], seed=2)
     monkeypatch.setenv(graphs.ENV_VAR, "0")
     out = _gen(paged, ids, mask, max_new_tokens=5, do_sample=False)
-    assert cache_of(out)._graph_state is None
+    assert cache_of(out).graph_state is None
     assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=5, do_sample=False).sequences)
 
 
@@ -86,7 +85,7 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     ids, mask = left_padded_batch([7, 19], seed=2)
     with caplog.at_level(logging.WARNING, logger="hf_paged"):
         out = _gen(paged, ids, mask, max_new_tokens=8, do_sample=False)
-    state = cache_of(out)._graph_state
+    state = cache_of(out).graph_state
     assert "replayed decode step gave logits up to 1 away" in state.disabled
     assert state.replays == 0
     assert "CUDA graphs are off for this model" in caplog.text
@@ -108,7 +107,7 @@ def test_capture_failure_falls_back(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_paged"):
         out = _gen(paged, ids, mask, **kw)
     assert "CUDA graphs are off for this model: capturing the decode step failed (the model's forward reads" in caplog.text
-    assert cache_of(out)._graph_state.disabled
+    assert cache_of(out).graph_state.disabled
     assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
     # the model is not tried again: no second capture, no second warning
     caplog.clear()
@@ -139,7 +138,7 @@ def test_transient_capture_failure_is_tried_again(monkeypatch, caplog):
     assert "CUDA graphs are off for this generate call: capturing the decode step failed (RuntimeError: CUDA error" \
         in caplog.text
     second = _gen(paged, ids, mask, **kw)
-    assert cache_of(second)._graph_state.replays == 7 - 3
+    assert cache_of(second).graph_state.replays == 7 - 3
     ref = _gen(stock, ids, mask, **kw).sequences
     assert torch.equal(first.sequences, ref) and torch.equal(second.sequences, ref)
 
@@ -151,17 +150,17 @@ def test_new_width_recaptures(fake_graphs):
     cache = hf_paged.PagedCache(config=paged.config)
     kw = dict(max_new_tokens=20, do_sample=False)
     out = _gen(paged, ids, mask, past_key_values=cache, **kw)
-    assert cache._graph_state.captures == 1
+    assert cache.graph_state.captures == 1
     cache.max_row_blocks = 1  # as if the reservation knew less: widths then grow by powers of two
-    graph = next(iter(cache._graph_state.graphs.values()))
+    graph = next(iter(cache.graph_state.graphs.values()))
     assert graph.width == 4  # ceil((30 + 20 - 1) / 16)
     seq = out.sequences
     out2 = _gen(paged, seq, torch.ones_like(seq), past_key_values=cache, max_new_tokens=300, do_sample=False)
     ref = _gen(stock, ids, mask, max_new_tokens=320, do_sample=False)
     assert torch.equal(out2.sequences, ref.sequences)
-    widths = [g.width for g in cache._graph_state.graphs.values()]
+    widths = [g.width for g in cache.graph_state.graphs.values()]
     assert widths == [32]  # the old graph is dropped; 30 + 320 tokens need 22 blocks -> 32
-    assert cache._graph_state.captures >= 2
+    assert cache.graph_state.captures >= 2
 
 
 def test_tensor_parallel_ranks_decode_eagerly(fake_graphs, monkeypatch):
@@ -172,7 +171,7 @@ def test_tensor_parallel_ranks_decode_eagerly(fake_graphs, monkeypatch):
     paged, stock = make_pair("llama")
     ids, mask = left_padded_batch([6, 20], seed=8)
     out = _gen(paged, ids, mask, max_new_tokens=6, do_sample=False)
-    assert cache_of(out)._graph_state is None
+    assert cache_of(out).graph_state is None
     assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=6, do_sample=False).sequences)
 
 
@@ -188,7 +187,7 @@ def test_finished_cache_is_freed_without_the_cyclic_collector(fake_graphs):
         for kw in (dict(do_sample=False), dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
             out = _gen(paged, ids, mask, max_new_tokens=6, **kw)
             cache = cache_of(out)
-            assert cache._graph_state.captures == 1, kw  # the graph path ran
+            assert cache.graph_state.captures == 1, kw  # the graph path ran
             ref = weakref.ref(cache)
             del out, cache
             assert ref() is None, kw

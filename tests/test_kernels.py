@@ -20,11 +20,13 @@ if not torch.cuda.is_available():
 import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
 import hf_paged.kernels as K  # noqa: E402
 from hf_paged.kernels import reference  # noqa: E402
+from hf_paged.kernels.checks import kernels_interpreted  # noqa: E402
 
 NAN = float("nan")
 
@@ -33,7 +35,7 @@ def _cpu_triton_usable() -> bool:
     if not K.interpreter_enabled():
         return False
     try:
-        return K._kernels_interpreted()
+        return kernels_interpreted()
     except ImportError:
         return False
 
@@ -452,7 +454,7 @@ def test_multi_token_reads_own_tokens_from_new_kv(device, seed, heads, head_dim,
     its cached context from the pool. Here the slots say "store nothing" (as for reused prefix
     blocks) and the pool holds NaN at the new tokens' places, so reading them from the pool
     fails; pad tokens' K/V are NaN / inf and must not leak either."""
-    from hf_paged.kernels import attention as tri_attn
+    from hf_paged.kernels import tuning
 
     num_q_heads, num_kv_heads = heads
     dtype = _dtypes(device, seed)[-1]  # bf16 on CUDA (the prompt test below covers fp32 there)
@@ -473,7 +475,7 @@ def test_multi_token_reads_own_tokens_from_new_kv(device, seed, heads, head_dim,
     no_store = torch.full_like(qpos, -1)
     small = dict(block_n=16, block_m=16) if device == "cpu" else {}
     for tma in _tma_modes(device):
-        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        monkeypatch.setattr(tuning, "NEW_KV_TMA", tma)
         out = torch.full((batch, q_len, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
         _tri().paged_attention(query, k_cache, v_cache, case.block_table, case.seq_lens, qpos, scale, out=out,
                                new_key=new_key, new_value=new_value, slot_mapping=no_store, **kw, **small)
@@ -489,7 +491,7 @@ def test_prompt_forward_reads_no_pool(device, feature, monkeypatch):
     """max_context_len=0 (a prompt forward): the kernel is built without the pool phase and reads
     every key from new_key/new_value (the pool is all NaN here). A row that has a context after
     all (a wrong hint) gets NaN, not a quietly wrong output."""
-    from hf_paged.kernels import attention as tri_attn
+    from hf_paged.kernels import tuning
 
     dtype = DTYPES[device][0]
     q_len, pads = 37, 5
@@ -506,7 +508,7 @@ def test_prompt_forward_reads_no_pool(device, feature, monkeypatch):
     no_store = torch.full_like(qpos, -1)
     small = dict(block_n=16, block_m=16) if device == "cpu" else {}
     for tma in _tma_modes(device):
-        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        monkeypatch.setattr(tuning, "NEW_KV_TMA", tma)
         out = _tri().paged_attention(query, empty_k, empty_v, case.block_table, case.seq_lens, qpos, 0.125,
                                      new_key=new_key, new_value=new_value, slot_mapping=no_store,
                                      max_context_len=0, **kw, **small)
@@ -597,7 +599,7 @@ def test_unsupported_shapes_raise():
 
 def test_window_and_chunk_arguments_checked():
     """A window and a chunk cannot be combined; a chunk (like a window) must be >= 1. Both backends
-    and the default backend's wrapper, which passes the chunk through."""
+    and the backends' typed interface, which passes a layer's chunk through."""
     dev = DEVICES[0]
     case = PagedCase(3, [20], 1, 64, 16, torch.float32, dev)
     q = _query(case.g, 1, 2, 1, 64, torch.float32, dev)
@@ -609,8 +611,12 @@ def test_window_and_chunk_arguments_checked():
         for bad in (0, -3):
             with pytest.raises(ValueError, match=rf"chunk_size must be >= 1 or None, got {bad}"):
                 backend.paged_attention(*args, chunk_size=bad)
-    out = K.paged_attention(*args, chunk_size=8)  # query 19: keys 16..19
-    _check_close(out, _naive_attention(q, case, qpos, 0.125, chunk_size=8), torch.float32)
+    # the typed interface passes the layer's chunk through
+    batch = SimpleNamespace(block_table=case.block_table, seq_lens=case.seq_lens, query_pos=qpos, slot_mapping=None,
+                            max_seq_len=20, max_context_len=None)
+    for backend in (K.get_backend("torch"), _tri()):
+        out = backend.attend(q, case.key_cache, case.value_cache, batch, K.LayerAttention(0.125, chunk_size=8))
+        _check_close(out, _naive_attention(q, case, qpos, 0.125, chunk_size=8), torch.float32)  # keys 16..19
 
 
 BF16_CPU_CASES = [
@@ -629,8 +635,8 @@ BF16_CPU_CASES = [
 def test_bf16_under_interpreter(q_len, pads, feature, new, splits, monkeypatch):
     """bf16 in Triton's interpreter: it keeps bf16 as uint16 bit patterns and its own tl.dot
     multiplies the bits (triton-lang/triton#11584), so the kernels upcast tl.dot operands to fp32
-    when interpreted (attention._INTERPRETED). Decode and multi-token, pool and new K/V, tiny."""
-    from hf_paged.kernels import attention as tri_attn
+    when interpreted (attention_kernels._INTERPRETED). Decode and multi-token, pool and new K/V, tiny."""
+    from hf_paged.kernels import tuning
 
     dtype, batch, num_q_heads, head_dim, block_size = torch.bfloat16, 2, 4, 32, 16
     case = PagedCase(120 + q_len, [6, 40], 2, head_dim, block_size, dtype, "cpu")
@@ -642,7 +648,7 @@ def test_bf16_under_interpreter(q_len, pads, feature, new, splits, monkeypatch):
                                     scale, **kw)
     small = dict(block_n=16, num_kv_splits=splits) if q_len == 1 else dict(block_n=16, block_m=16)
     for tma in ([False, True] if new and q_len > 1 else [False]):
-        monkeypatch.setattr(tri_attn, "NEW_KV_TMA", tma)
+        monkeypatch.setattr(tuning, "NEW_KV_TMA", tma)
         k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
         new_kw = {}
         if new:

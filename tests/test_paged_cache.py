@@ -1,11 +1,8 @@
 """PagedCache behaviour: memory figures, caps and errors, user-built caches, generate features."""
 
-import copy
-import importlib
-
 import pytest
 import torch
-from tiny_models import cache_of, left_padded_batch, make_config, make_pair
+from tiny_models import cache_of, left_padded_batch, make_pair
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -16,7 +13,6 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-import hf_paged
 from hf_paged import OutOfBlocksError, PagedCache, UnsupportedModelError
 
 
@@ -208,24 +204,6 @@ def test_encoder_decoder_is_refused():
         AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation="paged")
 
 
-def test_import_is_idempotent_and_checks_signatures(monkeypatch):
-    from transformers import GenerationMixin
-
-    import hf_paged.generation as gen
-
-    before = GenerationMixin._prepare_cache_for_generation
-    gen.install()
-    importlib.reload(hf_paged)
-    assert GenerationMixin._prepare_cache_for_generation is before  # not wrapped twice
-
-    def changed(self, generation_config, model_kwargs, something_new):
-        pass
-
-    monkeypatch.setattr(GenerationMixin, "_prefill", changed)
-    with pytest.raises(ImportError, match=r"transformers \d+\.\d+.*_prefill"):
-        gen._check_signatures()
-
-
 def test_wrong_dtype_for_an_existing_cache():
     paged, _ = make_pair("llama")
     ids, mask = left_padded_batch([5], seed=14)
@@ -244,11 +222,6 @@ def test_batch_size_mismatch_is_clear(llama):
     paged(ids, attention_mask=mask, past_key_values=cache)
     with pytest.raises(ValueError, match="batch size 1 but the cache holds 2 rows"):
         paged(ids[:1, -1:], past_key_values=cache)
-
-
-def test_config_of_tiny_models_is_what_the_figures_assume():
-    cfg = make_config("llama")
-    assert (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads) == (2, 2, 16)
 
 
 def test_mask_hand_off_lives_in_one_mask_call(llama):

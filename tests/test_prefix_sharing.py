@@ -22,7 +22,7 @@ def forwards(monkeypatch):
 
     def spy(self, attention_mask, q_len, batch_size, device, dtype=None, **kwargs):
         fwd = orig(self, attention_mask, q_len, batch_size, device, dtype, **kwargs)
-        entry = (batch_size, q_len, 0 if fwd.copy_src is None else len(fwd.copy_src))
+        entry = (batch_size, q_len, 0 if fwd.meta.copy_src is None else len(fwd.meta.copy_src))
         if not seen or seen[-1][1] is not fwd:
             seen.append((entry, fwd))
         return fwd

@@ -103,3 +103,14 @@ def left_padded_batch(lengths, seed=0, vocab=VOCAB):
 
 
 cache_of = hf_paged.cache_of
+
+
+def assert_logits_close(out, ref, generate_kwargs, atol=2e-4):
+    """With ``output_logits`` asked for, both outputs have one logits tensor per step and they
+    agree; without it, neither has any."""
+    if not generate_kwargs.get("output_logits"):
+        assert out.get("logits") is None and ref.get("logits") is None
+        return
+    assert len(out.logits) == len(ref.logits) == generate_kwargs["max_new_tokens"]
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)

@@ -1,60 +1,57 @@
-"""Paged KV-cache kernels: a plain-PyTorch backend and a Triton backend.
+"""Paged KV-cache kernels: a plain-PyTorch backend and a Triton backend, behind one interface.
 
 Memory layout (both backends): key_cache / value_cache are
-[num_blocks, block_size, num_kv_heads, head_dim] (any strides); see reference.py.
+[num_blocks, block_size, num_kv_heads, head_dim] (any strides; V's head_dim may differ from
+K's); see reference.py for every argument's layout.
 
-    backend = get_backend()            # "torch" | "triton", see get_backend
+    backend = get_backend()            # or backend_for(device): "torch" | "triton"
     backend.store_kv(key, value, key_cache, value_cache, slot_mapping)
-    out = backend.paged_attention(query, key_cache, value_cache, block_table, seq_lens,
-                                  query_pos, scale, sliding_window, softcap, sinks, out,
-                                  max_seq_len, new_key, new_value, slot_mapping,
-                                  chunk_size=None)  # Llama 4 chunked attention
+    out = backend.attend(query, key_cache, value_cache, batch, LayerAttention(scale, ...),
+                         new_key=..., new_value=..., plans=...)
     backend.copy_blocks(key_cache, value_cache, src, dst)
 
-The Triton modules (store, attention, copy) are imported lazily: Triton decides at
-decoration time whether a kernel is compiled or interpreted (TRITON_INTERPRET=1), so they
-must not be imported before the caller had a chance to set that variable.
-No transformers import here: these are pure functions over tensors.
+``batch`` is any object with the batch's ``block_table``, ``seq_lens``, ``query_pos``,
+``slot_mapping``, ``max_seq_len`` and ``max_context_len`` (:class:`BatchMetadata`); each backend's
+``paged_attention`` function takes them one by one (the form the kernel tests use).
+
+The Triton modules are imported lazily: Triton decides at decoration time whether a kernel is
+compiled or interpreted (TRITON_INTERPRET=1), so they must not be imported before the caller had
+a chance to set that variable. No transformers import here: pure functions over tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-import types
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
 from . import reference
-from .reference import check_local_attention
+from .arith import cdiv, next_pow2
+from .checks import CPU_ERROR, interpreter_enabled
 
 __all__ = [
     "BACKENDS",
+    "Backend",
+    "BatchMetadata",
+    "LayerAttention",
     "available_backends",
-    "check_local_attention",
+    "backend_for",
+    "backend_name",
+    "cdiv",
     "context_lens",
-    "copy_blocks",
+    "device_guard",
     "get_backend",
     "interpreter_enabled",
-    "paged_attention",
+    "next_pow2",
     "reference",
-    "store_kv",
 ]
 
 BACKENDS = ("torch", "triton")
-_ENV_VAR = "HF_PAGED_BACKEND"
-_TRUE = ("1", "true", "on", "yes")
-
-_CPU_ERROR = (
-    "the Triton backend got CPU tensors but the Triton interpreter is not enabled: set "
-    "TRITON_INTERPRET=1 (before triton / hf_paged.kernels' Triton modules are imported) to run "
-    "the Triton kernels on CPU, or use HF_PAGED_BACKEND=torch for the PyTorch backend"
-)
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division of host ints (triton.cdiv costs microseconds per call on newer Triton)."""
-    return -(-a // b)
+ENV_VAR = "HF_PAGED_BACKEND"
 
 
 def context_lens(seq_lens: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
@@ -76,80 +73,97 @@ def context_lens(seq_lens: torch.Tensor, query_pos: torch.Tensor) -> torch.Tenso
     return torch.where(layout_ok, seq - n_real, seq).contiguous()
 
 
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+class BatchMetadata(Protocol):
+    """One forward's batch as the kernels read it (see reference.py for the layouts)."""
+
+    block_table: torch.Tensor  # int32 [B, W]
+    seq_lens: torch.Tensor  # int32 [B]
+    query_pos: torch.Tensor  # int32 [B, Q]
+    slot_mapping: torch.Tensor  # int32 [B, Q]
+    max_seq_len: int  # host bound on seq_lens
+    max_context_len: int | None  # host bound on the tokens rows held before the forward (0: a prompt)
 
 
-def interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET asks Triton to interpret kernels (read from os.environ)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends: its scale and the optional rules the kernels implement."""
+
+    scale: float
+    sliding_window: int | None = None
+    chunk_size: int | None = None  # Llama 4's chunked attention (not with a window)
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # [num_q_heads] logits that join each softmax's denominator
 
 
-def _kernels_interpreted() -> bool:
-    # Ground truth once the Triton modules exist: were the kernels built as interpreted
-    # functions? (The env var may have been set after the import, too late.)
-    from .store import _store_kv_kernel
+@dataclass(frozen=True)
+class Backend:
+    """The kernels of one backend: ``store_kv``, ``copy_blocks`` and ``paged_attention`` are its
+    functions over tensors; :meth:`attend` is the typed call the cache's attention makes."""
 
-    return type(_store_kv_kernel).__name__ == "InterpretedFunction"
+    name: str
+    store_kv: Callable
+    copy_blocks: Callable
+    paged_attention: Callable
 
-
-def check_device(*tensors: torch.Tensor) -> None:
-    """Raise a clear error when Triton kernels are asked to run where they cannot."""
-    device = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
-    if device.type == "cuda":
-        return
-    if device.type == "cpu":
-        if not (interpreter_enabled() and _kernels_interpreted()):
-            raise RuntimeError(_CPU_ERROR)
-        return
-    raise RuntimeError(f"the Triton backend does not support device {device}; use HF_PAGED_BACKEND=torch")
-
-
-def _triton_namespace() -> types.SimpleNamespace:
-    try:
-        attention = importlib.import_module(".attention", __name__)
-        store = importlib.import_module(".store", __name__)
-        copy = importlib.import_module(".copy", __name__)
-    except ImportError as exc:  # triton missing or broken
-        raise RuntimeError(f"the Triton backend needs a working triton install ({exc}); use HF_PAGED_BACKEND=torch") from exc
-    return types.SimpleNamespace(
-        name="triton",
-        store_kv=store.store_kv,
-        paged_attention=attention.paged_attention,
-        copy_blocks=copy.copy_blocks,
-    )
+    def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: BatchMetadata,
+               layer: LayerAttention, *, new_key: torch.Tensor | None = None, new_value: torch.Tensor | None = None,
+               plans: dict | None = None) -> torch.Tensor:
+        """Attention of ``query`` [B, Hq, Q, D] over the pool, ``[B, Q, Hq, Dv]``. With
+        ``new_key`` / ``new_value`` (this forward's K/V) they are written at the batch's slot
+        mapping first (inside the launch for decode)."""
+        return self.paged_attention(
+            query, key_cache, value_cache, batch.block_table, batch.seq_lens, batch.query_pos, layer.scale,
+            layer.sliding_window, layer.softcap, layer.sinks, None, batch.max_seq_len, new_key, new_value,
+            None if new_key is None else batch.slot_mapping, plans=plans, max_context_len=batch.max_context_len,
+            chunk_size=layer.chunk_size,
+        )
 
 
-_TORCH_BACKEND = types.SimpleNamespace(
-    name="torch",
-    store_kv=reference.store_kv,
-    paged_attention=reference.paged_attention,
-    copy_blocks=reference.copy_blocks,
-)
+_TORCH_BACKEND = Backend("torch", reference.store_kv, reference.copy_blocks, reference.paged_attention)
+_TRITON_BACKEND: Backend | None = None
 
 
-def get_backend(name: str | None = None) -> types.SimpleNamespace:
-    """Namespace with store_kv / paged_attention / copy_blocks for one backend.
+def _triton_backend() -> Backend:
+    global _TRITON_BACKEND
+    if _TRITON_BACKEND is None:
+        try:
+            attention = importlib.import_module(".attention", __name__)
+            store = importlib.import_module(".store", __name__)
+            copy = importlib.import_module(".copy", __name__)
+        except ImportError as exc:  # triton missing or broken
+            raise RuntimeError(f"the Triton backend needs a working triton install ({exc}); use "
+                               f"{ENV_VAR}=torch") from exc
+        _TRITON_BACKEND = Backend("triton", store.store_kv, copy.copy_blocks, attention.paged_attention)
+    return _TRITON_BACKEND
 
-    Resolution: explicit ``name``, else env HF_PAGED_BACKEND (torch|triton), else
-    "triton" when CUDA is available, else "torch". The Triton backend also checks each
-    call's tensor device: CPU tensors need TRITON_INTERPRET=1.
-    """
-    if name is None:
-        name = os.environ.get(_ENV_VAR) or None
-        if name is None:
-            name = "triton" if torch.cuda.is_available() else "torch"
-    key = str(name).strip().lower()
+
+def backend_name(device: torch.device | None = None) -> str:
+    """The backend for tensors on ``device``: ``HF_PAGED_BACKEND`` when set (read at each call, so
+    tests can switch it), else Triton on CUDA and the PyTorch reference elsewhere (without a
+    device: Triton where CUDA is available)."""
+    name = os.environ.get(ENV_VAR)
+    if name:
+        return name.strip().lower()
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    return "triton" if on_cuda else "torch"
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """One backend by name ("torch" | "triton"), or the default one (:func:`backend_name`).
+    The Triton backend also checks each call's tensor device: CPU tensors need TRITON_INTERPRET=1."""
+    key = str(name).strip().lower() if name is not None else backend_name()
     if key == "torch":
         return _TORCH_BACKEND
     if key == "triton":
         if not torch.cuda.is_available() and not interpreter_enabled():
-            raise RuntimeError(_CPU_ERROR)
-        return _triton_namespace()
-    raise ValueError(f"unknown hf_paged kernel backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+            raise RuntimeError(CPU_ERROR)
+        return _triton_backend()
+    raise ValueError(f"unknown hf_paged kernel backend {name or key!r}; valid backends: {', '.join(BACKENDS)}")
+
+
+def backend_for(device: torch.device) -> Backend:
+    """The backend for tensors on ``device`` (see :func:`backend_name`)."""
+    return get_backend(backend_name(device))
 
 
 def available_backends() -> list[str]:
@@ -164,20 +178,12 @@ def available_backends() -> list[str]:
     return names
 
 
-def store_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
-    """store_kv of the default backend (see get_backend)."""
-    return get_backend().store_kv(key, value, key_cache, value_cache, slot_mapping)
+def device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device while launching kernels on its tensors.
 
-
-def paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale, sliding_window=None,
-                    softcap=None, sinks=None, out=None, max_seq_len=None, new_key=None, new_value=None,
-                    slot_mapping=None, *, chunk_size=None):
-    """paged_attention of the default backend (see get_backend)."""
-    return get_backend().paged_attention(query, key_cache, value_cache, block_table, seq_lens, query_pos, scale,
-                                         sliding_window, softcap, sinks, out, max_seq_len, new_key, new_value,
-                                         slot_mapping, chunk_size=chunk_size)
-
-
-def copy_blocks(key_cache, value_cache, src, dst) -> None:
-    """copy_blocks of the default backend (see get_backend)."""
-    return get_backend().copy_blocks(key_cache, value_cache, src, dst)
+    Triton launches on the *current* device, not on its arguments' device: under
+    ``device_map`` a layer on ``cuda:1`` must not launch on ``cuda:0``.
+    """
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -18,20 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from .arith import cdiv
+from .checks import check_local_attention
+
 # Upper bound (elements) on one fp32 score chunk [B, Hq, q_chunk, L]: 16M floats = 64 MiB,
 # so a long CPU prefill does not materialise a quadratic score matrix at once.
 _SCORE_CHUNK_ELEMS = 1 << 24
-
-
-def check_local_attention(sliding_window: int | None, chunk_size: int | None) -> None:
-    """ValueError unless at most one of a sliding window and an attention chunk is given, >= 1."""
-    if sliding_window is not None and chunk_size is not None:
-        raise ValueError(f"sliding_window ({sliding_window}) and chunk_size ({chunk_size}) cannot be combined: "
-                         "a layer attends within a window or within a chunk")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
 
 
 def store_kv(
@@ -141,7 +133,7 @@ def paged_attention(
         context = int(seq_lens.max())
     else:
         context = max_blocks * block_size
-    num_blocks_used = max(1, min(max_blocks, -(-context // block_size)))
+    num_blocks_used = max(1, min(max_blocks, cdiv(context, block_size)))
     context = num_blocks_used * block_size
 
     key_index = torch.arange(context, device=device)

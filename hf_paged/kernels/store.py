@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, check_device, next_pow2
+from .arith import cdiv, next_pow2
+from .checks import check_device
 
 
 @triton.jit

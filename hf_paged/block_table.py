@@ -1,0 +1,293 @@
+"""Block tables: which pool blocks hold each row's tokens, and the plan of one forward over them.
+
+Plain ints and numpy arrays, no tensors and no transformers: testable without a model. The
+cache (``cache.py``) sends a :class:`ForwardPlan` to the device as the forward's metadata.
+
+A row is one sequence of the batch. Its tokens are stored in order and pads never are: stored
+token ``i`` of row ``b`` lives in block ``tables[b][i // block_size]`` at offset
+``i % block_size``. Logically every row is as long as the batch (``logical_len``, the padded
+length a DynamicCache holds); a row's pads are the logical positions without a stored token:
+``left_pads`` before its first token, ``inner_pads`` (runs) after it (multi-turn batches).
+
+Rows that share a prefix share its full blocks: forked rows (beams, samples) and rows whose
+prompts hash alike (identical full blocks from the row's first token on). A row about to write
+into a shared, partially filled block copies it first (copy-on-write): the plan lists the copies
+for the cache to run before the forward's writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .block_pool import BlockPool, OutOfBlocksError
+from .kernels.arith import cdiv
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What one forward writes and reads, as host arrays (one row per batch row of the forward)."""
+
+    block_table: np.ndarray  # int32 [B, W]: the rows' tables, padded with 0 to at least W columns
+    seq_lens: np.ndarray  # int32 [B]: stored tokens per row after the forward
+    query_pos: np.ndarray  # int32 [B, Q]: the stored index each new token reads up to (itself for a
+    # real token; for a pad after the row's first token, the last real one before it); -1 sees nothing
+    slot_mapping: np.ndarray  # int32 [B, Q]: where each new token is written; -1: not written
+    copies: tuple[tuple[int, int], ...]  # (src, dst) blocks to copy before any write (copy-on-write)
+    max_context_len: int  # most tokens any row held before the forward (0: a prompt forward)
+    pads_after_start: bool  # some row has a pad after its first token (a query that is not stored)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(1, int(self.seq_lens.max())) if len(self.seq_lens) else 1
+
+
+class BlockTables:
+    """Per-row block tables over a :class:`BlockPool`, with each row's stored length and pads."""
+
+    def __init__(self, pool: BlockPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.tables: list[list[int]] = []
+        self.seq_lens: list[int] = []  # stored tokens per row
+        self.left_pads: list[int] = []  # logical positions before the row's first token
+        self.inner_pads: list[list[tuple[int, int]]] = []  # (logical position, count) runs after it
+        self.logical_len = 0  # the padded length every row has logically
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tables)
+
+    def add_rows(self, n: int) -> None:
+        self.tables.extend([] for _ in range(n))
+        self.seq_lens.extend([0] * n)
+        self.left_pads.extend([0] * n)
+        self.inner_pads.extend([] for _ in range(n))
+
+    # ------------------------------------------------------------------ one forward
+    def plan_forward(self, rows: list[int], real: np.ndarray, tokens: np.ndarray | None = None,
+                     table_width: int = 0) -> ForwardPlan:
+        """Allocate blocks for the new tokens of ``rows`` (``real[b, j]``: token ``j`` of batch row
+        ``b`` is stored), all or nothing, and plan the forward. ``tokens`` (int ``[B, Q]``): the
+        new tokens' ids, for rows that start here to reuse identical full blocks already stored.
+        ``table_width``: pad the block table to at least this many columns."""
+        bs = self.block_size
+        batch, q_len = real.shape
+        tables = [self.tables[r] for r in rows]  # the same list objects: edits land in place
+        seq_before = np.asarray([self.seq_lens[r] for r in rows], dtype=np.int64)
+        seq_after = seq_before + real.sum(axis=1)
+        # a real token's stored index is the next one of its row; a pad reads up to the last real
+        # token before it (the keys stock's query at a pad sees), or nothing before the first
+        rank = seq_before[:, None] + np.cumsum(real, axis=1) - 1
+        query_pos = np.where(real | (rank >= 0), rank, -1)
+        pads_after_start = ~real & (query_pos >= 0)
+        started_here = (seq_before == 0) & real.any(axis=1)
+
+        # Copy-on-write: rows about to write into a shared, partially filled tail block. Of k such
+        # writers of a block with r references, min(k, r - 1) copy it; the last one writes in place.
+        cow_rows = [b for b in range(batch) if seq_after[b] > seq_before[b] and seq_before[b] % bs
+                    and self.pool.ref_count(tables[b][-1]) > 1]
+        writers: dict[int, int] = {}
+        for b in cow_rows:
+            writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
+        n_copies = sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
+        reuse, row_hashes = self._plan_prefix_reuse(rows, real, started_here, tokens)
+        blocks_after = cdiv(seq_after, bs)
+        need = int(sum(blocks_after[b] - len(tables[b]) for b in range(batch)))
+        try:
+            fresh = self.pool.allocate(need + n_copies - sum(len(r) for r in reuse.values()))
+        except OutOfBlocksError as e:
+            raise OutOfBlocksError(
+                e.needed, e.available, e.max_blocks,
+                hint=f"(block_size={bs}; rows={batch}; longest row would hold {int(seq_after.max())} tokens)",
+            ) from None
+
+        # --- nothing fails from here on: the rows change ---------------------------------
+        fresh.reverse()
+        copies: list[tuple[int, int]] = []
+        for b in cow_rows:
+            src = tables[b][-1]
+            if self.pool.ref_count(src) == 1:
+                continue  # the other sharers copied it away: this row now owns it
+            dst = fresh.pop()
+            tables[b][-1] = dst
+            copies.append((src, dst))
+            self.pool.decref([src])  # after allocate: a freed src is never handed out as a dst
+        written_from = np.zeros(batch, dtype=np.int64)  # stored index from which a row writes
+        for b in range(batch):
+            table = tables[b]
+            for ref in reuse.get(b, ()):
+                blk = ref if isinstance(ref, int) else tables[ref[0]][ref[1]]
+                self.pool.incref([blk])
+                table.append(blk)
+            written_from[b] = len(table) * bs if b in reuse else 0
+            table.extend(fresh.pop() for _ in range(int(blocks_after[b]) - len(table)))
+        assert not fresh
+        for b, hashes in row_hashes.items():
+            for i, h in enumerate(hashes):
+                if tables[b][i] not in self.pool.block_hash:
+                    self.pool.register_hash(tables[b][i], h)
+        for b, r in enumerate(rows):
+            if seq_before[b] == 0:
+                self.left_pads[r] += int(real[b].argmax()) if real[b].any() else q_len
+            for j in np.flatnonzero(pads_after_start[b]):
+                self._add_inner_pad(r, self.logical_len + int(j))
+            self.seq_lens[r] = int(seq_after[b])
+
+        # --- metadata, vectorised (no per-token Python loops) ------------------------------
+        width = max(1, max(len(t) for t in tables), table_width)
+        block_table = np.zeros((batch, width), dtype=np.int32)
+        for b, table in enumerate(tables):
+            block_table[b, : len(table)] = table
+        safe_pos = np.maximum(query_pos, 0)
+        slot = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64) * bs + safe_pos % bs
+        slot = np.where(real & (query_pos >= written_from[:, None]), slot, -1)
+        return ForwardPlan(
+            block_table=block_table, seq_lens=seq_after.astype(np.int32), query_pos=query_pos.astype(np.int32),
+            slot_mapping=slot.astype(np.int32), copies=tuple(copies),
+            max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=bool(pads_after_start.any()),
+        )
+
+    def _add_inner_pad(self, row: int, at: int) -> None:
+        runs = self.inner_pads[row]
+        if runs and sum(runs[-1]) == at:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((at, 1))
+
+    def _plan_prefix_reuse(self, rows, real, started_here, tokens):
+        """Which full blocks of rows that start in this forward already exist.
+
+        Returns ``reuse`` (batch row -> leading blocks to reference: a block id from the pool, or
+        ``(row, i)`` for block ``i`` of an earlier row of this forward, not yet allocated) and
+        ``row_hashes`` (batch row -> chained hashes of its full blocks, registered once allocated).
+        Hashes chain over the tokens from the row's first real token, so a hit means the same
+        tokens at the same positions: the same K/V.
+        """
+        if tokens is None or tokens.shape != real.shape:
+            return {}, {}
+        bs = self.block_size
+        reuse: dict[int, list] = {}
+        row_hashes: dict[int, list[bytes]] = {}
+        first_seen: dict[bytes, tuple[int, int]] = {}  # hash -> (batch row, block index) in this forward
+        for b in range(len(rows)):
+            if not started_here[b]:
+                continue
+            row = tokens[b][real[b]].astype(np.int64)
+            hashes, h = [], b""
+            for i in range(len(row) // bs):
+                # 128-bit digest chained over the prefix: collisions are out of reach, and every
+                # process (tensor-parallel ranks) computes the same value
+                h = hashlib.blake2b(h + row[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
+                hashes.append(h)
+            refs: list = []
+            for h in hashes:
+                hit = self.pool.lookup_hash(h)
+                if hit is None:
+                    hit = first_seen.get(h)
+                if hit is None:
+                    break
+                refs.append(hit)
+            for i in range(len(refs), len(hashes)):
+                first_seen.setdefault(hashes[i], (b, i))
+            if refs:
+                reuse[b] = refs
+            row_hashes[b] = hashes
+        return reuse, row_hashes
+
+    # ------------------------------------------------------------------ row operations
+    def select_rows(self, idx: list[int]) -> None:
+        """Row ``i`` becomes old row ``idx[i]`` (beam reordering, forks with repetition, batch
+        selection). Tables move, blocks are shared: no K/V is copied."""
+        old = self.tables
+        if any(i < 0 or i >= len(old) for i in idx):
+            raise IndexError(f"hf_paged: row index out of range for a cache of {len(old)} rows: {idx}")
+        # A row that stays itself (beam search: most beams at most steps) keeps its table and its
+        # references; only the rows that change pay for ref counting (increfs before decrefs, so
+        # no block is freed on the way).
+        kept = [i < len(old) and src == i for i, src in enumerate(idx)]
+        new = [old[i] if keep else list(old[src]) for i, (src, keep) in enumerate(zip(idx, kept))]
+        for table, keep in zip(new, kept):
+            if not keep:
+                self.pool.incref(table)
+        for i, table in enumerate(old):
+            if not (i < len(kept) and kept[i]):
+                self.pool.decref(table)
+        self.tables = new
+        self.seq_lens = [self.seq_lens[i] for i in idx]
+        self.left_pads = [self.left_pads[i] for i in idx]
+        self.inner_pads = [list(self.inner_pads[i]) for i in idx]
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` logical positions of every row; blocks no longer
+        referenced return to the pool."""
+        bs = self.block_size
+        for b, table in enumerate(self.tables):
+            # stored tokens among the first max_length logical positions: all but the pads there
+            runs = [(at, min(n, max_length - at)) for at, n in self.inner_pads[b] if at < max_length]
+            self.inner_pads[b] = runs
+            unstored = min(self.left_pads[b], max_length) + sum(n for _, n in runs)
+            keep_tokens = max(0, min(self.seq_lens[b], max_length - unstored))
+            keep_blocks = cdiv(keep_tokens, bs)
+            dropped = table[keep_blocks:]
+            del table[keep_blocks:]
+            self.pool.decref(dropped)
+            if keep_tokens % bs and self.pool.ref_count(table[-1]) == 1:
+                self.pool.forget_hash(table[-1])  # it becomes partial and will be written again
+            self.seq_lens[b] = keep_tokens
+            self.left_pads[b] = min(self.left_pads[b], max_length)
+        self.logical_len = max_length
+
+    def clear(self) -> None:
+        """Forget every row; every block returns to the pool."""
+        self.pool.reset()
+        self.tables, self.seq_lens, self.left_pads, self.inner_pads = [], [], [], []
+        self.logical_len = 0
+
+    # ------------------------------------------------------------------ sizes and views
+    def reservation(self, prompt_lengths: list[int], copies: list[int], max_new_tokens: int) -> tuple[int, int]:
+        """``(blocks, longest table)`` a generate call can use at most: distinct prompt ``d`` of
+        ``prompt_lengths[d]`` real tokens is stored once and continued by ``copies[d]`` rows (beams,
+        samples), each generating ``max_new_tokens``. A row then owns at most the blocks of its new
+        tokens (the last generated token is never fed back) plus, when its prompt is shared, a copy
+        of the prompt's partial tail."""
+        bs = self.block_size
+        blocks = 0
+        for length, n in zip(prompt_lengths, copies):
+            blocks += cdiv(length, bs)
+            if max_new_tokens > 0:
+                shared_prefix = cdiv(length, bs) if n == 1 else length // bs
+                blocks += n * (cdiv(length + max_new_tokens - 1, bs) - shared_prefix)
+        longest = max((cdiv(length + max_new_tokens - 1, bs) for length in prompt_lengths), default=0)
+        return blocks, longest
+
+    def stored_positions(self, row: int) -> np.ndarray:
+        """The logical positions of ``row``'s stored tokens, in order."""
+        stored = np.ones(self.logical_len, dtype=bool)
+        stored[: self.left_pads[row]] = False
+        for at, count in self.inner_pads[row]:
+            stored[at:at + count] = False
+        return np.flatnonzero(stored)[: self.seq_lens[row]]
+
+    def usage(self) -> dict:
+        """``blocks_used`` (distinct blocks some row references), ``blocks_shared`` (referenced
+        more than once) and ``tokens_stored`` (distinct filled token slots)."""
+        bs = self.block_size
+        filled: dict[int, int] = {}
+        for table, n in zip(self.tables, self.seq_lens):
+            for i, blk in enumerate(table):
+                filled[blk] = max(filled.get(blk, 0), min(bs, n - i * bs))
+        return {
+            "blocks_used": len(filled),
+            "blocks_shared": sum(1 for b in filled if self.pool.ref_count(b) > 1),
+            "tokens_stored": int(sum(filled.values())),
+        }
+
+    def check_consistency(self) -> None:
+        """Assert the pool's counts match the tables and every table covers its row's tokens."""
+        self.pool.check_consistency(self.tables)
+        for b, (table, n) in enumerate(zip(self.tables, self.seq_lens)):
+            if len(table) != cdiv(n, self.block_size):
+                raise AssertionError(f"row {b} stores {n} tokens in {len(table)} blocks")

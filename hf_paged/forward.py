@@ -1,0 +1,163 @@
+"""One forward pass over the paged cache: its metadata on the device and the state its layers share.
+
+transformers gives every attention layer what the mask function returned as its
+``attention_mask``; ours returns a :class:`PagedForward` (see ``attention.py``). It holds
+
+- :class:`ForwardMetadata`: the block table, stored lengths, query positions and slot mapping of
+  the forward, as device tensors, built once per forward from the host's
+  :class:`~hf_paged.block_table.ForwardPlan` with one host-to-device copy and never changed;
+- the cache's layer pools (not the cache: the cache holds the forward, so a reference back would
+  be a cycle);
+- the K/V each layer handed to ``PagedCache.update``, until that layer's attention call writes
+  them (inside its own kernel launch for decode: one launch per layer instead of two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .block_table import ForwardPlan
+from .kernels import backend_for, device_guard
+from .layer_pools import LayerPools
+
+
+@dataclass(frozen=True)
+class ForwardMetadata:
+    """A forward's metadata on one device (the kernels' view of the batch).
+
+    ``block_table`` int32 [B, W], ``seq_lens`` int32 [B], ``query_pos`` int32 [B, Q] and
+    ``slot_mapping`` int32 [B, Q] (see ForwardPlan) are views of one packed int32 tensor, so a
+    CUDA graph's static copy is refreshed with one ``copy_``. ``copy_src`` / ``copy_dst`` int64 [N]:
+    the copy-on-write block copies to run before any write (None: none). ``max_seq_len`` and
+    ``max_context_len`` are host bounds that size the kernels without reading the device.
+    """
+
+    q_len: int
+    packed: torch.Tensor  # int32 [B*W + B + 2*B*Q]: block_table | seq_lens | query_pos | slot_mapping
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_pos: torch.Tensor
+    slot_mapping: torch.Tensor
+    max_seq_len: int
+    max_context_len: int | None  # 0: a prompt forward (no row had a stored token); None: unknown
+    pads_after_start: bool  # a row has a pad after its first token (a query that is not stored)
+    copy_src: torch.Tensor | None = None
+    copy_dst: torch.Tensor | None = None
+
+    @classmethod
+    def from_plan(cls, plan: ForwardPlan, device: torch.device, max_seq_len: int | None = None) -> ForwardMetadata:
+        """The plan's arrays on ``device`` in one transfer (pinned, asynchronous on CUDA)."""
+        batch, width = plan.block_table.shape
+        copies = np.asarray([c[0] for c in plan.copies] + [c[1] for c in plan.copies], np.int32)
+        host = torch.from_numpy(np.concatenate([
+            plan.block_table.ravel(), plan.seq_lens, plan.query_pos.ravel(), plan.slot_mapping.ravel(), copies,
+        ]))
+        dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        n_meta = dev.numel() - copies.size
+        n_copies = len(plan.copies)
+        return cls.over(
+            dev[:n_meta], batch, width, plan.query_pos.shape[1],
+            max_seq_len=max_seq_len or plan.max_seq_len, max_context_len=plan.max_context_len,
+            pads_after_start=plan.pads_after_start,
+            copy_src=dev[n_meta:n_meta + n_copies].long() if n_copies else None,
+            copy_dst=dev[n_meta + n_copies:].long() if n_copies else None,
+        )
+
+    @classmethod
+    def over(cls, packed: torch.Tensor, batch: int, width: int, q_len: int, *, max_seq_len: int,
+             max_context_len: int | None, pads_after_start: bool, copy_src=None, copy_dst=None) -> ForwardMetadata:
+        """The metadata whose four tensors are views of ``packed`` (a forward's own transfer, or
+        the static buffer a CUDA graph replays)."""
+        a = batch * width
+        b = a + batch
+        c = b + batch * q_len
+        return cls(
+            q_len=q_len, packed=packed, block_table=packed[:a].view(batch, width), seq_lens=packed[a:b],
+            query_pos=packed[b:c].view(batch, q_len), slot_mapping=packed[c:c + batch * q_len].view(batch, q_len),
+            max_seq_len=max_seq_len, max_context_len=max_context_len, pads_after_start=pads_after_start,
+            copy_src=copy_src, copy_dst=copy_dst,
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.block_table.shape[1]
+
+    def to(self, device: torch.device) -> ForwardMetadata:
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return ForwardMetadata.over(
+            move(self.packed), self.batch, self.width, self.q_len, max_seq_len=self.max_seq_len,
+            max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
+            copy_src=move(self.copy_src), copy_dst=move(self.copy_dst),
+        )
+
+
+class PagedForward:
+    """One forward pass over a PagedCache, as every attention layer of the model receives it.
+
+    ``meta``: the forward's metadata on this object's device; ``pools``: the cache's layer pools;
+    ``backend``: the kernels for that device. ``new_kv`` maps a layer to the K/V it gave
+    ``update`` until its attention call (or :meth:`write_new_kv`) writes them; the per-device
+    objects of :meth:`on` (``device_map`` across GPUs) share it.
+    """
+
+    def __init__(self, meta: ForwardMetadata, pools: LayerPools, new_logical_len: int, new_kv: dict | None = None):
+        self.meta = meta
+        self.pools = pools
+        self.backend = backend_for(meta.packed.device)
+        self.new_logical_len = new_logical_len  # the padded length once this forward is done
+        self.new_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {} if new_kv is None else new_kv
+        self.updated: set[int] = set()  # layers whose update() ran (shared with the per-device objects)
+        self.plans: dict = {}  # kernel launch plans of this forward on this device, reused layer after layer
+        self.copied: set[int] = set()  # layers whose copy-on-write copies ran (shared with the per-device objects)
+        self._on_device: dict[torch.device, PagedForward] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.meta.packed.device
+
+    def on(self, device: torch.device) -> PagedForward:
+        """This forward on ``device`` (one copy of the metadata per device and forward)."""
+        if device == self.device:
+            return self
+        moved = self._on_device.get(device)
+        if moved is None:
+            moved = self._on_device[device] = PagedForward(self.meta.to(device), self.pools, self.new_logical_len,
+                                                           self.new_kv)
+            moved.updated, moved.copied = self.updated, self.copied
+        return moved
+
+    def copy_blocks(self, pools: LayerPools, layers=None) -> None:
+        """Run the forward's copy-on-write block copies in ``layers`` (default: every layer with
+        tensors), once per layer, each on its layer's device, before anything writes them."""
+        if self.meta.copy_src is None:
+            return
+        for layer_idx in range(len(pools)) if layers is None else layers:
+            k_pool, v_pool = pools.get(layer_idx)
+            if k_pool is None or layer_idx in self.copied:
+                continue
+            here = self.on(k_pool.device)
+            with device_guard(k_pool.device):
+                here.backend.copy_blocks(k_pool, v_pool, here.meta.copy_src, here.meta.copy_dst)
+            self.copied.add(layer_idx)
+
+    def take_new_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The K/V ``layer_idx`` gave update() and nothing wrote yet (the caller writes them)."""
+        return self.new_kv.pop(layer_idx, None)
+
+    def write_new_kv(self) -> None:
+        """Write the K/V update() took and no attention call wrote."""
+        for layer_idx in list(self.new_kv):
+            key, value = self.new_kv.pop(layer_idx)
+            here = self.on(key.device)
+            k_pool, v_pool = self.pools.get(layer_idx)
+            with device_guard(key.device):
+                here.backend.store_kv(key, value, k_pool, v_pool, here.meta.slot_mapping)

@@ -1,0 +1,119 @@
+"""Property-based tests of the block tables alone (no tensors, no model): every forward plan,
+row selection, crop and clear keeps the pool's counts exact and every write private."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_paged import BlockPool, OutOfBlocksError
+from hf_paged.block_table import BlockTables
+from hf_paged.kernels import context_lens
+
+
+def _check_plan(tables: BlockTables, plan, blocks_before: set, lens_before: list[int], real: np.ndarray):
+    bs = tables.block_size
+    slots = plan.slot_mapping[plan.slot_mapping >= 0].tolist()
+    # every slot is written at most once, only real tokens are written, and never into a block
+    # another row already shared before this forward (copy-on-write gave the writer its own)
+    assert len(slots) == len(set(slots))
+    assert not (plan.slot_mapping[~real] >= 0).any()
+    for blk in {s // bs for s in slots}:
+        if tables.pool.ref_count(blk) > 1:
+            assert blk not in blocks_before  # a block filled in this very forward by rows sharing a prefix
+    # copy-on-write sources are blocks that existed, targets fresh ones
+    assert {s for s, _ in plan.copies} <= blocks_before
+    assert {d for _, d in plan.copies}.isdisjoint(blocks_before)
+    # the layout the multi-token kernel reads own tokens with: context_lens finds each row's stored
+    # length before the forward (rows with pads after their first token read the pool instead)
+    if not plan.pads_after_start:
+        found = context_lens(torch.from_numpy(plan.seq_lens), torch.from_numpy(plan.query_pos)).tolist()
+        assert found == lens_before
+    assert plan.max_context_len == max(lens_before)
+    assert plan.seq_lens.tolist() == [n + int(r.sum()) for n, r in zip(lens_before, real)]
+
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["prefill", "decode", "multi", "turn", "reorder", "select", "repeat", "crop", "clear"]),
+              st.integers(0, 10 ** 6)),
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops, st.sampled_from([16, 32]))
+def test_block_tables_random_operations_keep_counts_exact(seq, block_size):
+    """Forwards (prompts with shared prefixes, decode, multi-token, turns with pads inside rows),
+    beam reordering, selection, repetition, crop and clear: the pool's counts always equal the
+    tables' references, every row holds exactly the blocks its tokens need, nothing leaks."""
+    tables = BlockTables(BlockPool(max_blocks=200), block_size)
+    rng = np.random.default_rng(0)
+    for op, r in seq:
+        rows = tables.num_rows
+        try:
+            if op == "prefill" and rows == 0:
+                b = 1 + r % 4
+                lengths = [1 + (r // (i + 1)) % 70 for i in range(b)]
+                width = max(lengths)
+                real = np.zeros((b, width), dtype=bool)
+                for i, n in enumerate(lengths):
+                    real[i, width - n:] = True
+                shared = rng.integers(3, 9, size=(1, width))  # few symbols: many equal blocks
+                tokens = np.repeat(shared, b, 0) if r % 2 else rng.integers(3, 9, (b, width))
+                tables.add_rows(b)
+                plan = tables.plan_forward(list(range(b)), real, tokens)
+                _check_plan(tables, plan, set(), [0] * b, real)
+                tables.logical_len += width
+            elif op in ("decode", "multi", "turn") and rows:
+                q = 1 if op == "decode" else 1 + r % 5
+                real = np.ones((rows, q), dtype=bool)
+                if op == "turn":  # a new turn per row, left-padded on its own: pads inside the rows
+                    for i in range(rows):
+                        real[i, : (r // (i + 1)) % q] = False
+                before = {blk for t in tables.tables for blk in t}
+                lens_before = list(tables.seq_lens)
+                plan = tables.plan_forward(list(range(rows)), real)
+                _check_plan(tables, plan, before, lens_before, real)
+                tables.logical_len += q
+            elif op == "reorder" and rows:
+                tables.select_rows([(r // (i + 1)) % rows for i in range(rows)])
+            elif op == "select" and rows:
+                tables.select_rows(sorted({(r // (i + 1)) % rows for i in range(1 + r % rows)}))
+            elif op == "repeat" and rows and rows <= 4:
+                tables.select_rows([i for i in range(rows) for _ in range(1 + r % 3)])
+            elif op == "crop" and rows:
+                tables.crop(max(0, tables.logical_len - (1 + r % 20)))
+            elif op == "clear":
+                tables.clear()
+        except OutOfBlocksError:
+            pass
+        tables.check_consistency()
+        assert tables.usage()["blocks_used"] == tables.pool.num_used
+        for b in range(tables.num_rows):  # every stored token has a logical position, in order
+            positions = tables.stored_positions(b)
+            assert len(positions) == tables.seq_lens[b] and (np.diff(positions) > 0).all()
+    tables.clear()
+    assert tables.pool.num_free == tables.pool.num_blocks
+
+
+def test_out_of_blocks_changes_nothing():
+    tables = BlockTables(BlockPool(max_blocks=3), 16)
+    tables.add_rows(2)
+    real = np.ones((2, 20), dtype=bool)
+    with pytest.raises(OutOfBlocksError, match=r"needs 4 more block.*longest row would hold 20 tokens"):
+        tables.plan_forward([0, 1], real)
+    assert tables.seq_lens == [0, 0] and tables.tables == [[], []] and tables.pool.num_used == 0
+
+
+def test_identical_prompt_blocks_are_stored_once_and_written_once():
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(3)
+    tokens = np.tile(np.arange(40), (3, 1))
+    tokens[2, 20:] = 7  # row 2 shares the first full block only
+    plan = tables.plan_forward([0, 1, 2], np.ones((3, 40), dtype=bool), tokens)
+    assert tables.tables[0][:2] == tables.tables[1][:2] and tables.tables[2][0] == tables.tables[0][0]
+    assert tables.tables[2][1] != tables.tables[0][1]
+    # the shared blocks are written by their first row only
+    assert (plan.slot_mapping[1, :32] == -1).all() and (plan.slot_mapping[2, :16] == -1).all()
+    assert tables.usage() == {"blocks_used": 3 + 1 + 2, "blocks_shared": 2, "tokens_stored": 40 + 8 + 24}
