@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache
 from . import compat
 from .block_pool import BlockPool
 from .block_table import BlockTables
-from .forward import ForwardMetadata, PagedForward
+from .forward import ForwardMetadata, PagedForward, real_new_tokens
 from .kernels import backend_for
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
@@ -121,31 +121,10 @@ class PagedCache(Cache):
         return self.tables.num_rows or -1
 
     @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
     def is_initialized(self) -> bool:
         return self.tables.num_rows > 0
 
-    @property
-    def is_croppable(self) -> bool:
-        return True
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * len(self.layers)
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [False] * len(self.layers)
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [False] * len(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
+    # is_compileable (False), is_croppable, is_sliding, __len__: the base Cache's, over self.layers
 
     def __repr__(self) -> str:
         return (f"PagedCache(rows={self.tables.num_rows}, block_size={self.block_size}, "
@@ -196,7 +175,8 @@ class PagedCache(Cache):
         rows = self._forward_rows(batch_size)
         self.resolve_memory_cap(dtype)
         seq_before = np.asarray([self.tables.seq_lens[r] for r in rows], dtype=np.int64)
-        real = self._real_new_tokens(attention_mask, q_len, batch_size, seq_before)
+        real = real_new_tokens(attention_mask, q_len, batch_size, seq_before)
+        self._check_pads_in_rows(real, seq_before)
         tokens, self._prefill_tokens = self._prefill_tokens, None
         tokens = tokens.to("cpu").numpy() if tokens is not None and self.share_prefixes else None
         plan = self.tables.plan_forward(rows, real, tokens, table_width)
@@ -312,27 +292,17 @@ class PagedCache(Cache):
             )
         return list(range(batch_size))
 
-    def _real_new_tokens(self, attention_mask, q_len, batch_size, seq_before) -> np.ndarray:
-        """bool [B, Q]: which of this forward's tokens are real (stored), from the 2D mask."""
-        # A decode step (one new token for rows that all hold tokens) is never padded by generate:
-        # reading the mask on the GPU at every step would cost a host-device synchronisation.
-        # Prompts, continued multi-turn batches and multi-token steps are read.
-        must_read = attention_mask is not None and (
-            attention_mask.device.type == "cpu" or q_len > 1 or bool((seq_before == 0).any()))
-        if not must_read:
-            return np.ones((batch_size, q_len), dtype=bool)
-        real = attention_mask[:, -q_len:].to("cpu", torch.bool).numpy()
-        if real.shape != (batch_size, q_len):
-            raise ValueError(f"hf_paged: attention_mask of shape {tuple(attention_mask.shape)} does not cover "
-                             f"{batch_size} rows x {q_len} new tokens")
-        if self.config is not None and "chunked_attention" in compat.layer_types(self.config) and (
-                any(self.tables.inner_pads) or (~real & (np.cumsum(real, 1) + seq_before[:, None] > 0)).any()):
+    def _check_pads_in_rows(self, real: np.ndarray, seq_before: np.ndarray) -> None:
+        """Chunked attention counts a chunk's positions over pads inside a row (stock), the paged
+        cache over stored tokens: refuse pads after a row's first token with chunked layers."""
+        if self.config is None or "chunked_attention" not in compat.layer_types(self.config):
+            return
+        if any(self.tables.inner_pads) or (~real & (np.cumsum(real, 1) + seq_before[:, None] > 0)).any():
             raise CacheStateError(
                 "hf_paged: pads after a row's first token (a continued multi-turn batch, a mask with holes) are not "
                 "supported with chunked attention (Llama 4): stock counts a chunk's positions over those pads, the "
                 "paged cache over stored tokens. Give each turn as a fresh, left-padded prompt."
             )
-        return real
 
     def _check_usable(self, config) -> None:
         """Refuse rows left unusable (an exception mid-generate, a forward cut short, another

@@ -24,6 +24,24 @@ from .kernels import backend_for, device_guard
 from .layer_pools import LayerPools
 
 
+def real_new_tokens(attention_mask: torch.Tensor | None, q_len: int, batch_size: int,
+                    seq_before: np.ndarray) -> np.ndarray:
+    """bool [B, Q]: which of a forward's new tokens are real (stored), from the 2D padding mask
+    (``seq_before``: each row's stored tokens before the forward)."""
+    # A decode step (one new token for rows that all hold tokens) is never padded by generate:
+    # reading the mask on the GPU at every step would cost a host-device synchronisation.
+    # Prompts, continued multi-turn batches and multi-token steps are read.
+    must_read = attention_mask is not None and (
+        attention_mask.device.type == "cpu" or q_len > 1 or bool((seq_before == 0).any()))
+    if not must_read:
+        return np.ones((batch_size, q_len), dtype=bool)
+    real = attention_mask[:, -q_len:].to("cpu", torch.bool).numpy()
+    if real.shape != (batch_size, q_len):
+        raise ValueError(f"hf_paged: attention_mask of shape {tuple(attention_mask.shape)} does not cover "
+                         f"{batch_size} rows x {q_len} new tokens")
+    return real
+
+
 @dataclass(frozen=True)
 class ForwardMetadata:
     """A forward's metadata on one device (the kernels' view of the batch).

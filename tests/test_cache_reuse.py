@@ -148,3 +148,17 @@ def test_reset_cache_serves_a_model_of_another_shape(llama):
     out = _gen(wide, ids, mask, max_new_tokens=3, past_key_values=cache)
     assert torch.equal(out.sequences, _gen(wide_stock, ids, mask, max_new_tokens=3).sequences)
     assert cache.key_cache[0].shape[2] == 4
+
+
+def test_pads_inside_rows_are_refused_with_chunked_attention():
+    """Llama 4 counts a chunk's positions over a row's inner pads, the paged cache over stored
+    tokens: a continued multi-turn batch is refused with the reason instead of silently differing."""
+    paged, _ = make_pair("llama4_text")
+    ids, mask = left_padded_batch([5, 9], seed=9)
+    turn2, mask2 = left_padded_batch([3, 7], seed=10)
+    cache = PagedCache()
+    first = _gen(paged, ids, mask, max_new_tokens=3, past_key_values=cache)
+    full = torch.cat([first.sequences, turn2], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype), mask2], 1)
+    with pytest.raises(CacheStateError, match="not supported with chunked attention"):
+        _gen(paged, full, full_mask, max_new_tokens=3, past_key_values=cache)

@@ -111,6 +111,6 @@ def assert_logits_close(out, ref, generate_kwargs, atol=2e-4):
     if not generate_kwargs.get("output_logits"):
         assert out.get("logits") is None and ref.get("logits") is None
         return
-    assert len(out.logits) == len(ref.logits) == generate_kwargs["max_new_tokens"]
+    assert len(out.logits) == len(ref.logits) > 0
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
