@@ -217,10 +217,14 @@ class PagedCache(Cache):
         fwd.new_kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
-    def end_forward(self) -> None:
-        """The forward in progress is over: write whatever K/V no attention call wrote."""
+    def end_forward(self, replayed: bool = False) -> None:
+        """The forward in progress is over: write whatever K/V no attention call wrote.
+        ``replayed``: its layers ran in a CUDA graph replay (no Python, so no update() committed
+        its logical length): commit it here."""
         fwd, self._forward = self._forward, None
         if fwd is not None:
+            if replayed:
+                self.tables.logical_len = fwd.new_logical_len
             if fwd.updated:
                 self._layers_per_forward = max(self._layers_per_forward, len(fwd.updated))
             fwd.write_new_kv()
@@ -235,14 +239,13 @@ class PagedCache(Cache):
         """Run a forward over prebuilt metadata (the static buffers of a CUDA graph, for the step
         that ends at ``new_logical_len``), with ``get_seq_length()`` a device tensor: what a
         captured decode step reads."""
-        self.end_forward()
-        self._forward = PagedForward(meta, self.pools, new_logical_len)
+        begun, self._forward = self._forward, PagedForward(meta, self.pools, new_logical_len)
         self._seq_length = seq_length
         try:
             yield
             self._forward.write_new_kv()  # inside the graph too
         finally:
-            self._forward = None
+            self._forward = begun  # the step's own forward, which the caller ends
             self._seq_length = None
 
     # ================================================================ prefill groups

@@ -311,7 +311,9 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             return outputs
         state.replays += 1
         STATS["replays"] += 1
-        return graph.outputs(graph.replay(), cache)
+        outputs = graph.outputs(graph.replay(), cache)
+        cache.end_forward(replayed=True)  # a replay runs no Python: nothing else commits the step
+        return outputs
     finally:
         cache.end_forward()
 

@@ -6,6 +6,7 @@ positions from a device tensor, the check of the first replay against the eager 
 fallbacks). tests/test_cuda.py runs real graphs on the GPU.
 """
 
+import contextlib
 import gc
 import logging
 import weakref
@@ -17,6 +18,24 @@ from tiny_models import FAMILIES, assert_logits_close, cache_of, left_padded_bat
 
 import hf_paged
 from hf_paged import graphs
+
+
+@pytest.fixture(autouse=True)
+def replays_run_no_python(monkeypatch):
+    """The stand-ins replay by running the captured Python again; a real replay runs none, so
+    nothing the static step does to the cache's Python state may last: the stand-in undoes it
+    (here, the logical length its update() commits). Whatever the graph path needs must come
+    from outside the replay, as on the GPU."""
+    real = hf_paged.PagedCache.replaying
+
+    @contextlib.contextmanager
+    def replaying(self, *args, **kwargs):
+        logical_len = self.tables.logical_len
+        with real(self, *args, **kwargs):
+            yield
+        self.tables.logical_len = logical_len
+
+    monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)
 
 
 @pytest.fixture
@@ -193,3 +212,17 @@ def test_finished_cache_is_freed_without_the_cyclic_collector(fake_graphs):
             assert ref() is None, kw
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama4_text"])
+def test_graphed_steps_between_crops_of_assisted_decoding(family, fake_graphs):
+    """Prompt-lookup decoding mixes verify steps (several tokens, eager), crops of the rejected
+    tokens and one-token steps (replayed): a replay must leave the cache's length where the step
+    ends, or the next crop keeps rejected tokens."""
+    paged, stock = make_pair(family)
+    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
+    kw = dict(max_new_tokens=14, do_sample=False, prompt_lookup_num_tokens=3)
+    out = _gen(paged, ids, torch.ones_like(ids), **kw)
+    assert cache_of(out).graph_state.replays > 0
+    assert torch.equal(out.sequences, _gen(stock, ids, torch.ones_like(ids), **kw).sequences)

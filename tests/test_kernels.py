@@ -616,7 +616,7 @@ def test_window_and_chunk_arguments_checked():
                             max_seq_len=20, max_context_len=None)
     for backend in (K.get_backend("torch"), _tri()):
         out = backend.attend(q, case.key_cache, case.value_cache, batch, K.LayerAttention(0.125, chunk_size=8))
-        _check_close(out, _naive_attention(q, case, qpos, 0.125, chunk_size=8), torch.float32)  # keys 16..19
+        _check_close(out, _naive_attention(q, case, qpos, 0.125, chunk_size=8).to(out.device), torch.float32)  # keys 16..19
 
 
 BF16_CPU_CASES = [
