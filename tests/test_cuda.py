@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, GRAPH_FALLBACK, cache_of, left_padded_batch, make_pair
+from tiny_models import FAMILIES, GRAPH_FALLBACK, cache_of, cyclic_gc_off, left_padded_batch, make_pair
 
 pytestmark = pytest.mark.cuda
 
@@ -88,7 +88,6 @@ def test_decode_step_has_no_host_device_sync(monkeypatch):
 def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch):
     """With CUDA graphs (the default), a generate's cache and its pools go as soon as the user's
     last reference goes: the next call of a loop does not run beside the previous call's pools."""
-    import gc
     import weakref
 
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
@@ -96,9 +95,7 @@ def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch
     paged, _ = make_pair("llama")
     paged = paged.cuda()
     ids, mask = left_padded_batch([5, 41, 23], seed=5)
-    gc.collect()
-    gc.disable()
-    try:
+    with cyclic_gc_off():
         for kw in (dict(do_sample=False), dict(num_beams=3), dict(do_sample=True, num_return_sequences=3)):
             out = _gen(paged, ids, mask, max_new_tokens=8, **kw)
             cache = cache_of(out)
@@ -111,5 +108,3 @@ def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch
             del out
             assert ref() is None, kw
             assert torch.cuda.memory_allocated() <= before - pool_bytes, kw
-    finally:
-        gc.enable()

@@ -7,14 +7,13 @@ fallbacks). tests/test_cuda.py runs real graphs on the GPU.
 """
 
 import contextlib
-import gc
 import logging
 import weakref
 
 import pytest
 import torch
 
-from tiny_models import FAMILIES, assert_logits_close, cache_of, left_padded_batch, make_pair
+from tiny_models import FAMILIES, assert_logits_close, cache_of, cyclic_gc_off, left_padded_batch, make_pair
 
 import hf_paged
 from hf_paged import graphs
@@ -200,9 +199,7 @@ def test_finished_cache_is_freed_without_the_cyclic_collector(fake_graphs):
     pools while the next runs). Checked with the cyclic collector off."""
     paged, _ = make_pair("llama")
     ids, mask = left_padded_batch([5, 20], seed=1)
-    gc.collect()
-    gc.disable()
-    try:
+    with cyclic_gc_off():
         for kw in (dict(do_sample=False), dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)):
             out = _gen(paged, ids, mask, max_new_tokens=6, **kw)
             cache = cache_of(out)
@@ -210,8 +207,6 @@ def test_finished_cache_is_freed_without_the_cyclic_collector(fake_graphs):
             ref = weakref.ref(cache)
             del out, cache
             assert ref() is None, kw
-    finally:
-        gc.enable()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "llama4_text"])

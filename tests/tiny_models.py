@@ -1,6 +1,8 @@
 """Tiny random models of each supported family, built from configs (no hub access needed)."""
 
+import contextlib
 import copy
+import gc
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,3 +118,15 @@ def assert_logits_close(out, ref, generate_kwargs, atol=2e-4):
     assert len(out.logits) == len(ref.logits) > 0
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@contextlib.contextmanager
+def cyclic_gc_off():
+    """Python's cyclic garbage collector off (after one collection): what is freed inside was
+    freed by reference counting alone, as a user's loop frees it."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
