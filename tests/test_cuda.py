@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, GRAPH_FALLBACK, cache_of, cyclic_gc_off, left_padded_batch, make_pair
+from tiny_models import FAMILIES, GRAPH_FALLBACK, GRAPH_FALLBACK_SOMETIMES, cache_of, cyclic_gc_off, left_padded_batch, make_pair
 
 pytestmark = pytest.mark.cuda
 
@@ -40,8 +40,10 @@ def test_greedy_beam_sample_on_triton(cuda_pair, graphs, monkeypatch):
         cache = cache_of(out)
         assert cache.key_cache[0].is_cuda
         state = cache.graph_state
-        if graphs == "on" and name in GRAPH_FALLBACK:  # tried once per model, then eager
-            assert "reads a device value on the host" in paged._hf_paged_graphs_off, name
+        off = paged.__dict__.get("_hf_paged_graphs_off")
+        if graphs == "on" and (name in GRAPH_FALLBACK or (name in GRAPH_FALLBACK_SOMETIMES and off)):
+            # tried once per model, then eager
+            assert "reads a device value on the host" in off, name
             assert state is None or state.replays == 0, name
         elif graphs == "on":  # captured once, checked once, then replayed for every later step
             assert state.disabled is None, (name, state.disabled)
