@@ -273,3 +273,28 @@ def test_cache_layers_follow_the_cache_contract(llama):
 def test_bad_cache_arguments_raise_one_value_error_naming_the_argument(kwargs, named):
     with pytest.raises(ValueError, match=rf"hf_paged: (cannot read )?{named}"):
         PagedCache(**kwargs)
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2),
+                                dict(do_sample=False, max_prefill_tokens=8)])
+def test_prompt_hidden_states_have_stocks_shape(llama, kw):
+    """A deduplicated or grouped prefill (beams, num_return_sequences, max_prefill_tokens) over a
+    batch with pad columns (padding="max_length") returns the prompt step's hidden states with
+    stock's [rows, prompt width, hidden] shape, equal to stock's at real positions."""
+    paged, stock = llama
+    ids, mask = left_padded_batch([5, 9], seed=18)
+    ids = torch.cat([torch.zeros(2, 3, dtype=ids.dtype), ids], 1)  # 3 more pad columns than needed
+    mask = torch.cat([torch.zeros(2, 3, dtype=mask.dtype), mask], 1)
+    kw = dict(kw)
+    cache = PagedCache(config=paged.config, max_prefill_tokens=kw.pop("max_prefill_tokens", 8192))
+    outs = []
+    for model, extra in ((paged, dict(past_key_values=cache)), (stock, {})):
+        torch.manual_seed(0)
+        outs.append(_gen(model, ids, mask, max_new_tokens=3, output_hidden_states=True, **kw, **extra))
+    out, ref = outs
+    assert torch.equal(out.sequences, ref.sequences)
+    real = mask.bool().repeat_interleave(ref.hidden_states[0][0].shape[0] // 2, 0)
+    assert len(out.hidden_states[0]) == len(ref.hidden_states[0])
+    for mine, theirs in zip(out.hidden_states[0], ref.hidden_states[0]):
+        assert mine.shape == theirs.shape == (real.shape[0], 12, paged.config.hidden_size)
+        torch.testing.assert_close(mine[real], theirs[real], atol=1e-5, rtol=0)
