@@ -13,6 +13,7 @@ from .attention import dense_attention, paged_attention_forward, paged_mask, reg
 from .block_pool import BlockPool, OutOfBlocksError
 from .cache import CacheStateError, PagedCache
 from .compat import cache_of
+from .engine import GenerationResult, Request, generate_many, iter_generate_many
 from .forward import PagedForward
 from .generation import install
 from .support import UnsupportedModelError, check_supported
@@ -22,13 +23,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockPool",
     "CacheStateError",
+    "GenerationResult",
     "OutOfBlocksError",
     "PagedCache",
     "PagedForward",
+    "Request",
     "UnsupportedModelError",
     "cache_of",
     "check_supported",
     "dense_attention",
+    "generate_many",
+    "iter_generate_many",
     "paged_attention_forward",
     "paged_mask",
 ]

@@ -85,14 +85,7 @@ class BlockTables:
         pads_after_start = ~real & (query_pos >= 0)
         started_here = (seq_before == 0) & real.any(axis=1)
 
-        # Copy-on-write: rows about to write into a shared, partially filled tail block. Of k such
-        # writers of a block with r references, min(k, r - 1) copy it; the last one writes in place.
-        cow_rows = [b for b in range(batch) if seq_after[b] > seq_before[b] and seq_before[b] % bs
-                    and self.pool.ref_count(tables[b][-1]) > 1]
-        writers: dict[int, int] = {}
-        for b in cow_rows:
-            writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
-        n_copies = sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
+        cow_rows, n_copies = self._copy_on_write(tables, seq_before, seq_after)
         reuse, row_hashes = self._plan_prefix_reuse(rows, real, started_here, tokens)
         blocks_after = cdiv(seq_after, bs)
         need = int(sum(blocks_after[b] - len(tables[b]) for b in range(batch)))
@@ -149,6 +142,27 @@ class BlockTables:
             slot_mapping=slot.astype(np.int32), copies=tuple(copies),
             max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=bool(pads_after_start.any()),
         )
+
+    def blocks_needed(self, rows: list[int], n_new: list[int]) -> int:
+        """The blocks a forward appending ``n_new[i]`` real tokens to row ``rows[i]`` would take:
+        new blocks and copy-on-write copies (prefix reuse aside)."""
+        tables = [self.tables[r] for r in rows]
+        seq_before = np.asarray([self.seq_lens[r] for r in rows], dtype=np.int64)
+        seq_after = seq_before + np.asarray(n_new, dtype=np.int64)
+        new = int(sum(cdiv(int(a), self.block_size) - len(t) for t, a in zip(tables, seq_after)))
+        return new + self._copy_on_write(tables, seq_before, seq_after)[1]
+
+    def _copy_on_write(self, tables, seq_before, seq_after) -> tuple[list[int], int]:
+        """The rows about to write into a shared, partially filled tail block, and how many copies
+        they need: of k such writers of a block with r references, min(k, r - 1) copy it; the
+        last one writes in place."""
+        bs = self.block_size
+        rows = [b for b in range(len(tables)) if seq_after[b] > seq_before[b] and seq_before[b] % bs
+                and self.pool.ref_count(tables[b][-1]) > 1]
+        writers: dict[int, int] = {}
+        for b in rows:
+            writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
+        return rows, sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
 
     def _add_inner_pad(self, row: int, at: int) -> None:
         runs = self.inner_pads[row]

@@ -90,7 +90,7 @@ class PagedCache(Cache):
         self.forwards = 0  # forwards begun (generate tells from it whether a failed call changed the rows)
         self._forward: PagedForward | None = None  # the forward in progress
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next forward, for prefix hashing
-        self._group_rows: list[int] | None = None  # the cache rows a prefill group's forward runs
+        self._group_rows: list[int] | None = None  # the cache rows of the forwards in row_subset
         self._seq_length: torch.Tensor | None = None  # get_seq_length() inside a captured decode step
         self._model_config = None  # weakref to the config of the model whose K/V the rows hold
         self._layers_per_forward = 0  # layers a complete forward updates (known after the first one)
@@ -248,15 +248,13 @@ class PagedCache(Cache):
             self._forward = begun  # the step's own forward, which the caller ends
             self._seq_length = None
 
-    # ================================================================ prefill groups
+    # ================================================================ forwards over some rows
     @contextlib.contextmanager
-    def prefill_group(self, rows: list[int]):
-        """Run one forward over the cache rows ``rows`` only: its batch row ``i`` is cache row
-        ``rows[i]`` and its logical positions start at 0 (a prefill group trimmed to its longest
-        prompt, see generation.py)."""
+    def row_subset(self, rows: list[int]):
+        """Run the forwards inside over the cache rows ``rows`` only: batch row ``i`` is cache row
+        ``rows[i]`` (a prefill group, or the engine's rows that decode)."""
         self.end_forward()
         self._group_rows = rows
-        self.tables.logical_len = 0
         try:
             yield
             self.end_forward()
@@ -264,8 +262,16 @@ class PagedCache(Cache):
             self._group_rows = None
             self._forward = None
 
+    @contextlib.contextmanager
+    def prefill_group(self, rows: list[int]):
+        """One forward over the cache rows ``rows`` only, its logical positions from 0 (a prefill
+        group trimmed to its longest prompt, see generation.py)."""
+        with self.row_subset(rows):
+            self.tables.logical_len = 0
+            yield
+
     @property
-    def in_prefill_group(self) -> bool:
+    def in_row_subset(self) -> bool:
         return self._group_rows is not None
 
     def add_rows(self, n: int) -> None:
@@ -283,8 +289,8 @@ class PagedCache(Cache):
         """The cache rows this forward's batch rows are (all rows, or a prefill group's rows)."""
         if self._group_rows is not None:
             if batch_size != len(self._group_rows):
-                raise ValueError(f"hf_paged: a prefill group of {len(self._group_rows)} rows got a batch of "
-                                 f"{batch_size}")
+                raise ValueError(f"hf_paged: a forward over {len(self._group_rows)} rows of the cache (row_subset) "
+                                 f"got a batch of {batch_size}")
             return self._group_rows
         if not self.tables.num_rows:
             self.tables.add_rows(batch_size)

@@ -99,6 +99,28 @@ def cache_of(generate_output):
     return getattr(generate_output, "past_key_values", None)
 
 
+def forward_cache_kwarg(model) -> str:
+    """The model forward's keyword for the cache: ``cache`` from transformers 5.2x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+
+
+def takes_logits_to_keep(model) -> bool:
+    """The forward computes the LM head for the last ``logits_to_keep`` positions only."""
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(model_cls) -> frozenset[str]:
+    return frozenset(inspect.signature(model_cls.forward).parameters)
+
+
+def resolve_generation_config(model, generation_config, kwargs: dict):
+    """``(config, unknown)``: the generation config generate would use (the model's own settings,
+    transformers' defaults, then ``kwargs``), and the kwargs that are not generation settings."""
+    return model._prepare_generation_config(generation_config, **kwargs)
+
+
 def replace_dynamic_cache(model_kwargs: dict, make) -> None:
     """Swap the DynamicCache ``_prepare_cache_for_generation`` just made for ``make()``."""
     for key in CACHE_KEYS:

@@ -125,7 +125,7 @@ def _wrap_prefill(orig):
         cache.resolve_memory_cap(self.dtype)
         cache.reserve_for_generation(prompt_lengths, copies, 0)
 
-        groups = _prefill_groups(prompt_lengths, cache.max_prefill_tokens)
+        groups = length_groups(prompt_lengths, cache.max_prefill_tokens)
         if len(groups) == 1 and len(rep) == batch:
             # one forward over the batch as given: exactly stock's prefill
             cache.set_prefill_tokens(input_ids)
@@ -153,7 +153,7 @@ def _wrap_prefill(orig):
     return _prefill
 
 
-def _prefill_groups(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+def length_groups(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
     """Rows sorted by length (longest first) in groups of at most ``max_tokens`` padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if max_tokens is None or len(lengths) * max(lengths, default=0) <= max_tokens:

@@ -189,7 +189,7 @@ def _decode_step_cache(model, kwargs: dict) -> PagedCache | None:
     """The PagedCache of a forward that can run as a graph, else None (run it eagerly)."""
     key = compat.cache_key(kwargs, PagedCache)
     cache = kwargs[key] if key is not None else None
-    if cache is None or cache.in_prefill_group or not cache.is_initialized:
+    if cache is None or cache.in_row_subset or not cache.is_initialized:
         return None
     if getattr(model, "_hf_paged_graphs_off", None):
         return None  # an earlier generate found this model's decode step not capturable

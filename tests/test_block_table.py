@@ -117,3 +117,18 @@ def test_identical_prompt_blocks_are_stored_once_and_written_once():
     # the shared blocks are written by their first row only
     assert (plan.slot_mapping[1, :32] == -1).all() and (plan.slot_mapping[2, :16] == -1).all()
     assert tables.usage() == {"blocks_used": 3 + 1 + 2, "blocks_shared": 2, "tokens_stored": 40 + 8 + 24}
+
+
+def test_blocks_needed_is_what_the_forward_takes():
+    """blocks_needed counts a forward's new blocks and copy-on-write copies before it runs."""
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(1)
+    tables.plan_forward([0], np.ones((1, 20), dtype=bool))
+    tables.select_rows([0, 0, 0])  # three rows share a full block and a partial tail block
+    used = tables.pool.num_used
+    # rows 0 and 1 add one token, row 2 thirteen: row 2 needs a third block, and two of the three
+    # writers of the shared tail copy it (the last writes in place)
+    assert tables.blocks_needed([0, 1, 2], [1, 1, 13]) == 1 + 2
+    real = np.arange(13)[None, :] >= np.array([[12], [12], [0]])
+    tables.plan_forward([0, 1, 2], real)
+    assert tables.pool.num_used - used == 3

@@ -213,3 +213,23 @@ def test_input_modalities_and_media_input_names():
     params = inspect.signature(Gemma3ForConditionalGeneration.forward).parameters
     assert "pixel_values" in params and compat.media_inputs({"pixel_values": torch.zeros(1)}) == ["pixel_values"]
     assert compat.media_inputs({"mm_encoder_outputs": {}, "input_ids": torch.zeros(1)}) == []
+
+
+def test_forward_cache_keyword_and_logits_to_keep(llama):
+    """The model forward takes the cache as `cache` (5.2x) or `past_key_values` (before), and
+    `logits_to_keep`: the engine calls it with both."""
+    paged, _ = llama
+    assert compat.forward_cache_kwarg(paged) in inspect.signature(type(paged).forward).parameters
+    assert compat.takes_logits_to_keep(paged)
+    cache = PagedCache()
+    out = paged(input_ids=torch.tensor([[5, 6, 7]]), logits_to_keep=1, **{compat.forward_cache_kwarg(paged): cache})
+    assert out.logits.shape[1] == 1 and cache.seq_lens == [3]
+
+
+def test_prepare_generation_config_resolves_as_generate(llama):
+    """GenerationMixin._prepare_generation_config: the model's settings, transformers' defaults,
+    then the arguments; what is not a generation setting comes back apart."""
+    paged, _ = llama
+    config, rest = compat.resolve_generation_config(paged, None, {"max_new_tokens": 7, "foo": 1})
+    assert config.max_new_tokens == 7 and config.top_k == 50 and config.do_sample is False
+    assert rest == {"foo": 1}

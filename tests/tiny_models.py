@@ -83,7 +83,7 @@ COMMON = dict(
 def make_config(model_type):
     overrides, _ = FAMILIES[model_type]
     kwargs = dict(COMMON)
-    if model_type in ("gpt2", "opt"):
+    if model_type in ("gpt2", "opt", "gpt_neox"):  # their configs have no num_key_value_heads
         kwargs.pop("num_key_value_heads")
     if model_type == "gpt2":
         for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",

@@ -1,0 +1,251 @@
+"""Continuous batching over one paged cache: sequences join and leave the batch every step.
+
+Each step of :meth:`Engine.steps`:
+
+1. **prefill**: the sequences whose tokens are not all in the cache yet (new ones are admitted
+   from the waiting queue while blocks and the step's token budget allow) run one chunk of their
+   prompt each, in length-sorted groups of at most ``max_batch_tokens`` padded tokens, each group
+   one forward over its cache rows (``PagedCache.row_subset``). A sequence whose prompt is all in
+   the cache takes its first token from the chunk's last logits; a request that returns several
+   sequences forks its row first (the prompt's blocks are shared, copy-on-write).
+2. **decode**: every sequence with its prompt in the cache feeds its last token, one forward over
+   those rows. Before it, the blocks the step takes are counted; when the pool cannot give them,
+   the newest sequences are preempted (their rows freed, requeued first, recomputed later: the
+   same tokens, since sampling is keyed on the token's index, not on the batch).
+3. finished sequences (end token, ``max_new_tokens``, a stop string) leave the cache: their blocks
+   return to the pool at once, and a waiting prompt takes their place at the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+import torch
+
+from .. import compat
+from ..block_pool import OutOfBlocksError
+from ..cache import PagedCache
+from ..generation import length_groups
+from ..kernels import cdiv
+from .requests import EngineRequest, Sequence
+from .sampling import next_tokens
+
+# tokens decoded to look for a stop string at the end of a sequence
+_STOP_WINDOW = 32
+
+
+class Engine:
+    """Runs :class:`EngineRequest` objects through ``model`` with continuous batching."""
+
+    def __init__(self, model, *, max_memory=None, max_batch_tokens: int = 8192, tokenizer=None):
+        if max_memory is None and model.device.type == "cuda":
+            # admission by free blocks needs a cap: most of what the GPU has free now
+            free, _ = torch.cuda.mem_get_info(model.device)
+            max_memory = int(free * 0.8)
+        self.model = model
+        self.device = model.device
+        self.tokenizer = tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.cache = PagedCache(config=model.config, max_memory=max_memory)
+        self.cache.resolve_memory_cap(model.dtype)
+        self.cache_kwarg = compat.forward_cache_kwarg(model)
+        self.rows: list[Sequence] = []  # cache row i holds rows[i]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self._admitted = 0
+        self.steps_run = 0
+        self.decode_rows = 0  # rows fed to decode steps, over all steps (the occupancy's numerator)
+        self.decode_steps = 0
+
+    def add(self, request: EngineRequest) -> None:
+        self.waiting.append(Sequence(request, 0, list(request.prompt), request.sequence_seed(0), order=-1))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def steps(self) -> Iterator[list[EngineRequest]]:
+        """Run until every request is done; yields, after each step, the requests it finished."""
+        while self.busy:
+            finished: list[EngineRequest] = []
+            progress = self._prefill(finished) + self._decode(finished)
+            if not progress:  # a row that cannot take its next chunk even alone in the pool
+                seq = self.rows[0] if self.rows else self.waiting[0]
+                raise OutOfBlocksError(
+                    self.cache.tables.blocks_needed([0], [1]) if self.rows else 1, self.cache.pool.available(),
+                    self.cache.pool.max_blocks, hint=f"(request {seq.request.index} needs {len(seq.tokens)} tokens' "
+                                                     f"blocks alone)")
+            self._drop_finished()
+            self.steps_run += 1
+            yield finished
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, finished: list) -> int:
+        """Run this step's prompt chunks; returns how many ran."""
+        decoding = sum(1 for s in self.rows if s.prefilled)
+        chunks = self._plan_chunks(reserve=decoding)
+        if not chunks:
+            return 0
+        for group in length_groups([n for _, n in chunks], self.max_batch_tokens):
+            self._run_chunks([chunks[i] for i in group], finished)
+        return len(chunks)
+
+    def _plan_chunks(self, reserve: int) -> list[tuple[Sequence, int]]:
+        """This step's prompt chunks: rows still prefilling first, then new sequences from the
+        waiting queue, while the token budget lasts and the pool keeps ``reserve`` blocks for the
+        decode step."""
+        tables, budget, chunks = self.cache.tables, self.max_batch_tokens, []
+        free = self.cache.pool.available() - reserve  # blocks this step's chunks may take
+        for row, seq in enumerate(self.rows):
+            if not seq.prefilled and budget > 0:
+                n = min(self._prefill_target(seq) - seq.stored, budget)
+                need = tables.blocks_needed([row], [n])
+                if need > free:
+                    break
+                chunks.append((seq, n))
+                budget, free = budget - n, free - need
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            n = min(self._prefill_target(seq), budget)
+            need = cdiv(n, self.cache.block_size)
+            if need > free:
+                if not self.rows:  # nothing to wait for: it can never fit
+                    raise OutOfBlocksError(need, free, self.cache.pool.max_blocks,
+                                           hint=f"(the prompt of request {seq.request.index} alone)")
+                break
+            free -= need
+            self.waiting.popleft()
+            seq.order, self._admitted = self._admitted, self._admitted + 1
+            self.cache.add_rows(1)
+            self.rows.append(seq)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    @staticmethod
+    def _prefill_target(seq: Sequence) -> int:
+        """Tokens the cache must hold before the sequence decodes: all but the last generated one
+        (a recomputed sequence's next input); a fresh prompt, all of it."""
+        return len(seq.tokens) - (1 if seq.generated else 0)
+
+    def _run_chunks(self, chunks: list[tuple[Sequence, int]], finished: list) -> None:
+        """One forward over the rows of ``chunks``, left-padded to the longest chunk."""
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        mask = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        for b, (seq, n) in enumerate(chunks):
+            ids[b, width - n:] = torch.tensor(seq.tokens[seq.stored:seq.stored + n])
+            mask[b, width - n:] = 1
+            positions[b, width - n:] = torch.arange(seq.stored, seq.stored + n)
+        rows = [self.rows.index(seq) for seq, _ in chunks]
+        logits = self._forward(rows, ids, positions, mask)
+        starting = []
+        for b, (seq, n) in enumerate(chunks):
+            seq.stored += n
+            if seq.prefilled and not seq.generated:
+                starting.append((seq, logits[b]))
+        if starting:
+            self._start(starting, finished)
+
+    def _start(self, starting: list, finished: list) -> None:
+        """Sequences whose prompt is all in the cache: fork the requests that return several
+        sequences (sharing the prompt's blocks), then choose every sequence's first token."""
+        seqs, rows_logits = [], []
+        for seq, row_logits in starting:
+            request = seq.request
+            request.sequences = [seq]
+            if request.num_sequences > 1:
+                row = self.rows.index(seq)
+                self.cache.fork_rows(list(range(len(self.rows))) + [row] * (request.num_sequences - 1))
+                for k in range(1, request.num_sequences):
+                    fork = Sequence(request, k, list(seq.tokens), request.sequence_seed(k), seq.order, seq.stored)
+                    self.rows.append(fork)
+                    request.sequences.append(fork)
+            seqs += request.sequences
+            rows_logits += [row_logits] * len(request.sequences)
+        self._choose(seqs, torch.stack(rows_logits), finished)
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, finished: list) -> int:
+        """One decode step over the rows whose prompt is in the cache; returns how many ran."""
+        seqs = [s for s in self.rows if s.prefilled and not s.finished]
+        while seqs:
+            rows = [self.rows.index(s) for s in seqs]
+            if self.cache.tables.blocks_needed(rows, [1] * len(rows)) <= self.cache.pool.available():
+                break
+            self._preempt(max(self.rows, key=lambda s: s.order))
+            seqs = [s for s in self.rows if s.prefilled and not s.finished]
+        if not seqs:
+            return 0
+        rows = [self.rows.index(s) for s in seqs]
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+        positions = torch.tensor([[s.stored] for s in seqs])
+        logits = self._forward(rows, ids, positions, None)
+        for seq in seqs:
+            seq.stored += 1
+        self.decode_steps += 1
+        self.decode_rows += len(seqs)
+        self._choose(seqs, logits, finished)
+        return len(seqs)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s row; it waits first in line, to be recomputed from its tokens."""
+        keep = [i for i, s in enumerate(self.rows) if s is not seq]
+        self.cache.fork_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+        seq.stored = 0
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ shared
+    def _forward(self, rows: list[int], ids, positions, mask) -> torch.Tensor:
+        """The model over cache rows ``rows``: the last position's logits, ``[len(rows), vocab]``."""
+        kwargs = {self.cache_kwarg: self.cache, "input_ids": ids.to(self.device), "use_cache": True,
+                  "position_ids": positions.to(self.device)}
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(self.device)
+        if compat.takes_logits_to_keep(self.model):
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), self.cache.row_subset(rows):
+            return self.model(**kwargs).logits[:, -1]
+
+    def _choose(self, seqs: list[Sequence], logits: torch.Tensor, finished: list) -> None:
+        """Each sequence's next token from its row of ``logits``; then whether it is done."""
+        device = logits.device
+        counters = torch.tensor([len(s.generated) for s in seqs], device=device)
+        seeds = torch.tensor([s.seed for s in seqs], device=device)
+        history = None
+        if any(s.request.sampling.repetition_penalty != 1.0 for s in seqs):
+            width = max(len(s.tokens) for s in seqs)
+            history = torch.full((len(seqs), width), -1, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                history[i, :len(s.tokens)] = torch.tensor(s.tokens)
+            history = history.to(device)
+        suppress = None
+        early = [i for i, s in enumerate(seqs) if len(s.generated) < s.request.min_new_tokens and s.request.eos]
+        if early:
+            suppress = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            for i in early:
+                suppress[i, list(seqs[i].request.eos)] = True
+        tokens = next_tokens(logits, [s.request.sampling for s in seqs], seeds, counters, history, suppress).tolist()
+        for seq, token in zip(seqs, tokens):
+            seq.tokens.append(token)
+            request = seq.request
+            if token in request.eos:
+                seq.finish_reason = "eos"
+            elif len(seq.generated) >= request.max_new_tokens:
+                seq.finish_reason = "length"
+            elif request.stop_strings and self._ends_with_stop_string(seq):
+                seq.finish_reason = "stop_string"
+            if seq.finished and request.done and request not in finished:
+                finished.append(request)
+
+    def _ends_with_stop_string(self, seq: Sequence) -> bool:
+        tail = self.tokenizer.decode(seq.generated[-_STOP_WINDOW:], skip_special_tokens=False)
+        return any(s in tail for s in seq.request.stop_strings)
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, s in enumerate(self.rows) if not s.finished]
+        if len(keep) < len(self.rows):
+            self.cache.fork_rows(keep)  # their blocks return to the pool now
+            self.rows = [self.rows[i] for i in keep]
