@@ -174,7 +174,7 @@ class Engine:
             rows = [self.rows.index(s) for s in seqs]
             if self.cache.tables.blocks_needed(rows, [1] * len(rows)) <= self.cache.pool.available():
                 break
-            self._preempt(max(self.rows, key=lambda s: s.order))
+            self._preempt(max((s for s in self.rows if not s.finished), key=lambda s: s.order))
             seqs = [s for s in self.rows if s.prefilled and not s.finished]
         if not seqs:
             return 0
