@@ -121,6 +121,13 @@ def resolve_generation_config(model, generation_config, kwargs: dict):
     return model._prepare_generation_config(generation_config, **kwargs)
 
 
+def generation_defaults() -> dict:
+    """transformers' values for the generation settings a model and a call leave unset."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig._get_default_generation_params()
+
+
 def replace_dynamic_cache(model_kwargs: dict, make) -> None:
     """Swap the DynamicCache ``_prepare_cache_for_generation`` just made for ``make()``."""
     for key in CACHE_KEYS:

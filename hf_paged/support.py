@@ -11,6 +11,7 @@ prompts; image, video and audio inputs are refused when they reach a forward wit
 from __future__ import annotations
 
 from . import compat
+from .cache import PagedCache
 
 
 class UnsupportedModelError(ValueError):
@@ -67,8 +68,6 @@ def guard_media_inputs(model) -> None:
 
 
 def _refuse_media_inputs(module, args, kwargs):
-    from .cache import PagedCache
-
     if compat.cache_key(kwargs, PagedCache) is None:
         return None
     media = compat.media_inputs(kwargs)

@@ -233,3 +233,6 @@ def test_prepare_generation_config_resolves_as_generate(llama):
     config, rest = compat.resolve_generation_config(paged, None, {"max_new_tokens": 7, "foo": 1})
     assert config.max_new_tokens == 7 and config.top_k == 50 and config.do_sample is False
     assert rest == {"foo": 1}
+    # GenerationConfig._get_default_generation_params: the values unset settings take
+    defaults = compat.generation_defaults()
+    assert defaults["top_k"] == config.top_k and defaults["num_beams"] == 1 and defaults["do_sample"] is False

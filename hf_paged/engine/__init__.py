@@ -80,6 +80,7 @@ def _requests(model, prompts, generation_config, generation_kwargs, tokenizer, s
     if unknown:
         raise ValueError(f"hf_paged: generate_many got arguments that are not generation settings: {sorted(unknown)}")
     engine_model = getattr(compat.text_config(model.config), "model_type", None) in ENGINE_MODEL_TYPES
+    defaults = compat.generation_defaults()
     requests, alone, reasons = [], [], set()
     for index, item in enumerate(prompts):
         own = dict(item.settings) if isinstance(item, Request) else {}
@@ -89,7 +90,7 @@ def _requests(model, prompts, generation_config, generation_kwargs, tokenizer, s
         unknown = config.update(**own)
         if unknown:
             raise ValueError(f"hf_paged: prompt {index} has settings that are not generation settings: {sorted(unknown)}")
-        other = _settings_beyond_the_engine(config)
+        other = _settings_beyond_the_engine(config, defaults)
         if other or not engine_model:
             reasons |= set(other) if other else {f"model_type {compat.text_config(model.config).model_type!r}"}
             alone.append((index, prompt, config, {**generation_kwargs, **own}, request_seed))
@@ -114,10 +115,9 @@ def _prompt_ids(prompt, tokenizer, index: int) -> list[int]:
     return prompt
 
 
-def _settings_beyond_the_engine(config: GenerationConfig) -> list[str]:
+def _settings_beyond_the_engine(config: GenerationConfig, defaults: dict) -> list[str]:
     """The settings of ``config`` the engine does not apply, where they differ from transformers'
-    defaults."""
-    defaults = GenerationConfig._get_default_generation_params()
+    ``defaults``."""
     return sorted(name for name, value in config.to_dict().items()
                   if not name.startswith("_") and name not in ENGINE_FIELDS and name in defaults
                   and value is not None and value != defaults[name])
@@ -131,8 +131,7 @@ def _engine_request(index, prompt, config, seed, tokenizer) -> EngineRequest:
     if max_new < 1:
         raise ValueError(f"hf_paged: prompt {index} has {len(prompt)} tokens, max_length={config.max_length} leaves "
                          f"no room for new tokens: set max_new_tokens")
-    eos = config.eos_token_id
-    eos = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    eos = _eos_ids(config)
     stop = config.stop_strings
     stop = tuple([stop] if isinstance(stop, str) else stop or ())
     if stop and tokenizer is None:
@@ -146,11 +145,19 @@ def _engine_request(index, prompt, config, seed, tokenizer) -> EngineRequest:
     return EngineRequest(index, prompt, max_new, min_new, eos, stop, sampling, config.num_return_sequences or 1, seed)
 
 
+def _eos_ids(config: GenerationConfig) -> frozenset[int]:
+    eos = config.eos_token_id
+    return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+
+
+def _texts(sequences: list[list[int]], tokenizer) -> list[str] | None:
+    return [tokenizer.decode(s, skip_special_tokens=True) for s in sequences] if tokenizer is not None else None
+
+
 def _result(request: EngineRequest, tokenizer) -> GenerationResult:
     sequences = [seq.generated for seq in request.sequences]
-    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in sequences] if tokenizer is not None else None
     return GenerationResult(request.index, request.prompt, sequences, [s.finish_reason for s in request.sequences],
-                            texts)
+                            _texts(sequences, tokenizer))
 
 
 def _generate_alone(model, index, prompt, generation_config, settings, config, seed, tokenizer) -> GenerationResult:
@@ -163,12 +170,10 @@ def _generate_alone(model, index, prompt, generation_config, settings, config, s
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=generation_config,
                              **settings)
-    eos = config.eos_token_id
-    eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    eos = _eos_ids(config)
     sequences, reasons = [], []
     for row in out[:, len(prompt):].tolist():
         end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
         sequences.append(row[:end] if end else row)
         reasons.append("eos" if end else "length")
-    texts = [tokenizer.decode(s, skip_special_tokens=True) for s in sequences] if tokenizer is not None else None
-    return GenerationResult(index, prompt, sequences, reasons, texts)
+    return GenerationResult(index, prompt, sequences, reasons, _texts(sequences, tokenizer))
