@@ -201,3 +201,16 @@ def test_errors_name_the_cause():
         hf_paged.generate_many(paged, [[5, 6], []])
     with pytest.raises(hf_paged.OutOfBlocksError, match="request 0"):
         hf_paged.generate_many(paged, [list(range(3, 200))], max_new_tokens=2, max_memory=4 * 8192)  # 4 blocks
+
+
+def test_progress_reports_the_engine_counters():
+    paged, _ = make_pair("llama")
+    seen = []
+    results = _many(paged, [[5, 6, 7], [8, 9, 10, 11, 12]], max_new_tokens=4, progress=seen.append)
+    last = seen[-1]
+    assert last["finished_requests"] == 2 and last["new_tokens"] == 8
+    assert last["prompt_tokens"] == 8 and last["running"] == 0 and last["waiting"] == 0
+    # every decode step fed the rows that were still generating: 2 rows for the 3 steps after the first token
+    assert last["decode_rows"] == 6 and last["decode_steps"] == 3
+    assert [s["new_tokens"] for s in seen] == sorted(s["new_tokens"] for s in seen)
+    assert all(len(r.sequences[0]) == 4 for r in results)

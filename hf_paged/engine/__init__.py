@@ -38,18 +38,19 @@ ENGINE_MODEL_TYPES = {"llama", "llama4_text", "mistral", "qwen2", "qwen3", "gemm
 
 
 def generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
-                  seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192,
+                  seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
                   **generation_kwargs) -> list[GenerationResult]:
     """One :class:`GenerationResult` per prompt, in input order (see :func:`iter_generate_many`)."""
     results: list[GenerationResult | None] = [None] * len(prompts)
     for result in iter_generate_many(model, prompts, generation_config, tokenizer=tokenizer, seed=seed,
-                                     max_memory=max_memory, max_batch_tokens=max_batch_tokens, **generation_kwargs):
+                                     max_memory=max_memory, max_batch_tokens=max_batch_tokens, progress=progress,
+                                     **generation_kwargs):
         results[result.index] = result
     return results
 
 
 def iter_generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
-                       seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192,
+                       seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
                        **generation_kwargs) -> Iterator[GenerationResult]:
     """Each prompt's :class:`GenerationResult` as soon as it is finished (in completion order).
 
@@ -59,6 +60,9 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
     ``max_batch_tokens`` bounds the prompt tokens (padded) prefilled in one step; longer prompts are
     prefilled in chunks between decode steps. ``seed``: the run's seed (default: drawn from torch's
     global generator, so ``torch.manual_seed`` before the call makes it reproducible).
+    ``progress``: called after every engine step with the engine's counters (:meth:`Engine.stats`:
+    ``new_tokens``, ``finished_requests``, ``decode_rows`` / ``decode_slots``, ``preemptions``, ...);
+    prompts run through ``model.generate`` alone are not counted there.
     """
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
@@ -68,6 +72,8 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
         for request in requests:
             engine.add(request)
         for finished in engine.steps():
+            if progress is not None:
+                progress(engine.stats())
             for request in finished:
                 yield _result(request, tokenizer)
     for index, prompt, config, settings, request_seed in alone:

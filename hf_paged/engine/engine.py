@@ -55,7 +55,22 @@ class Engine:
         self._admitted = 0
         self.steps_run = 0
         self.decode_rows = 0  # rows fed to decode steps, over all steps (the occupancy's numerator)
+        self.decode_slots = 0  # rows the decode forwards computed, padding rows included
         self.decode_steps = 0
+        self.prompt_tokens = 0  # prompt tokens run through the model (recomputed ones included)
+        self.new_tokens = 0  # tokens chosen
+        self.preemptions = 0
+        self.finished_requests = 0
+        self.peak_blocks = 0
+
+    def stats(self) -> dict:
+        """Counters of the run so far (for progress bars and reports)."""
+        return {"steps": self.steps_run, "decode_steps": self.decode_steps, "decode_rows": self.decode_rows,
+                "decode_slots": self.decode_slots, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": self.new_tokens, "preemptions": self.preemptions,
+                "finished_requests": self.finished_requests, "waiting": len(self.waiting), "running": len(self.rows),
+                "peak_blocks": self.peak_blocks, "block_size": self.cache.block_size,
+                "max_blocks": self.cache.pool.max_blocks}
 
     def add(self, request: EngineRequest) -> None:
         self.waiting.append(Sequence(request, 0, list(request.prompt), request.sequence_seed(0), order=-1))
@@ -75,8 +90,10 @@ class Engine:
                     self.cache.tables.blocks_needed([0], [1]) if self.rows else 1, self.cache.pool.available(),
                     self.cache.pool.max_blocks, hint=f"(request {seq.request.index} needs {len(seq.tokens)} tokens' "
                                                      f"blocks alone)")
+            self.peak_blocks = max(self.peak_blocks, self.cache.pool.num_used)
             self._drop_finished()
             self.steps_run += 1
+            self.finished_requests += len(finished)
             yield finished
 
     # ------------------------------------------------------------------ prefill
@@ -140,6 +157,7 @@ class Engine:
             positions[b, width - n:] = torch.arange(seq.stored, seq.stored + n)
         rows = [self.rows.index(seq) for seq, _ in chunks]
         logits = self._forward(rows, ids, positions, mask)
+        self.prompt_tokens += sum(n for _, n in chunks)
         starting = []
         for b, (seq, n) in enumerate(chunks):
             seq.stored += n
@@ -186,6 +204,7 @@ class Engine:
             seq.stored += 1
         self.decode_steps += 1
         self.decode_rows += len(seqs)
+        self.decode_slots += len(seqs)
         self._choose(seqs, logits, finished)
         return len(seqs)
 
@@ -195,6 +214,7 @@ class Engine:
         self.cache.fork_rows(keep)
         self.rows = [self.rows[i] for i in keep]
         seq.stored = 0
+        self.preemptions += 1
         self.waiting.appendleft(seq)
 
     # ------------------------------------------------------------------ shared
@@ -228,6 +248,7 @@ class Engine:
             for i in early:
                 suppress[i, list(seqs[i].request.eos)] = True
         tokens = next_tokens(logits, [s.request.sampling for s in seqs], seeds, counters, history, suppress).tolist()
+        self.new_tokens += len(tokens)
         for seq, token in zip(seqs, tokens):
             seq.tokens.append(token)
             request = seq.request
