@@ -43,6 +43,22 @@ class ForwardPlan:
     def max_seq_len(self) -> int:
         return max(1, int(self.seq_lens.max())) if len(self.seq_lens) else 1
 
+    def padded(self, batch: int) -> ForwardPlan:
+        """The plan with pad rows appended up to ``batch`` rows: no blocks, nothing stored, a pad
+        query that reads nothing (a CUDA graph captured for a larger batch runs them; their outputs
+        are discarded)."""
+        extra = batch - len(self.seq_lens)
+        if extra <= 0:
+            return self
+        q_len = self.query_pos.shape[1]
+        return ForwardPlan(
+            block_table=np.concatenate([self.block_table, np.zeros((extra, self.block_table.shape[1]), np.int32)]),
+            seq_lens=np.concatenate([self.seq_lens, np.zeros(extra, np.int32)]),
+            query_pos=np.concatenate([self.query_pos, np.full((extra, q_len), -1, np.int32)]),
+            slot_mapping=np.concatenate([self.slot_mapping, np.full((extra, q_len), -1, np.int32)]),
+            copies=self.copies, max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
+        )
+
 
 class BlockTables:
     """Per-row block tables over a :class:`BlockPool`, with each row's stored length and pads."""

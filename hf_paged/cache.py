@@ -158,13 +158,16 @@ class PagedCache(Cache):
 
     # ================================================================ one forward
     def begin_forward(self, attention_mask: torch.Tensor | None, q_len: int, batch_size: int, device: torch.device,
-                      dtype: torch.dtype | None = None, table_width: int = 0, config=None) -> PagedForward:
+                      dtype: torch.dtype | None = None, table_width: int = 0, config=None,
+                      pad_rows_to: int = 0) -> PagedForward:
         """Allocate blocks for this forward's new tokens and build its metadata (once per forward).
 
         ``attention_mask``: the 2D padding mask (None: every new token is real). ``table_width``: pad
         the block table to at least this many columns, and size the kernels for that width (CUDA
         graphs keep one launch for many steps). ``config``: the config of the model running the
-        forward (checked against the model whose K/V the rows hold).
+        forward (checked against the model whose K/V the rows hold). ``pad_rows_to``: append pad
+        rows (reading and writing nothing) up to this batch size; the model then runs that many
+        rows (the engine's decode graphs, captured for bucketed batch sizes).
         """
         fwd = self._forward
         if fwd is not None and not fwd.updated and fwd.meta.q_len == q_len and fwd.meta.batch == batch_size:
@@ -179,7 +182,7 @@ class PagedCache(Cache):
         self._check_pads_in_rows(real, seq_before)
         tokens, self._prefill_tokens = self._prefill_tokens, None
         tokens = tokens.to("cpu").numpy() if tokens is not None and self.share_prefixes else None
-        plan = self.tables.plan_forward(rows, real, tokens, table_width)
+        plan = self.tables.plan_forward(rows, real, tokens, table_width).padded(pad_rows_to)
         meta = ForwardMetadata.from_plan(plan, device, max_seq_len=table_width * self.block_size)
         self.forwards += 1
         self._forward = PagedForward(meta, self.pools, self.tables.logical_len + q_len)

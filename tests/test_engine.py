@@ -1,5 +1,6 @@
 """generate_many: continuous batching over the paged cache (hf_paged/engine/)."""
 
+import contextlib
 import logging
 
 import pytest
@@ -214,3 +215,66 @@ def test_progress_reports_the_engine_counters():
     assert last["decode_rows"] == 6 and last["decode_steps"] == 3
     assert [s["new_tokens"] for s in seen] == sorted(s["new_tokens"] for s in seen)
     assert all(len(r.sequences[0]) == 4 for r in results)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """The CUDA capture replaced by a stand-in that runs the captured step again at each replay
+    (as in test_graphs.py); the stand-in undoes what the static step's Python does to the cache,
+    which a real replay never runs."""
+    from hf_paged import graphs
+
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
+    real = hf_paged.PagedCache.replaying
+
+    @contextlib.contextmanager
+    def replaying(self, *args, **kwargs):
+        logical_len = self.tables.logical_len
+        with real(self, *args, **kwargs):
+            yield
+        self.tables.logical_len = logical_len
+
+    monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3", "gpt2"])
+def test_graphed_decode_steps_equal_generate_alone(family, fake_graphs, preemptions):
+    """Decode steps through the bucketed graphs: the batch shrinks as requests end (per-request
+    limits), pad rows fill each bucket, a memory cap preempts; results equal generate's."""
+    paged, stock = make_pair(family)
+    prompts = _prompts()
+    limits = (20, 20, 4, 20, 20, 20, 20, 11)
+    requests = [hf_paged.Request(p, max_new_tokens=n) for p, n in zip(prompts, limits)]
+    expected = [_alone(stock, p, max_new_tokens=n) for p, n in zip(prompts, limits)]
+    block_bytes = config_bytes_per_token(paged.config, torch.float32) * 16
+    for max_memory in (None, 6 * block_bytes):  # the longest row alone takes 6 blocks
+        preemptions.clear()
+        seen = []
+        results = _many(paged, requests, max_batch_tokens=48, max_memory=max_memory, progress=seen.append)
+        assert [r.sequences[0] for r in results] == expected, (family, max_memory)
+        stats = seen[-1]
+        assert stats["graphs_off"] is None and stats["graph_replays"] > 0
+        if max_memory is None:
+            assert stats["decode_slots"] > stats["decode_rows"]  # some steps ran pad rows (e.g. 7 rows in 8)
+        assert bool(preemptions) == (max_memory is not None)
+
+
+def test_graphed_sampling_equals_eager_sampling(fake_graphs, monkeypatch):
+    """Forked rows (num_return_sequences) copy their shared tail block before the graph writes it;
+    samples are those of the eager engine."""
+    paged, _ = make_pair("qwen3")
+    prompts = _prompts(seed=4, lengths=(9, 30, 17))
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.9, num_return_sequences=3, seed=3)
+    graphed = _many(paged, prompts, **kw)
+    monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "0")
+    eager = _many(paged, prompts, **kw)
+    assert [r.sequences for r in graphed] == [r.sequences for r in eager]
+
+
+def test_bucket_sizes():
+    from hf_paged.engine.graphs import BUCKETS, bucket
+
+    assert [bucket(n) for n in (1, 3, 8, 9, 65, 256, 257, 513, 700)] == [1, 4, 8, 12, 96, 256, 320, 640, 768]
+    assert all(bucket(n) >= n for n in range(1, 2000))
+    assert list(BUCKETS) == sorted(BUCKETS)

@@ -28,6 +28,7 @@ from ..block_pool import OutOfBlocksError
 from ..cache import PagedCache
 from ..generation import length_groups
 from ..kernels import cdiv
+from .graphs import DecodeGraphs, bucket, why_not
 from .requests import EngineRequest, Sequence
 from .sampling import next_tokens
 
@@ -50,6 +51,11 @@ class Engine:
         self.cache = PagedCache(config=model.config, max_memory=max_memory)
         self.cache.resolve_memory_cap(model.dtype)
         self.cache_kwarg = compat.forward_cache_kwarg(model)
+        reason = why_not(model, self.cache)
+        self.graphs = DecodeGraphs(model, self.cache, self.cache_kwarg) if reason is None else None
+        self.graphs_off = reason  # why decode steps run eagerly (None: as CUDA graphs)
+        self.max_row_tokens = 0  # the longest a row can get: its block tables' width for the graphs
+        self.bound_blocks = 0  # blocks the requests added so far could use at most
         self.rows: list[Sequence] = []  # cache row i holds rows[i]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._admitted = 0
@@ -70,9 +76,15 @@ class Engine:
                 "new_tokens": self.new_tokens, "preemptions": self.preemptions,
                 "finished_requests": self.finished_requests, "waiting": len(self.waiting), "running": len(self.rows),
                 "peak_blocks": self.peak_blocks, "block_size": self.cache.block_size,
-                "max_blocks": self.cache.pool.max_blocks}
+                "max_blocks": self.cache.pool.max_blocks,
+                "graph_captures": self.graphs.captures if self.graphs else 0,
+                "graph_replays": self.graphs.replays if self.graphs else 0,
+                "graphs_off": self.graphs_off or (self.graphs.disabled if self.graphs else None)}
 
     def add(self, request: EngineRequest) -> None:
+        length = len(request.prompt) + request.max_new_tokens
+        self.max_row_tokens = max(self.max_row_tokens, length)
+        self.bound_blocks += cdiv(length, self.cache.block_size) * request.num_sequences
         self.waiting.append(Sequence(request, 0, list(request.prompt), request.sequence_seed(0), order=-1))
 
     @property
@@ -81,6 +93,9 @@ class Engine:
 
     def steps(self) -> Iterator[list[EngineRequest]]:
         """Run until every request is done; yields, after each step, the requests it finished."""
+        # The pools' size for the whole run, at once (within the cap): pools that grow would be
+        # reallocated, and every CUDA graph captured over them captured again.
+        self.cache.pool.reserve(self.bound_blocks)
         while self.busy:
             finished: list[EngineRequest] = []
             progress = self._prefill(finished) + self._decode(finished)
@@ -199,12 +214,17 @@ class Engine:
         rows = [self.rows.index(s) for s in seqs]
         ids = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.tensor([[s.stored] for s in seqs])
-        logits = self._forward(rows, ids, positions, None)
+        if self.graphs is not None and self.graphs.disabled is None:
+            width = cdiv(self.max_row_tokens, self.cache.block_size)
+            logits = self.graphs.step(rows, ids.to(self.device), positions.to(self.device), width)
+            self.decode_slots += bucket(len(seqs))  # the bucket's rows ran, pad rows included
+        else:
+            logits = self._forward(rows, ids, positions, None)
+            self.decode_slots += len(seqs)
         for seq in seqs:
             seq.stored += 1
         self.decode_steps += 1
         self.decode_rows += len(seqs)
-        self.decode_slots += len(seqs)
         self._choose(seqs, logits, finished)
         return len(seqs)
 
