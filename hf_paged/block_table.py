@@ -138,11 +138,13 @@ class BlockTables:
             for i, h in enumerate(hashes):
                 if tables[b][i] not in self.pool.block_hash:
                     self.pool.register_hash(tables[b][i], h)
+        any_pad_after_start = bool(pads_after_start.any())
         for b, r in enumerate(rows):
             if seq_before[b] == 0:
                 self.left_pads[r] += int(real[b].argmax()) if real[b].any() else q_len
-            for j in np.flatnonzero(pads_after_start[b]):
-                self._add_inner_pad(r, self.logical_len + int(j))
+            if any_pad_after_start:
+                for j in np.flatnonzero(pads_after_start[b]):
+                    self._add_inner_pad(r, self.logical_len + int(j))
             self.seq_lens[r] = int(seq_after[b])
 
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
@@ -156,7 +158,7 @@ class BlockTables:
         return ForwardPlan(
             block_table=block_table, seq_lens=seq_after.astype(np.int32), query_pos=query_pos.astype(np.int32),
             slot_mapping=slot.astype(np.int32), copies=tuple(copies),
-            max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=bool(pads_after_start.any()),
+            max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=any_pad_after_start,
         )
 
     def blocks_needed(self, rows: list[int], n_new: list[int]) -> int:
@@ -249,6 +251,20 @@ class BlockTables:
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.left_pads = [self.left_pads[i] for i in idx]
         self.inner_pads = [list(self.inner_pads[i]) for i in idx]
+
+    def drop_rows(self, rows: list[int]) -> None:
+        """Remove rows ``rows``; the others keep their tables and order (rows that finished:
+        only their own references are dropped, unlike a :meth:`select_rows` that renumbers)."""
+        gone = set(rows)
+        if any(r < 0 or r >= self.num_rows for r in gone):
+            raise IndexError(f"hf_paged: row index out of range for a cache of {self.num_rows} rows: {rows}")
+        for r in gone:
+            self.pool.decref(self.tables[r])
+        keep = [i for i in range(self.num_rows) if i not in gone]
+        self.tables = [self.tables[i] for i in keep]
+        self.seq_lens = [self.seq_lens[i] for i in keep]
+        self.left_pads = [self.left_pads[i] for i in keep]
+        self.inner_pads = [self.inner_pads[i] for i in keep]
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` logical positions of every row; blocks no longer

@@ -408,6 +408,13 @@ class PagedCache(Cache):
             self.end_forward()
             self.tables.select_rows(idx)
 
+    def drop_rows(self, rows: list[int]) -> None:
+        """Remove the cache rows ``rows`` (the others keep their order); blocks no other row
+        references return to the pool."""
+        if rows:
+            self.end_forward()
+            self.tables.drop_rows(rows)
+
     def crop(self, max_length) -> None:
         """Keep the first logical positions (see :func:`compat.crop_length` for the convention);
         blocks no longer referenced return to the pool."""

@@ -35,7 +35,8 @@ def _check_plan(tables: BlockTables, plan, blocks_before: set, lens_before: list
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["prefill", "decode", "multi", "turn", "reorder", "select", "repeat", "crop", "clear"]),
+    st.tuples(st.sampled_from(["prefill", "decode", "multi", "turn", "reorder", "select", "repeat", "drop", "crop",
+                               "clear"]),
               st.integers(0, 10 ** 6)),
     min_size=1, max_size=40,
 )
@@ -82,6 +83,11 @@ def test_block_tables_random_operations_keep_counts_exact(seq, block_size):
                 tables.select_rows(sorted({(r // (i + 1)) % rows for i in range(1 + r % rows)}))
             elif op == "repeat" and rows and rows <= 4:
                 tables.select_rows([i for i in range(rows) for _ in range(1 + r % 3)])
+            elif op == "drop" and rows:
+                gone = sorted({(r // (i + 1)) % rows for i in range(1 + r % rows)})
+                kept = [list(t) for i, t in enumerate(tables.tables) if i not in gone]
+                tables.drop_rows(gone)
+                assert tables.tables == kept  # the other rows keep their tables, in order
             elif op == "crop" and rows:
                 tables.crop(max(0, tables.logical_len - (1 + r % 20)))
             elif op == "clear":

@@ -158,7 +158,7 @@ class Engine:
     def _prefill_target(seq: Sequence) -> int:
         """Tokens the cache must hold before the sequence decodes: all but the last generated one
         (a recomputed sequence's next input); a fresh prompt, all of it."""
-        return len(seq.tokens) - (1 if seq.generated else 0)
+        return len(seq.tokens) - (1 if seq.num_generated else 0)
 
     def _run_chunks(self, chunks: list[tuple[Sequence, int]], finished: list) -> None:
         """One forward over the rows of ``chunks``, left-padded to the longest chunk."""
@@ -176,7 +176,7 @@ class Engine:
         starting = []
         for b, (seq, n) in enumerate(chunks):
             seq.stored += n
-            if seq.prefilled and not seq.generated:
+            if seq.prefilled and not seq.num_generated:
                 starting.append((seq, logits[b]))
         if starting:
             self._start(starting, finished)
@@ -202,16 +202,14 @@ class Engine:
     # ------------------------------------------------------------------ decode
     def _decode(self, finished: list) -> int:
         """One decode step over the rows whose prompt is in the cache; returns how many ran."""
-        seqs = [s for s in self.rows if s.prefilled and not s.finished]
-        while seqs:
-            rows = [self.rows.index(s) for s in seqs]
-            if self.cache.tables.blocks_needed(rows, [1] * len(rows)) <= self.cache.pool.available():
+        while True:
+            rows = [i for i, s in enumerate(self.rows) if s.prefilled and not s.finished]
+            if not rows or self.cache.tables.blocks_needed(rows, [1] * len(rows)) <= self.cache.pool.available():
                 break
             self._preempt(max((s for s in self.rows if not s.finished), key=lambda s: s.order))
-            seqs = [s for s in self.rows if s.prefilled and not s.finished]
-        if not seqs:
+        if not rows:
             return 0
-        rows = [self.rows.index(s) for s in seqs]
+        seqs = [self.rows[i] for i in rows]
         ids = torch.tensor([[s.tokens[-1]] for s in seqs])
         positions = torch.tensor([[s.stored] for s in seqs])
         if self.graphs is not None and self.graphs.disabled is None:
@@ -230,9 +228,9 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s row; it waits first in line, to be recomputed from its tokens."""
-        keep = [i for i, s in enumerate(self.rows) if s is not seq]
-        self.cache.fork_rows(keep)
-        self.rows = [self.rows[i] for i in keep]
+        row = self.rows.index(seq)
+        self.cache.drop_rows([row])
+        del self.rows[row]
         seq.stored = 0
         self.preemptions += 1
         self.waiting.appendleft(seq)
@@ -252,7 +250,7 @@ class Engine:
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, finished: list) -> None:
         """Each sequence's next token from its row of ``logits``; then whether it is done."""
         device = logits.device
-        counters = torch.tensor([len(s.generated) for s in seqs], device=device)
+        counters = torch.tensor([s.num_generated for s in seqs], device=device)
         seeds = torch.tensor([s.seed for s in seqs], device=device)
         history = None
         if any(s.request.sampling.repetition_penalty != 1.0 for s in seqs):
@@ -262,7 +260,7 @@ class Engine:
                 history[i, :len(s.tokens)] = torch.tensor(s.tokens)
             history = history.to(device)
         suppress = None
-        early = [i for i, s in enumerate(seqs) if len(s.generated) < s.request.min_new_tokens and s.request.eos]
+        early = [i for i, s in enumerate(seqs) if s.num_generated < s.request.min_new_tokens and s.request.eos]
         if early:
             suppress = torch.zeros(logits.shape, dtype=torch.bool, device=device)
             for i in early:
@@ -274,7 +272,7 @@ class Engine:
             request = seq.request
             if token in request.eos:
                 seq.finish_reason = "eos"
-            elif len(seq.generated) >= request.max_new_tokens:
+            elif seq.num_generated >= request.max_new_tokens:
                 seq.finish_reason = "length"
             elif request.stop_strings and self._ends_with_stop_string(seq):
                 seq.finish_reason = "stop_string"
@@ -286,7 +284,7 @@ class Engine:
         return any(s in tail for s in seq.request.stop_strings)
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self.rows) if not s.finished]
-        if len(keep) < len(self.rows):
-            self.cache.fork_rows(keep)  # their blocks return to the pool now
-            self.rows = [self.rows[i] for i in keep]
+        done = [i for i, s in enumerate(self.rows) if s.finished]
+        if done:
+            self.cache.drop_rows(done)  # their blocks return to the pool now
+            self.rows = [s for s in self.rows if not s.finished]

@@ -92,9 +92,13 @@ class Sequence:
         return self.tokens[len(self.request.prompt):]
 
     @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.request.prompt)
+
+    @property
     def prefilled(self) -> bool:
         """Every token but the last (the next forward's input) is in the cache."""
-        return self.stored >= len(self.tokens) - (1 if self.generated else 0)
+        return self.stored >= len(self.tokens) - (1 if self.num_generated else 0)
 
     @property
     def finished(self) -> bool:
