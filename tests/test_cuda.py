@@ -110,3 +110,37 @@ def test_finished_cache_frees_its_pools_without_the_cyclic_collector(monkeypatch
             del out
             assert ref() is None, kw
             assert torch.cuda.memory_allocated() <= before - pool_bytes, kw
+
+
+def test_engine_graphed_decode_equals_generate_alone(cuda_pair, monkeypatch):
+    """generate_many on the GPU: decode steps replayed as CUDA graphs over bucketed batch sizes
+    (pad rows in each bucket), the batch shrinking as requests end; each result equals
+    model.generate on its prompt alone, and sampling equals the eager engine's."""
+    import hf_paged
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    name, paged, stock = cuda_pair
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 40, 17, 3, 61, 9, 33)]
+    limits = (20, 6, 14, 3, 11, 20, 9)
+    seen = []
+    results = hf_paged.generate_many(paged, [hf_paged.Request(p, max_new_tokens=n) for p, n in zip(prompts, limits)],
+                                     do_sample=False, eos_token_id=None, pad_token_id=0, progress=seen.append)
+    for p, n, r in zip(prompts, limits, results):
+        ids = torch.tensor([p], device="cuda")
+        ref = stock.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert r.sequences[0] == ref, name
+    stats = seen[-1]
+    off = paged.__dict__.get("_hf_paged_graphs_off")
+    if name in GRAPH_FALLBACK or (name in GRAPH_FALLBACK_SOMETIMES and off):
+        assert "reads a device value on the host" in stats["graphs_off"], name
+    else:
+        assert stats["graphs_off"] is None and stats["graph_replays"] > 0, (name, stats)
+        assert stats["decode_slots"] > stats["decode_rows"]  # buckets ran pad rows
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=0.9, num_return_sequences=3, seed=4, eos_token_id=None,
+              pad_token_id=0)
+    graphed = hf_paged.generate_many(paged, prompts[:3], **kw)
+    monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "0")
+    eager = hf_paged.generate_many(paged, prompts[:3], **kw)
+    assert [r.sequences for r in graphed] == [r.sequences for r in eager], name

@@ -72,6 +72,8 @@ class DecodeGraphs:
         self.captures = 0
         self.replays = 0
         self.padded_rows = 0  # pad rows computed by the steps (the buckets' waste)
+        # benchmarks set a list here: (start, end) CUDA events around every replay (its GPU time)
+        self.replay_events: list | None = None
 
     def step(self, rows: list[int], input_ids: torch.Tensor, position_ids: torch.Tensor,
              table_width: int) -> torch.Tensor:
@@ -105,7 +107,14 @@ class DecodeGraphs:
                 logits = self.forward(**kwargs).logits  # the eager step, with the same metadata
                 self._verify(graph, logits[:batch], graph.replay()[1]["logits"][:batch])
                 return logits[:batch, -1]
-            logits = graph.replay()[1]["logits"]
+            if self.replay_events is not None:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                logits = graph.replay()[1]["logits"]
+                end.record()
+                self.replay_events.append((start, end))
+            else:
+                logits = graph.replay()[1]["logits"]
             self.replays += 1
             graphs.STATS["replays"] += 1
             cache.end_forward(replayed=True)  # a replay runs no Python: nothing else commits the step
