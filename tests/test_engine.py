@@ -278,3 +278,21 @@ def test_bucket_sizes():
     assert [bucket(n) for n in (1, 3, 8, 9, 65, 256, 257, 513, 700)] == [1, 4, 8, 12, 96, 256, 320, 640, 768]
     assert all(bucket(n) >= n for n in range(1, 2000))
     assert list(BUCKETS) == sorted(BUCKETS)
+
+
+def test_a_row_ending_at_an_end_token_decodes_one_step_past_it_and_that_token_is_dropped():
+    """The engine reads a step's tokens after launching the next one: a row whose token in flight
+    is an end token runs one step more, whose token is dropped; a row whose token in flight is its
+    last by max_new_tokens does not."""
+    paged, stock = make_pair("llama")
+    prompt = _prompts()[0]
+    ref = _alone(stock, prompt, max_new_tokens=20)
+    seen = []
+    ended = _many(paged, [hf_paged.Request(prompt, eos_token_id=ref[5])], max_new_tokens=20, progress=seen.append)
+    assert ended[0].sequences[0] == ref[: ref.index(ref[5]) + 1] and ended[0].finish_reasons == ["eos"]
+    n = len(ended[0].sequences[0])  # the first token comes from the prefill, n - 1 from decode steps
+    assert seen[-1]["decode_rows"] == n - 1 and seen[-1]["decode_slots"] == n  # one step on speculation
+    seen.clear()
+    limited = _many(paged, [prompt], max_new_tokens=7, progress=seen.append)
+    assert limited[0].sequences[0] == ref[:7]
+    assert seen[-1]["decode_rows"] == seen[-1]["decode_slots"] == 6

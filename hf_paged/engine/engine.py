@@ -30,7 +30,7 @@ from ..generation import length_groups
 from ..kernels import cdiv
 from .graphs import DecodeGraphs, bucket, why_not
 from .requests import EngineRequest, Sequence
-from .sampling import next_tokens
+from .sampling import next_tokens, to_device
 
 # tokens decoded to look for a stop string at the end of a sequence
 _STOP_WINDOW = 32
@@ -57,10 +57,11 @@ class Engine:
         self.max_row_tokens = 0  # the longest a row can get: its block tables' width for the graphs
         self.bound_blocks = 0  # blocks the requests added so far could use at most
         self.rows: list[Sequence] = []  # cache row i holds rows[i]
+        self.inflight: _InFlight | None = None  # the decode step whose tokens are not read yet
         self.waiting: collections.deque[Sequence] = collections.deque()
         self._admitted = 0
         self.steps_run = 0
-        self.decode_rows = 0  # rows fed to decode steps, over all steps (the occupancy's numerator)
+        self.decode_rows = 0  # decode rows whose token was taken (useful slots; a row decoded past its end is not)
         self.decode_slots = 0  # rows the decode forwards computed, padding rows included
         self.decode_steps = 0
         self.prompt_tokens = 0  # prompt tokens run through the model (recomputed ones included)
@@ -89,7 +90,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.rows)
+        return bool(self.waiting or self.rows or self.inflight)
 
     def steps(self) -> Iterator[list[EngineRequest]]:
         """Run until every request is done; yields, after each step, the requests it finished."""
@@ -201,20 +202,35 @@ class Engine:
 
     # ------------------------------------------------------------------ decode
     def _decode(self, finished: list) -> int:
-        """One decode step over the rows whose prompt is in the cache; returns how many ran."""
-        while True:
-            rows = [i for i, s in enumerate(self.rows) if s.prefilled and not s.finished]
-            if not rows or self.cache.tables.blocks_needed(rows, [1] * len(rows)) <= self.cache.pool.available():
-                break
-            self._preempt(max((s for s in self.rows if not s.finished), key=lambda s: s.order))
+        """Launch one decode step over the rows whose prompt is in the cache, then read the tokens
+        of the step launched before it (the GPU runs this one meanwhile); returns the rows
+        launched plus the tokens read.
+
+        A row whose token in flight may end it (an end token, a stop string) decodes one step on
+        speculation: if it did end, that step's token is dropped. A row whose token in flight is
+        its last (``max_new_tokens``) does not.
+        """
+        rows = self._decoding_rows()
+        if self.inflight is not None and any(self.rows[i].request.sampling.repetition_penalty != 1.0 for i in rows):
+            landed = self._land(finished)  # the penalty reads every token before the next one
+            rows = self._decoding_rows()
+        else:
+            landed = 0
+        while rows and self.cache.tables.blocks_needed(rows, [1] * len(rows)) > self.cache.pool.available():
+            if self.inflight is not None:  # finished rows may free enough; a preempted row must be settled
+                landed += self._land(finished)
+                self._drop_finished()
+            else:
+                self._preempt(max((s for s in self.rows if not s.finished), key=lambda s: s.order))
+            rows = self._decoding_rows()
         if not rows:
-            return 0
+            return landed + self._land(finished)
         seqs = [self.rows[i] for i in rows]
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+        ids = self._decode_inputs(seqs)
         positions = torch.tensor([[s.stored] for s in seqs])
         if self.graphs is not None and self.graphs.disabled is None:
             width = cdiv(self.max_row_tokens, self.cache.block_size)
-            logits = self.graphs.step(rows, ids.to(self.device), positions.to(self.device), width)
+            logits = self.graphs.step(rows, ids, to_device(positions, self.device), width)
             self.decode_slots += bucket(len(seqs))  # the bucket's rows ran, pad rows included
         else:
             logits = self._forward(rows, ids, positions, None)
@@ -222,9 +238,42 @@ class Engine:
         for seq in seqs:
             seq.stored += 1
         self.decode_steps += 1
-        self.decode_rows += len(seqs)
-        self._choose(seqs, logits, finished)
-        return len(seqs)
+        launched = _InFlight(seqs, self._sample(seqs, logits))
+        for seq in seqs:
+            seq.pending += 1
+        landed += self._land(finished)  # the previous step's tokens, while the GPU runs this one
+        self.inflight = launched
+        return len(seqs) + landed
+
+    def _decoding_rows(self) -> list[int]:
+        """The rows the next decode step feeds: prompt in the cache, not finished, and not about
+        to finish by length with the token in flight."""
+        return [i for i, s in enumerate(self.rows)
+                if s.prefilled and not s.finished and s.num_generated + s.pending < s.request.max_new_tokens]
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> torch.Tensor:
+        """``[B, 1]`` on the device: each row's last token, from the host or, when it is still in
+        flight, from the previous step's tokens on the device (no synchronisation)."""
+        host = torch.tensor([[s.tokens[-1]] for s in seqs])
+        prev = self.inflight
+        if prev is None or not any(s.pending for s in seqs):
+            return to_device(host, self.device)
+        where = {id(s): i for i, s in enumerate(prev.seqs)}
+        index = to_device([[where.get(id(s), -1) if s.pending else -1] for s in seqs], self.device)
+        return torch.where(index >= 0, prev.tokens[index.clamp(min=0)], to_device(host, self.device))
+
+    def _land(self, finished: list) -> int:
+        """Read the tokens of the decode step in flight (if any) and take them; returns how many."""
+        step, self.inflight = self.inflight, None
+        if step is None:
+            return 0
+        tokens = step.read()
+        for seq in step.seqs:
+            seq.pending -= 1
+        live = [(seq, t) for seq, t in zip(step.seqs, tokens) if not seq.finished]  # else: speculated past its end
+        self.decode_rows += len(live)
+        self._accept(live, finished)
+        return len(step.seqs)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s row; it waits first in line, to be recomputed from its tokens."""
@@ -238,36 +287,46 @@ class Engine:
     # ------------------------------------------------------------------ shared
     def _forward(self, rows: list[int], ids, positions, mask) -> torch.Tensor:
         """The model over cache rows ``rows``: the last position's logits, ``[len(rows), vocab]``."""
-        kwargs = {self.cache_kwarg: self.cache, "input_ids": ids.to(self.device), "use_cache": True,
-                  "position_ids": positions.to(self.device)}
+        kwargs = {self.cache_kwarg: self.cache, "input_ids": to_device(ids, self.device), "use_cache": True,
+                  "position_ids": to_device(positions, self.device)}
         if mask is not None:
-            kwargs["attention_mask"] = mask.to(self.device)
+            kwargs["attention_mask"] = to_device(mask, self.device)
         if compat.takes_logits_to_keep(self.model):
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode(), self.cache.row_subset(rows):
             return self.model(**kwargs).logits[:, -1]
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, finished: list) -> None:
-        """Each sequence's next token from its row of ``logits``; then whether it is done."""
+        """Each sequence's next token from its row of ``logits``, read at once; then whether it is done."""
+        self._accept(list(zip(seqs, self._sample(seqs, logits).tolist())), finished)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Each sequence's next token, ``[B]`` on the device (its index in the sequence counts the
+        tokens still in flight)."""
         device = logits.device
-        counters = torch.tensor([s.num_generated for s in seqs], device=device)
-        seeds = torch.tensor([s.seed for s in seqs], device=device)
+        counters = to_device([s.num_generated + s.pending for s in seqs], device)
+        seeds = to_device([s.seed for s in seqs], device)
         history = None
         if any(s.request.sampling.repetition_penalty != 1.0 for s in seqs):
             width = max(len(s.tokens) for s in seqs)
             history = torch.full((len(seqs), width), -1, dtype=torch.long)
             for i, s in enumerate(seqs):
                 history[i, :len(s.tokens)] = torch.tensor(s.tokens)
-            history = history.to(device)
+            history = to_device(history, device)
         suppress = None
-        early = [i for i, s in enumerate(seqs) if s.num_generated < s.request.min_new_tokens and s.request.eos]
+        early = [i for i, s in enumerate(seqs)
+                 if s.num_generated + s.pending < s.request.min_new_tokens and s.request.eos]
         if early:
-            suppress = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+            suppress = torch.zeros(logits.shape, dtype=torch.bool)
             for i in early:
                 suppress[i, list(seqs[i].request.eos)] = True
-        tokens = next_tokens(logits, [s.request.sampling for s in seqs], seeds, counters, history, suppress).tolist()
-        self.new_tokens += len(tokens)
-        for seq, token in zip(seqs, tokens):
+            suppress = to_device(suppress, device)
+        return next_tokens(logits, [s.request.sampling for s in seqs], seeds, counters, history, suppress)
+
+    def _accept(self, chosen: list[tuple[Sequence, int]], finished: list) -> None:
+        """Append each sequence's token; then whether it is done."""
+        self.new_tokens += len(chosen)
+        for seq, token in chosen:
             seq.tokens.append(token)
             request = seq.request
             if token in request.eos:
@@ -288,3 +347,24 @@ class Engine:
         if done:
             self.cache.drop_rows(done)  # their blocks return to the pool now
             self.rows = [s for s in self.rows if not s.finished]
+
+
+class _InFlight:
+    """A launched decode step: its sequences and their tokens on the device, copied to the host
+    without blocking (read when the next step is launched)."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor):
+        self.seqs = seqs
+        self.tokens = tokens
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = tokens, None
+
+    def read(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()

@@ -86,6 +86,7 @@ class Sequence:
     order: int  # admission order (preemption takes the newest first)
     stored: int = 0
     finish_reason: str | None = None
+    pending: int = 0  # tokens chosen on the device and not read yet (decode steps in flight)
 
     @property
     def generated(self) -> list[int]:

@@ -41,6 +41,16 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shift_right(x, 31)
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (or list) on ``device`` without waiting for the work queued there: a plain
+    copy from pageable memory synchronises the stream, which would let the GPU run dry while the
+    host prepares the next step; a pinned buffer copies asynchronously."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
     """float64 [R, vocab] in (0, 1): a pure function of (seed, counter, vocabulary index)."""
     index = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
@@ -95,31 +105,31 @@ def process_logits(logits: torch.Tensor, params: list[SamplingParams], history: 
         seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device)
         seen.scatter_(1, torch.where(history >= 0, history, vocab), True)
         seen = seen[:, :vocab]
-        pen = torch.tensor(penalty, device=device)[:, None]
+        pen = to_device(penalty, device)[:, None]
         logits = torch.where(seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
     if not any(p.do_sample for p in params):
         return logits
-    temperature = torch.tensor([p.temperature if p.do_sample else 1.0 for p in params], device=device)
+    temperature = to_device([p.temperature if p.do_sample else 1.0 for p in params], device)
     scores = logits / temperature[:, None]
     top_k = [p.top_k if p.do_sample else 0 for p in params]
     if any(top_k):
-        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        k = to_device([k if 0 < k < vocab else vocab for k in top_k], device)
         kth = scores.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         scores = scores.masked_fill(scores < kth, float("-inf"))
     top_p = [p.top_p if p.do_sample else 1.0 for p in params]
     if any(p < 1.0 for p in top_p):
         sorted_scores, order = scores.sort(dim=-1)
         cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        remove = cumulative <= (1 - torch.tensor(top_p, device=device)[:, None])
+        remove = cumulative <= (1 - to_device(top_p, device)[:, None])
         remove[:, -1] = False  # the most likely token stays
         scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     min_p = [p.min_p if p.do_sample else 0.0 for p in params]
     if any(min_p):
         probs = scores.softmax(-1)
-        low = probs < torch.tensor(min_p, device=device)[:, None] * probs.amax(-1, keepdim=True)
+        low = probs < to_device(min_p, device)[:, None] * probs.amax(-1, keepdim=True)
         low.scatter_(1, probs.argmax(-1, keepdim=True), False)
         scores = scores.masked_fill(low, float("-inf"))
-    sampled = torch.tensor([p.do_sample for p in params], device=device)
+    sampled = to_device([p.do_sample for p in params], device)
     return torch.where(sampled[:, None], scores, logits)
 
 
@@ -131,7 +141,7 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: torch
     scores = process_logits(logits, params, history, suppress)
     if not any(p.do_sample for p in params):
         return scores.argmax(-1)
-    sampled = torch.tensor([p.do_sample for p in params], device=scores.device)
+    sampled = to_device([p.do_sample for p in params], scores.device)
     gumbel = -torch.log(-torch.log(uniform_noise(seeds, counters, scores.shape[1])))
     noisy = scores.double() + torch.where(sampled[:, None], gumbel, torch.zeros((), dtype=torch.float64,
                                                                                   device=scores.device))
