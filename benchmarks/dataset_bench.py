@@ -38,6 +38,7 @@ p.add_argument("--tiny", action="store_true")
 p.add_argument("--only", default="", help="comma list of: engine,paged128,paged32,stock32,generate_batch")
 p.add_argument("--stock-prompts", type=int, default=64,
                help="stock generate runs on the first N prompts only (it is slow); its tokens/s is that subset's")
+p.add_argument("--max-batch-tokens", type=int, default=8192, help="generate_many's prefill token budget per step")
 args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,8 +132,14 @@ def engine_run(n: int, timing: bool) -> dict:
     and their graph replays' GPU time."""
     model.set_attn_implementation("paged")
     requests = [hf_paged.Request(prompts[i], max_new_tokens=answer_lens[i]) for i in range(n)]
-    walls, engines = [], []
-    original_decode, original_init = Engine._decode, Engine.__init__
+    walls, engines, prefill_walls = [], [], []
+    original_decode, original_init, original_prefill = Engine._decode, Engine.__init__, Engine._prefill
+
+    def prefill(self, finished):
+        t0 = time.perf_counter()
+        ran = original_prefill(self, finished)
+        prefill_walls.append(time.perf_counter() - t0)
+        return ran
 
     def init(self, *a, **kw):
         original_init(self, *a, **kw)
@@ -148,16 +155,17 @@ def engine_run(n: int, timing: bool) -> dict:
             walls.append((time.perf_counter() - t0, self.graphs is not None and self.graphs.replays > replays))
         return ran
 
-    Engine.__init__, Engine._decode = init, decode
+    Engine.__init__, Engine._decode, Engine._prefill = init, decode, prefill
     stats = []
     try:
         sync()
         t = time.perf_counter()
-        results_ = hf_paged.generate_many(model, requests, do_sample=False, progress=stats.append)
+        results_ = hf_paged.generate_many(model, requests, do_sample=False, progress=stats.append,
+                                          max_batch_tokens=args.max_batch_tokens)
         sync()
         dt = time.perf_counter() - t
     finally:
-        Engine.__init__, Engine._decode = original_init, original_decode
+        Engine.__init__, Engine._decode, Engine._prefill = original_init, original_decode, original_prefill
     useful = sum(len(r.sequences[0]) for r in results_)
     assert [len(r.sequences[0]) for r in results_] == answer_lens[:n]
     s = stats[-1]
@@ -165,7 +173,8 @@ def engine_run(n: int, timing: bool) -> dict:
                useful_decode_slots=s["decode_rows"] / max(1, s["decode_slots"]), decode_steps=s["decode_steps"],
                engine_steps=s["steps"], prompt_tokens=s["prompt_tokens"], preemptions=s["preemptions"],
                peak_blocks=s["peak_blocks"], max_blocks=s["max_blocks"], graph_captures=s["graph_captures"],
-               graph_replays=s["graph_replays"], graphs_off=s["graphs_off"])
+               graph_replays=s["graph_replays"], graphs_off=s["graphs_off"],
+               prefill_wall_s=sum(prefill_walls), decode_wall_s=sum(w for w, _ in walls))
     engine = engines[-1]
     events = engine.graphs.replay_events if engine.graphs is not None else None
     if timing and events:

@@ -8,9 +8,11 @@ blocks, a pad query that reads and writes nothing; their logits are dropped). Th
 a graph's key stay fixed for a run: the block table's width is the longest request's (prompt plus
 ``max_new_tokens``), and the engine sizes the pools once before the first step.
 
-Capture and its checks are those of generate's graphs (``hf_paged/graphs.py``): a bucket's first
-step runs eagerly and is captured, its first replay is compared with an eager run of the same
-step, and a model whose step cannot be captured decodes eagerly (one warning).
+Capture and its checks are those of generate's graphs (``hf_paged/graphs.py``): the run's first
+graph is captured after an eager step and its first replay is compared with an eager run of the
+same step; once one replay passed, a new bucket's first step is its capture's dry run and its
+first replay (a new bucket costs two forwards, not four). A model whose step cannot be captured
+decodes eagerly (one warning).
 ``HF_PAGED_CUDA_GRAPHS=0`` turns them off here too.
 """
 
@@ -69,6 +71,7 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.pool = None
         self.disabled: str | None = None
+        self.verified = False  # a replay of this run was checked against the eager step
         self.captures = 0
         self.replays = 0
         self.padded_rows = 0  # pad rows computed by the steps (the buckets' waste)
@@ -98,11 +101,22 @@ class DecodeGraphs:
             self.padded_rows += size - batch
             key = (size, fwd.meta.width, cache.pools.version)
             graph = self.graphs.get(key)
-            if graph is None:
+            if graph is None and not self.verified:
+                # the run's first graph: the step runs eagerly, the graph's first replay is checked
                 logits = self.forward(**kwargs).logits
                 self._capture(key, fwd, inputs, kwargs)
                 return logits[:batch, -1]
-            graph.refresh(fwd, inputs)
+            if graph is None:
+                # Another bucket of a model whose replay was checked: what the check guards against
+                # (a forward that keeps host values between steps) does not depend on the batch
+                # size. The capture's dry run computes this step over the static buffers, the
+                # replay again (the same K/V to the same slots) and gives its logits.
+                graph = self._capture(key, fwd, inputs, kwargs)
+                if graph is None:
+                    return self.forward(**kwargs).logits[:batch, -1]
+                graph.verified = True
+            else:
+                graph.refresh(fwd, inputs)
             if not graph.verified:
                 logits = self.forward(**kwargs).logits  # the eager step, with the same metadata
                 self._verify(graph, logits[:batch], graph.replay()[1]["logits"][:batch])
@@ -120,7 +134,9 @@ class DecodeGraphs:
             cache.end_forward(replayed=True)  # a replay runs no Python: nothing else commits the step
             return logits[:batch, -1]
 
-    def _capture(self, key, fwd, inputs: dict, kwargs: dict) -> None:
+    def _capture(self, key, fwd, inputs: dict, kwargs: dict):
+        """The graph of this step's bucket, captured over static buffers holding this step (None:
+        the capture failed, graphs are off)."""
         graph = graphs._DecodeGraph(fwd, inputs, self.model.device)
         graph.refresh(fwd, inputs)
         if self.pool is None and self.model.device.type == "cuda":
@@ -129,13 +145,14 @@ class DecodeGraphs:
             graph.replay = graphs._CAPTURE(graph.static_step(self.forward, self.cache, kwargs), self.pool)
         except graphs.NotCapturable as exc:  # the forward itself cannot be captured: never again
             self._disable(f"capturing the decode step failed ({exc})", for_model=True)
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path stays correct
             self._disable(f"capturing the decode step failed ({type(exc).__name__}: {exc})", for_model=False)
-            return
+            return None
         self.graphs[key] = graph
         self.captures += 1
         graphs.STATS["captures"] += 1
+        return graph
 
     def _verify(self, graph, eager: torch.Tensor, replayed: torch.Tensor) -> None:
         """The first replay of a graph against the eager step (the same kernels on the same
@@ -143,7 +160,7 @@ class DecodeGraphs:
         diff = (replayed.float() - eager.float()).abs().max().item()
         scale = eager.float().abs().max().item() + 1.0
         if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
-            graph.verified = True
+            graph.verified = self.verified = True
         else:
             self._disable(f"the replayed decode step gave logits up to {diff:.3g} away from the eager step's (the "
                           f"model's forward depends on a host-side value)", for_model=True)
