@@ -46,7 +46,7 @@ def to_device(values, device: torch.device, dtype: torch.dtype | None = None) ->
     copy from pageable memory synchronises the stream, which would let the GPU run dry while the
     host prepares the next step; a pinned buffer copies asynchronously."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
