@@ -607,8 +607,11 @@ def test_cli_max_memory_below_one_block(tmp_path, capsys):
     err = _one_line_error(capsys, cli.main([*base, "--max-memory", "4000"]))
     assert "--max-memory 4000 is 4000 bytes, less than one KV block: 4096 bytes" in err
     assert "256 bytes per token x block size 16, float32" in err
-    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32"]))
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32", "--static-batches"]))
     assert "less than one KV block: 8192 bytes" in err
+    # the engine (the default) sizes its own blocks: --block-size is refused there, not ignored
+    err = _one_line_error(capsys, cli.main([*base, "--block-size", "32"]))
+    assert "--block-size applies to --static-batches only: the engine (the default) uses blocks of 16 tokens" in err
     with pytest.raises(SystemExit) as exc:  # unreadable: an argument error naming the option
         cli.parse_args(["--max-memory", "lots"])
     err = _one_line_error(capsys, exc.value.code)
@@ -630,7 +633,8 @@ def test_cli_model_folder_without_config(tmp_path, capsys):
 
 def test_cli_block_size_for_the_triton_kernels(tmp_path, capsys, monkeypatch):
     (tmp_path / "p.txt").write_text("hello\n")
-    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8"]
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8",
+            "--static-batches"]
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
     err = _one_line_error(capsys, cli.main(args))
