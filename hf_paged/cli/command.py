@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
 
 def cmd_generate(args) -> int:
-    shard = current_shard()  # one process, or this rank of an `accelerate launch` run
+    shard = current_shard(args.device)  # one process, or this rank of an `accelerate launch` run
     device = resolve_device(args.device)
     if shard.state is not None and args.device == "auto":
         device = shard.state.device  # each process on its own device

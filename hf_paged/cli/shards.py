@@ -1,6 +1,11 @@
 """Data parallelism: ``accelerate launch`` of the same command splits the prompts between processes.
 
     accelerate launch --num_processes 2 -m hf_paged generate --prompts data.jsonl --output out.jsonl
+    accelerate launch --multi_gpu --num_processes 2 -m hf_paged generate --device cpu ...   # CPU processes
+
+(``accelerate launch --cpu`` starts ONE process whatever ``--num_processes`` says, unless given an
+MPI hostfile: its CPU launcher is mpirun. ``--multi_gpu`` starts them through torchrun on any
+machine; on the CPU they meet over gloo.)
 
 Each process (rank) takes every ``count``-th prompt still to do, runs its own engine (or static
 batches) on its own device (``PartialState().device``) and appends its records to its own part file
@@ -51,13 +56,24 @@ class Shard:
         return gather_object([obj])
 
 
-def current_shard() -> Shard:
-    """The launcher's processes (``WORLD_SIZE`` > 1: accelerate launch, torchrun), else one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def current_shard(device: str = "auto") -> Shard:
+    """The launcher's processes (``WORLD_SIZE`` > 1: accelerate launch, torchrun), else one process.
+
+    ``device``: the --device asked for. A CPU run says so to ``PartialState(cpu=True)``: without it
+    accelerate sees no accelerator backend and takes each process for a run of its own (every
+    process would then do every prompt); with it, the processes meet over gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return Shard()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    cpu = (device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+           or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = PartialState(cpu=cpu)
+    if state.num_processes != world:
+        raise RuntimeError(f"hf_paged: launched as {world} processes (WORLD_SIZE) but accelerate sees "
+                           f"{state.num_processes} ({state.distributed_type}): the prompts would not be split")
     return Shard(state.process_index, state.num_processes, state)
 
 
