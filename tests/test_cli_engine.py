@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,15 @@ def test_shard_takes_every_count_th_prompt():
     assert sorted(sum(parts, [])) == todo and Shard().take(todo) == todo
 
 
+def test_dense_equivalent_is_what_static_batches_hold():
+    from hf_paged.cli.engine_jobs import dense_equivalent
+
+    # batches of 2, longest prompts first: (10, 7) then (3); widths 10 + 5 - 1 and 3 + 2 - 1
+    assert dense_equivalent([3, 10, 7], [2, 1, 5], nrs=1, batch_size=2, per_token=4) == 2 * 14 * 4
+    assert dense_equivalent([3, 10, 7], [2, 1, 5], nrs=3, batch_size=2, per_token=4) == 6 * 14 * 4
+    assert dense_equivalent([3, 10, 7], [40, 1, 5], nrs=3, batch_size=2, per_token=4) == 3 * 42 * 4  # the short batch
+
+
 def test_engine_report_lines():
     figures = {"steps": 7, "decode_steps": 6, "decode_rows": 30, "decode_slots": 32, "prompt_tokens": 187,
                "new_tokens": 40, "preemptions": 2, "finished_requests": 5, "peak_blocks": 16, "block_size": 16,
@@ -105,6 +115,9 @@ def test_engine_report_lines():
     assert "engine: 7 steps, 40 tokens chosen, 187 prompt tokens prefilled, decode occupancy 94% (30 rows / 32 slots)" \
            ", 5.0 rows per decode step, 2 preemption(s)" in text
     assert "KV cache (engine, peak): 16 blocks of 16 tokens = 16.0 KiB; pool cap 100 blocks = 100.0 KiB" in text
+    report["engine"].update(dense_bytes=32 * 1024, dense_batch_size=8)
+    assert ("KV cache (engine, peak): 16 blocks of 16 tokens = 16.0 KiB vs stock dense 32.0 KiB (the same prompts and "
+            "outputs in batches of 8, rows x padded length) -> 2.00x less; pool cap") in format_report(report)
     other = dict(figures, peak_blocks=20, peak_bytes=20 * 1024, preemptions=0)
     merged = merge_engine_figures([figures, other])
     assert merged["new_tokens"] == 80 and merged["decode_rows"] == 60 and merged["preemptions"] == 2
@@ -170,6 +183,10 @@ def test_engine_is_the_default_and_equals_static_batches_for_greedy(uninterrupte
     assert "hf-paged: note" not in err  # nothing to say: the engine ran it
     assert f"{len(QUESTIONS)} prompt(s), {len(QUESTIONS)} sequence(s), 3 batch(es)" in static_out
     assert "engine:" not in static_out and "hf-paged: note" not in static_err  # asked for: no note
+    # the engine's "stock dense" figure is what the static batches' caches measured for the same outputs
+    engine_dense = re.search(r"vs stock dense ([\d.]+ \w+) \(the same prompts and outputs in batches of 2", out)
+    static_dense = re.search(r"KV cache \(peak over batches\): .* vs stock dense ([\d.]+ \w+)", static_out)
+    assert engine_dense and static_dense and engine_dense.group(1) == static_dense.group(1), (out, static_out)
 
 
 def _interrupt_engine_after(monkeypatch, n, seen):

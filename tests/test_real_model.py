@@ -400,12 +400,13 @@ def test_run_job_progress_bar_moves_every_decode_step(models, mode, capsys, monk
 def test_cli_default_demo(tmp_path, capsys, smollm2_dir):
     out = tmp_path / "demo.jsonl"
     assert cli.main(["--max-new-tokens", "4", "--output", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "greedy: 8 chat questions" in text and "num_return_sequences=4" in text and "num_beams=4" in text
     # greedy and sampling on the engine, beam search in static batches (said once), and the total
     assert text.count("KV cache (engine, peak)") == 3 and text.count("KV cache (peak over batches)") == 2
     assert "continuous batching + 1 batch(es)" in text
-    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-paged: note:")]
+    notes = [line for line in captured.err.splitlines() if line.startswith("hf-paged: note:")]
     assert notes == ["hf-paged: note: the engine does not do num_beams: this job runs in static batches of "
                      "--batch-size 8 prompts (model.generate)"]
     recs = [json.loads(line) for line in out.read_text().splitlines()]

@@ -95,6 +95,12 @@ def run_job_engine(job, model, tokenizer, *, chat: bool, max_memory=None, seed: 
     finally:
         bar.close()
     engine = engine_figures(stats, model) if todo else None
+    if engine is not None:
+        nrs = int(job.gen_kwargs.get("num_return_sequences") or 1)
+        gen_lens = [max(len(s) for s in generated[i]) for i in todo]
+        engine["dense_bytes"] = dense_equivalent([len(x) for x in ids], gen_lens, nrs, job.batch_size,
+                                                 engine["block_bytes"] // max(engine.get("block_size", 1), 1))
+        engine["dense_batch_size"] = job.batch_size
     if stock_model is not None and todo:
         result.stock = compare_alone(stock_model, tokenizer, todo, ids, generated, kwargs, seed)
     result.report = build_report([], prompts=len(todo), sequences=result.sequences, new_tokens=result.new_tokens,
@@ -110,6 +116,20 @@ def engine_figures(stats: dict, model) -> dict:
     figures["block_bytes"] = per_token * stats.get("block_size", 0)
     figures["peak_bytes"] = figures["block_bytes"] * stats.get("peak_blocks", 0)
     return figures
+
+
+def dense_equivalent(prompt_lens: list[int], gen_lens: list[int], nrs: int, batch_size: int, per_token: int) -> int:
+    """What stock's dense cache holds at the end of ``generate`` over the same prompts and outputs in
+    length-sorted batches of ``batch_size`` (as --static-batches runs them): per batch, rows x the
+    padded length (longest prompt + longest output, less the last token, never fed back); the peak
+    over batches. The same measure as ``bytes_dense`` of ``PagedCache.memory_stats()``."""
+    from .jobs import plan_batches
+
+    peak = 0
+    for batch in plan_batches(prompt_lens, batch_size):
+        width = max(prompt_lens[i] for i in batch) + max(gen_lens[i] for i in batch) - 1
+        peak = max(peak, len(batch) * nrs * width * per_token)
+    return peak
 
 
 def compare_alone(stock_model, tokenizer, todo, ids, generated, kwargs, seed) -> dict:

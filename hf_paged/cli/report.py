@@ -89,13 +89,19 @@ def _engine_lines(engine: dict) -> list[str]:
     cap = engine.get("max_blocks")
     pool = (f"pool cap {cap} blocks = {fmt_bytes(cap * engine['block_bytes'])}" if cap
             else "pool uncapped (--max-memory sets a cap)")
+    dense = engine.get("dense_bytes")
+    versus = ""
+    if dense:
+        versus = (f" vs stock dense {fmt_bytes(dense)} (the same prompts and outputs in batches of "
+                  f"{engine.get('dense_batch_size')}, rows x padded length)" + _saving_text(dense / engine["peak_bytes"]
+                                                                                       if engine.get("peak_bytes") else 0))
     return [
         f"   engine: {engine.get('steps', 0)} steps, {engine.get('new_tokens', 0)} tokens chosen, "
         f"{engine.get('prompt_tokens', 0)} prompt tokens prefilled, decode occupancy {occupancy}"
         + (f", {rows / steps:.1f} rows per decode step" if steps else "")
         + f", {engine.get('preemptions', 0)} preemption(s)",
         f"   KV cache (engine, peak): {engine.get('peak_blocks', 0)} blocks of {engine.get('block_size', 0)} tokens = "
-        f"{fmt_bytes(engine.get('peak_bytes', 0))}; {pool}",
+        f"{fmt_bytes(engine.get('peak_bytes', 0))}{versus}; {pool}",
     ]
 
 
@@ -189,4 +195,7 @@ def merge_engine_figures(figures: list[dict]) -> dict | None:
     peak = max(figures, key=lambda f: f.get("peak_bytes", 0))
     for key in ("peak_blocks", "peak_bytes", "block_size", "block_bytes", "max_blocks"):
         merged[key] = peak.get(key, 0)
+    dense = max(figures, key=lambda f: f.get("dense_bytes", 0))
+    if dense.get("dense_bytes"):
+        merged["dense_bytes"], merged["dense_batch_size"] = dense["dense_bytes"], dense.get("dense_batch_size")
     return merged
