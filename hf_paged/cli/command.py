@@ -202,6 +202,8 @@ def combine_process_reports(reports: list[dict]) -> dict:
     for key in ("kv_bytes_used", "kv_bytes_reserved", "kv_bytes_dense", "blocks_used", "blocks_shared"):
         total[key] = max(r[key] for r in reports)  # per process (each has its own device)
     total["engine"] = merge_engine_figures([r["engine"] for r in reports if r.get("engine")])
+    if total["engine"]:
+        total["engine"]["per_process"] = True
     stocks = [r["stock"] for r in reports if r.get("stock")]
     if stocks:
         eqs = [s["tokens_equal"] for s in stocks if s.get("tokens_equal") is not None]

@@ -23,7 +23,7 @@ def engine_reasons(job, model, tokenizer, attn_implementation: str) -> list[str]
     """Why ``job`` cannot run on the engine (empty: it can): the engine needs the paged cache, and
     runs only the settings it applies itself (beam search, for one, it does not)."""
     if attn_implementation != "paged":
-        return [f"attn_implementation={attn_implementation!r}"]
+        return [f"attn_implementation={attn_implementation!r} (it needs 'paged')"]
     from ..engine import settings_beyond_the_engine
 
     return settings_beyond_the_engine(model, pad_token_id=tokenizer.pad_token_id, **job.gen_kwargs)

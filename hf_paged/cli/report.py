@@ -100,7 +100,8 @@ def _engine_lines(engine: dict) -> list[str]:
         f"{engine.get('prompt_tokens', 0)} prompt tokens prefilled, decode occupancy {occupancy}"
         + (f", {rows / steps:.1f} rows per decode step" if steps else "")
         + f", {engine.get('preemptions', 0)} preemption(s)",
-        f"   KV cache (engine, peak): {engine.get('peak_blocks', 0)} blocks of {engine.get('block_size', 0)} tokens = "
+        f"   KV cache (engine, peak{' of one process' if engine.get('per_process') else ''}): "
+        f"{engine.get('peak_blocks', 0)} blocks of {engine.get('block_size', 0)} tokens = "
         f"{fmt_bytes(engine.get('peak_bytes', 0))}{versus}; {pool}",
     ]
 
