@@ -287,3 +287,29 @@ def test_two_processes_give_the_output_of_one(prompts_file, uninterrupted, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {len(QUESTIONS)} record(s) to {out} (3 from the earlier run), merged from 2 part files" in proc.stdout
     assert _records(out) == expected and part_files(str(out)) == []
+
+
+def test_settings_beyond_the_engine_choose_the_static_path():
+    """What sends a job to static batches: the settings the engine does not apply (beam search),
+    a model type it is not tested on, or an attention that is not the paged one."""
+    from tiny_models import make_pair
+
+    from hf_paged.cli.engine_jobs import engine_reasons
+    from hf_paged.engine import ENGINE_MODEL_TYPES, settings_beyond_the_engine
+
+    paged, _ = make_pair("llama")
+    assert settings_beyond_the_engine(paged, max_new_tokens=4, do_sample=True, top_p=0.9, num_return_sequences=2) == []
+    assert settings_beyond_the_engine(paged, max_new_tokens=4, num_beams=2) == ["num_beams"]
+    with pytest.raises(ValueError, match="not generation settings: \\['beams'\\]"):
+        settings_beyond_the_engine(paged, beams=2)
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    job = cli.Job("j", [], {"max_new_tokens": 4, "num_beams": 3})
+    assert engine_reasons(job, paged, Tokenizer(), "paged") == ["num_beams"]
+    assert engine_reasons(cli.Job("j", [], {"max_new_tokens": 4}), paged, Tokenizer(), "paged") == []
+    assert engine_reasons(job, paged, Tokenizer(), "sdpa") == ["attn_implementation='sdpa' (it needs 'paged')"]
+    paged.config.model_type = "not_tested"  # a family the engine is not tested on
+    assert "not_tested" not in ENGINE_MODEL_TYPES
+    assert settings_beyond_the_engine(paged, max_new_tokens=4) == ["model_type 'not_tested'"]
