@@ -39,7 +39,11 @@ def main(argv=None) -> int:
 
 
 def cmd_generate(args) -> int:
-    shard = current_shard(args.device)  # one process, or this rank of an `accelerate launch` run
+    try:
+        shard = current_shard(args.device)  # one process, or this rank of an `accelerate launch` run
+    except RuntimeError as e:  # a launch whose processes accelerate does not see
+        print(_error(e), file=sys.stderr)
+        return 2
     device = resolve_device(args.device)
     if shard.state is not None and args.device == "auto":
         device = shard.state.device  # each process on its own device
