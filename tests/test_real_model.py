@@ -194,7 +194,14 @@ def test_humaneval_tests_run_in_a_subprocess():
 def test_humaneval_example_runs(models):
     he = _import_example("evaluate_humaneval")
     paged, _, tok = models
-    res = he.run_eval(paged, tok, limit=2, k=2, batch_size=2, max_new_tokens=32, progress=False)
+    res = he.run_eval(paged, tok, limit=2, k=2, max_new_tokens=32, progress=False)  # on the engine
+    assert res["problems"] == 2 and res["k"] == 2 and res["samples"] == 4
+    engine = res["engine"]
+    assert engine["finished_requests"] == 2 and engine["new_tokens"] == res["new_tokens"] > 0
+    assert res["kv_bytes_used"] == engine["peak_blocks"] * engine["block_bytes"] > 0
+    assert [r["task_id"] for r in res["results"]] == ["HumanEval/0", "HumanEval/1"]
+    assert all(len(r["completions"]) == 2 for r in res["results"])
+    res = he.run_eval(paged, tok, limit=2, k=2, batch_size=2, max_new_tokens=32, progress=False, static_batches=True)
     assert res["problems"] == 2 and res["k"] == 2 and res["samples"] == 4
     # the scores are the estimator over the recorded outcomes of each problem's two samples
     outcomes = [r["passed"] for r in res["results"]]
@@ -393,9 +400,15 @@ def test_run_job_progress_bar_moves_every_decode_step(models, mode, capsys, monk
 def test_cli_default_demo(tmp_path, capsys, smollm2_dir):
     out = tmp_path / "demo.jsonl"
     assert cli.main(["--max-new-tokens", "4", "--output", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert "greedy: 8 chat questions" in text and "num_return_sequences=4" in text and "num_beams=4" in text
-    assert text.count("KV cache (peak over batches)") == 4  # three jobs and the total
+    # greedy and sampling on the engine, beam search in static batches (said once), and the total
+    assert text.count("KV cache (engine, peak)") == 3 and text.count("KV cache (peak over batches)") == 2
+    assert "continuous batching + 1 batch(es)" in text
+    notes = [line for line in captured.err.splitlines() if line.startswith("hf-paged: note:")]
+    assert notes == ["hf-paged: note: the engine does not do num_beams: this job runs in static batches of "
+                     "--batch-size 8 prompts (model.generate)"]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 8 + 1 + 1
     assert [r["index"] for r in recs[:8]] == list(range(8))
@@ -416,7 +429,7 @@ def test_cli_jsonl_prompts_in_original_order(tmp_path, capsys, smollm2_dir):
     src.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
     out = tmp_path / "out.jsonl"
     rc = cli.main(["generate", "--prompts", str(src), "--field", "question", "--batch-size", "2",
-                   "--max-new-tokens", "3", "--output", str(out), "--compare-stock"])
+                   "--max-new-tokens", "3", "--output", str(out), "--compare-stock", "--static-batches"])
     assert rc == 0
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in recs] == list(range(5))
@@ -464,7 +477,7 @@ def test_cli_output_written_as_batches_finish_and_resumed(tmp_path, capsys, monk
     (tmp_path / "q.txt").write_text("\n".join(questions) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["generate", "--prompts", str(tmp_path / "q.txt"), "--batch-size", "2", "--max-new-tokens", "2",
-            "--output", str(out)]
+            "--output", str(out), "--static-batches"]  # the engine's own: test_cli_engine.py
     seen = {}
     # calls: 1 warm-up, 2 and 3 the batches of prompts (2, 4) and (3, 1), longest first; 4 fails
     _interrupt_generate(monkeypatch, 4, error, on_call=lambda n: seen.setdefault(n, out.exists() and _records(out)))
@@ -502,19 +515,21 @@ def test_cli_output_written_as_batches_finish_and_resumed(tmp_path, capsys, monk
 def test_cli_demo_resumes_after_a_later_job_runs_out_of_memory(tmp_path, capsys, monkeypatch, smollm2_dir):
     out = tmp_path / "demo.jsonl"
     args = ["--max-new-tokens", "2", "--limit", "2", "--output", str(out)]
-    _interrupt_generate(monkeypatch, 3, hf_paged.OutOfBlocksError(9, 1, 4))  # warm-up, job 1, job 2 fails
+    # generate calls: the warm-up, then the beam search job (the two others run on the engine), which fails
+    _interrupt_generate(monkeypatch, 2, hf_paged.OutOfBlocksError(9, 1, 4))
     assert cli.main(args) == 3
     first = _records(out)
-    assert sorted((r["job"], r["index"]) for r in first) == [("greedy: 8 chat questions", i) for i in (0, 1)]
+    assert sorted((r["job"].split(":")[0], r["index"]) for r in first) == [("greedy", 0), ("greedy", 1), ("sampling", 0)]
     capsys.readouterr()
     monkeypatch.undo()
     assert cli.main([*args, "--resume"]) == 0
     text = capsys.readouterr().out
     assert "0 prompt(s), 0 sequence(s), 0 batch(es): 0 new tokens in 0.0 s = 0.0 tokens/s; 2 skipped" in text
-    assert "-- report: all jobs\n   2 prompt(s), 6 sequence(s), 2 batch(es)" in text  # counts this run's work
+    assert "-- report: all jobs\n   1 prompt(s), 2 sequence(s), 1 batch(es)" in text  # counts this run's work
     recs = _records(out)
     assert [r["job"].split(":")[0] for r in recs] == ["greedy", "greedy", "sampling", "beam search"]
-    assert recs[:2] == sorted(first, key=lambda r: r["index"]) and [r["name"] for r in recs] == ["chat/0", "chat/1", "HumanEval/53", "chat/2"]
+    assert recs[:3] == sorted(first, key=lambda r: (r["job"].split(":")[0] != "greedy", r["index"]))
+    assert [r["name"] for r in recs] == ["chat/0", "chat/1", "HumanEval/53", "chat/2"]
     assert [len(r["outputs"]) for r in recs] == [1, 1, 4, 2]
 
 
@@ -607,8 +622,11 @@ def test_cli_max_memory_below_one_block(tmp_path, capsys):
     err = _one_line_error(capsys, cli.main([*base, "--max-memory", "4000"]))
     assert "--max-memory 4000 is 4000 bytes, less than one KV block: 4096 bytes" in err
     assert "256 bytes per token x block size 16, float32" in err
-    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32"]))
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32", "--static-batches"]))
     assert "less than one KV block: 8192 bytes" in err
+    # the engine (the default) sizes its own blocks: --block-size is refused there, not ignored
+    err = _one_line_error(capsys, cli.main([*base, "--block-size", "32"]))
+    assert "--block-size applies to --static-batches only: the engine (the default) uses blocks of 16 tokens" in err
     with pytest.raises(SystemExit) as exc:  # unreadable: an argument error naming the option
         cli.parse_args(["--max-memory", "lots"])
     err = _one_line_error(capsys, exc.value.code)
@@ -630,7 +648,8 @@ def test_cli_model_folder_without_config(tmp_path, capsys):
 
 def test_cli_block_size_for_the_triton_kernels(tmp_path, capsys, monkeypatch):
     (tmp_path / "p.txt").write_text("hello\n")
-    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8"]
+    args = ["generate", "--prompts", str(tmp_path / "p.txt"), "--model", str(tmp_path / "empty"), "--block-size", "8",
+            "--static-batches"]
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
     err = _one_line_error(capsys, cli.main(args))

@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap prompts in the tokenizer's chat template (default: on when the tokenizer has one)")
     d = g.add_argument_group("decoding")
-    d.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    d.add_argument("--static-batches", action="store_true",
+                   help="run length-sorted batches of model.generate (--batch-size prompts each) instead of the "
+                   "continuous-batching engine (the default; beam search always runs in static batches)")
+    d.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per generate call with --static-batches or beam search (default: 8)")
     d.add_argument("--max-new-tokens", type=int, default=48, help="default: 48")
     d.add_argument("--num-beams", type=int, default=None, help="beam search with N beams")
     d.add_argument("--num-return-sequences", type=int, default=None, help="sequences returned per prompt")

@@ -201,14 +201,14 @@ class DecodeProgress(StoppingCriteria):
 
 
 def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None = None, seed: int = 0,
-            stock_model=None, progress: bool = True, done=frozenset(), on_batch=None) -> JobResult:
-    """Generate for the prompts of ``job`` whose indices are not in ``done``, in batches sorted by
-    length; outputs in original order (None for those in ``done``). ``on_batch(result, indices)``
+            stock_model=None, progress: bool = True, done=frozenset(), on_batch=None, indices=None) -> JobResult:
+    """Generate for the prompts of ``job`` (those of ``indices``, default all: a process's share of
+    a run on several) whose indices are not in ``done``, in batches sorted by length; outputs in original order (None for those in ``done``). ``on_batch(result, indices)``
     follows each batch, given the indices of the prompts it finished. With ``progress``, a bar on
     stderr counts the prompts and the tokens (see DecodeProgress)."""
     from tqdm.auto import tqdm
 
-    todo = [i for i in range(len(job.prompts)) if i not in done]
+    todo = [i for i in (range(len(job.prompts)) if indices is None else indices) if i not in done]
     texts = {i: format_prompt(job.prompts[i], tokenizer, chat) for i in todo}
     lengths = [len(ids) for ids in tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]] if todo else []
     batches = [[todo[k] for k in batch] for batch in plan_batches(lengths, job.batch_size)]
@@ -216,6 +216,8 @@ def run_job(job: Job, model, tokenizer, *, chat: bool, cache_kwargs: dict | None
     stop = _stop_ids(model, tokenizer)
     device = model.device
     result = JobResult(job, outputs=[None] * len(job.prompts), skipped=len(job.prompts) - len(todo))
+    if indices is not None:  # another process's prompts are not "skipped" here
+        result.skipped = sum(1 for i in indices if i in done)
     stock = {"wall_s": 0.0, "kv_bytes": 0, "new_tokens": 0, "mismatches": 0} if stock_model is not None else None
     greedy_like = not job.gen_kwargs.get("do_sample")
 

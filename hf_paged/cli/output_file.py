@@ -4,7 +4,11 @@ A record is ``{"index", "prompt", "outputs"}``, plus ``"name"`` for built-in pro
 when the run has several jobs (the demo). Records are appended as each batch finishes (flushed), so
 an interrupted run keeps what it computed and ``--resume`` continues it. Once the run completes,
 the file is rewritten in input order (job order, then index) into a temporary file that replaces
-it (``os.replace``): batches run longest prompts first, the finished file is in prompt order.
+it (``os.replace``): prompts finish out of order, the finished file is in prompt order.
+
+A run on several processes (shards.py) writes one part file per process next to the output
+(``out.jsonl.part-<rank>-of-<count>``); rank 0 merges them into the output at the end. ``--resume``
+counts the records of the output and of every part file; the finished output absorbs them.
 
 :func:`check_output_path` runs before anything heavy; :class:`OutputFile` does the rest.
 """
@@ -34,6 +38,14 @@ def check_output_path(path: str, *, resume: bool, overwrite: bool) -> None:
         raise OutputFileError(
             f"--output '{path}' exists: --resume continues it (the prompts it holds are skipped), "
             "--overwrite replaces it"
+        )
+    from .shards import part_files
+
+    parts = part_files(path)
+    if parts and not (resume or overwrite):
+        raise OutputFileError(
+            f"'{parts[0]}' exists (the part file of an earlier run on several processes): --resume continues "
+            f"that run, --overwrite replaces its results"
         )
     # Records are appended to the file, and the finished file replaces it from a temporary file
     # in the same folder: both must be possible.
@@ -95,25 +107,31 @@ class OutputFile:
     prompts) and their prompts are :meth:`done`. The file is written only from the first finished
     batch on: a run that fails before computing anything leaves it as it was."""
 
-    def __init__(self, path: str, jobs: list, *, resume: bool):
+    def __init__(self, path: str, jobs: list, *, resume: bool, others=()):
         self.path = path
         self.jobs = jobs
         self.with_job = len(jobs) > 1
         self.records: dict[tuple, dict] = {}
+        # records of the earlier run in other files (the output, part files), done but not ours to write
+        self.others: dict[tuple, dict] = {}
+        self.other_paths = [p for p in others if os.path.exists(p)] if resume else []
         if resume and os.path.exists(path):
             for number, record in read_records(path):
                 self.records[self._check_earlier(record, number)] = record
-        self.resumed = len(self.records)  # records of the earlier run
+        for other in self.other_paths:
+            for number, record in read_records(other):
+                self.others[self._check_earlier(record, number, other)] = record
+        self.resumed = len(self.records.keys() | self.others.keys())  # records of the earlier run
         self._file = None
 
     def _job_key(self, job) -> str | None:
         return job.name if self.with_job else None
 
-    def _check_earlier(self, record: dict, number: int) -> tuple:
+    def _check_earlier(self, record: dict, number: int, path: str | None = None) -> tuple:
         """The key of an earlier record, whose prompt must be this run's prompt at its index."""
         jobs = {self._job_key(job): job for job in self.jobs}
         job_key, index = record.get("job"), record["index"]
-        other = f"'{self.path}' was written for other prompts: its line {number}"
+        other = f"'{path or self.path}' was written for other prompts: its line {number}"
         fix = "; --overwrite replaces it, or choose another --output"
         if job_key not in jobs:
             where = f"is from job {job_key!r}, which this run does not have" if job_key is not None else \
@@ -132,7 +150,7 @@ class OutputFile:
     def done(self, job) -> set[int]:
         """Indices of ``job``'s prompts already in the file."""
         key = self._job_key(job)
-        return {index for job_key, index in self.records if job_key == key}
+        return {index for job_key, index in self.records.keys() | self.others.keys() if job_key == key}
 
     def write_batch(self, result, indices: list[int]) -> None:
         """Append the records of a finished batch (``result``: its JobResult) and flush them."""
@@ -153,9 +171,16 @@ class OutputFile:
             self._file = None
 
     def finish(self) -> int:
-        """The run completed: rewrite the file in input order; returns the number of records."""
+        """The run completed: rewrite the file in input order, with the records of the other files
+        (which are then removed: the output is their merge); returns the number of records."""
         self.close()
+        for key, record in self.others.items():
+            self.records.setdefault(key, record)
         self._rewrite()
+        for other in self.other_paths:
+            if os.path.abspath(other) != os.path.abspath(self.path):
+                os.remove(other)
+        self.others, self.other_paths = {}, []
         return len(self.records)
 
     def _rewrite(self) -> None:

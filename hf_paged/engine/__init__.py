@@ -27,7 +27,7 @@ from .engine import Engine
 from .requests import ENGINE_FIELDS, EngineRequest, GenerationResult, Request
 from .sampling import SamplingParams
 
-__all__ = ["Engine", "GenerationResult", "Request", "generate_many", "iter_generate_many"]
+__all__ = ["Engine", "GenerationResult", "Request", "generate_many", "iter_generate_many", "settings_beyond_the_engine"]
 
 logger = logging.getLogger("hf_paged")
 
@@ -78,6 +78,21 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
                 yield _result(request, tokenizer)
     for index, prompt, config, settings, request_seed in alone:
         yield _generate_alone(model, index, prompt, generation_config, settings, config, request_seed, tokenizer)
+
+
+def settings_beyond_the_engine(model, generation_config: GenerationConfig | None = None,
+                               **generation_kwargs) -> list[str]:
+    """Why ``generate_many`` with these settings would run its prompts through ``model.generate``
+    one at a time (the settings the engine does not apply, or the model's type); empty when the
+    engine runs them. Lets a caller choose another path (the CLI's static batches) beforehand."""
+    config, unknown = compat.resolve_generation_config(model, generation_config, dict(generation_kwargs))
+    if unknown:
+        raise ValueError(f"hf_paged: arguments that are not generation settings: {sorted(unknown)}")
+    reasons = _settings_beyond_the_engine(config, compat.generation_defaults())
+    model_type = getattr(compat.text_config(model.config), "model_type", None)
+    if model_type not in ENGINE_MODEL_TYPES:
+        reasons.append(f"model_type {model_type!r}")
+    return reasons
 
 
 def _requests(model, prompts, generation_config, generation_kwargs, tokenizer, seed):
