@@ -315,17 +315,21 @@ class PagedCache(Cache):
 
     # ================================================================ forwards over some rows
     @contextlib.contextmanager
-    def row_subset(self, rows: list[int]):
+    def row_subset(self, rows: list[int], continued: bool = False):
         """Run the forwards inside over the cache rows ``rows`` only: batch row ``i`` is cache row
-        ``rows[i]`` (a prefill group, or the engine's rows that decode)."""
+        ``rows[i]`` (a prefill group, or the engine's rows that decode). ``continued``: the rows
+        may already hold tokens and the leading pads of the forwards only pad the batch (they are
+        no positions of the rows)."""
         self.end_forward()
         self._group_rows = rows
+        self._pads_are_padding = continued
         try:
             yield
             self.end_forward()
         finally:
             self._group_rows = None
             self._forward = None
+            self._pads_are_padding = False
 
     @contextlib.contextmanager
     def prefill_group(self, rows: list[int], continued: bool = False):
@@ -333,13 +337,9 @@ class PagedCache(Cache):
         group trimmed to its longest prompt, see generation.py). ``continued``: the rows may
         already hold a prefix of their prompt (reused blocks); the leading pads of the forward only
         pad the batch."""
-        with self.row_subset(rows):
+        with self.row_subset(rows, continued):
             self.tables.logical_len = 0
-            self._pads_are_padding = continued
-            try:
-                yield
-            finally:
-                self._pads_are_padding = False
+            yield
 
     @property
     def in_row_subset(self) -> bool:
