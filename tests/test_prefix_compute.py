@@ -185,3 +185,28 @@ def test_engine_reuses_a_shared_preamble(family):
     stats = progress[-1]
     assert stats["tokens_reused"] == (len(prompts) - 1) * PREAMBLE
     assert stats["tokens_prefilled"] == PREAMBLE + sum(SUFFIXES)
+
+
+def test_blocks_of_a_failed_call_are_never_hit():
+    """An exception in the middle of a prefill forward leaves blocks hashed but not written: the
+    prefix cache must not give them to a later call."""
+    paged, stock = make_pair("llama", seed=14)
+    prefix = PrefixCache(max_memory="64MiB")
+    ids, mask = _batch(seed=15)
+    calls = []
+
+    def fail_once(module, args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    handle = paged.model.layers[1].register_forward_pre_hook(fail_once)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            _gen(paged, ids, mask, prefix_cache=prefix)
+    finally:
+        handle.remove()
+    assert prefix.stats()["blocks_held"] == 0 and prefix.stats()["blocks_cached"] == 0
+    out = _gen(paged, ids, mask, prefix_cache=prefix)
+    assert torch.equal(out.sequences, _gen(stock, ids, mask).sequences)
+    assert _stats(out)["tokens_reused"] == (len(SUFFIXES) - 1) * PREAMBLE  # within the call only
