@@ -164,7 +164,6 @@ def _wrap_prefill(orig):
         if max_new is None and generation_config.max_length is not None:
             max_new = generation_config.max_length - input_ids.shape[1]
         cache.resolve_memory_cap(self.dtype)
-        cache.reserve_for_generation(prompt_lengths, copies, 0)
 
         groups = length_groups(prompt_lengths, cache.max_prefill_tokens)
         phases = None
@@ -174,6 +173,11 @@ def _wrap_prefill(orig):
         if (cache.share_prefixes and left_padded and not generation_config.output_hidden_states
                 and model_kwargs.get("position_ids") is not None and model_kwargs["position_ids"].dim() == 2):
             phases = prefill_phases(cache, _prompt_tokens(input_ids, mask, rep))
+        if phases is not None:
+            # the prompts' distinct blocks not stored yet (each computed once), not every row's
+            cache.pool.reserve(phases.new_blocks)
+        else:
+            cache.reserve_for_generation(prompt_lengths, copies, 0)
         if phases is not None:
             outputs = _shared_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
                                       is_first_iteration, rep, lengths, phases, args, kwargs)
@@ -266,7 +270,14 @@ def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list
     return [ids[r][keep[r]] for r in rep]
 
 
-def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> list[list[int]] | None:
+class PrefillPhases(list):
+    """The rounds of :func:`prefill_phases` (lists of prompt indices), with ``new_blocks``: the
+    blocks their prompts need that are not stored yet (distinct full blocks, partial tails)."""
+
+    new_blocks: int = 0
+
+
+def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhases | None:
     """Rounds of prefill in which every distinct full prompt block is computed once: prompt ``d``
     runs in the first round where no other prompt of that round computes the block it would start
     with (its first full block not stored yet); it then takes its stored leading blocks and
@@ -284,7 +295,7 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> list[list[in
     def stored(h: bytes) -> bool:
         return h in known or pool.lookup_hash(h) is not None
 
-    phases: list[list[int]] = []
+    phases = PrefillPhases()
     remaining = list(range(len(prompts)))
     reused = False
     while remaining:
@@ -308,6 +319,9 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> list[list[in
             known.update(hashes[d])
         phases.append(phase)
         remaining = wait
+    stored_before = {h for hs in hashes for h in hs if pool.lookup_hash(h) is not None}
+    phases.new_blocks = len({h for hs in hashes for h in hs} - stored_before) + sum(
+        -(-len(p) // bs) - len(hs) for p, hs in zip(prompts, hashes))
     return phases if reused or len(phases) > 1 else None
 
 
