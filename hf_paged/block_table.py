@@ -318,8 +318,10 @@ class BlockTables:
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.left_pads = [self.left_pads[i] for i in idx]
         self.inner_pads = [list(self.inner_pads[i]) for i in idx]
-        self.row_tokens = [None if self.row_tokens[i] is None else list(self.row_tokens[i]) for i in idx]
-        self.row_hashes = [list(self.row_hashes[i]) for i in idx]
+        # a row that stays itself keeps its lists; a copy gets its own (they grow with its prompt)
+        self.row_tokens = [self.row_tokens[i] if keep or self.row_tokens[i] is None else list(self.row_tokens[i])
+                           for i, keep in zip(idx, kept)]
+        self.row_hashes = [self.row_hashes[i] if keep else list(self.row_hashes[i]) for i, keep in zip(idx, kept)]
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` logical positions of every row; blocks no longer

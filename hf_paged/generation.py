@@ -86,6 +86,8 @@ def _wrap_prepare_cache(orig):
 def _wrap_generate(orig):
     def generate(self, *args, **kwargs):
         if not is_paged(self):
+            if kwargs.get("prefix_cache") is not None:
+                raise ValueError("hf_paged: prefix_cache= needs a model loaded with attn_implementation='paged'")
             return orig(self, *args, **kwargs)
         prefix_cache = kwargs.pop("prefix_cache", None)
         key = compat.cache_key(kwargs, PagedCache)
