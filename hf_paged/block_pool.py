@@ -134,7 +134,8 @@ class BlockPool:
         (which leaves the cache with its content)."""
         if self.ref_counts[block] == 0:
             if block not in self.cached:
-                raise RuntimeError(f"hf_paged: taking free block {block} that holds no cached content (bookkeeping bug)")
+                raise RuntimeError(f"hf_paged: taking free block {block}, which holds no cached content "
+                                   f"(bookkeeping bug)")
             del self.cached[block]
         self.ref_counts[block] += 1
 

@@ -414,13 +414,14 @@ class PagedCache(Cache):
                 f"{config_kv_shape(self.config)} but the model using it has {shape}. Build it with "
                 f"PagedCache(config=model.config, ...)."
             )
-        if shape is not None and any(s != shape[1:] for s in self.pools.head_shapes()) and self.prefix_cache is not None:
+        other_shape = shape is not None and any(s != shape[1:] for s in self.pools.head_shapes())
+        if other_shape and self.prefix_cache is not None:
             raise ValueError(
                 f"hf_paged: the prefix cache holds the K/V of a model with (KV heads, key dim, value dim) = "
                 f"{sorted(self.pools.head_shapes())} but this model has {shape[1:]}: give each model its own "
                 f"PrefixCache (or call PrefixCache.clear())."
             )
-        if shape is not None and any(s != shape[1:] for s in self.pools.head_shapes()):
+        if other_shape:
             # reset() kept the tensors of a model of another shape: they cannot serve this one
             self.pools.clear()
             self.layers = []

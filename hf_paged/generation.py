@@ -21,9 +21,8 @@ unchanged):
 
 from __future__ import annotations
 
-import torch
-
 import numpy as np
+import torch
 
 from . import compat
 from .block_table import chain_hashes

@@ -5,10 +5,11 @@ Each step of :meth:`Engine.steps`:
 1. **prefill**: the sequences whose tokens are not all in the cache yet (new ones are admitted
    from the waiting queue while blocks and the step's token budget allow; an admitted sequence
    first takes the stored blocks of its prompt's leading full blocks, held by another row or
-   freed but still hashed, and computes only the rest) run one chunk of their prompt each, in length-sorted groups of at most ``max_batch_tokens`` padded tokens, each group
-   one forward over its cache rows (``PagedCache.row_subset``). A sequence whose prompt is all in
-   the cache takes its first token from the chunk's last logits; a request that returns several
-   sequences forks its row first (the prompt's blocks are shared, copy-on-write).
+   freed but still hashed, and computes only the rest) run one chunk of their prompt each, in
+   length-sorted groups of at most ``max_batch_tokens`` padded tokens, each group one forward
+   over its cache rows (``PagedCache.row_subset``). A sequence whose prompt is all in the cache
+   takes its first token from the chunk's last logits; a request that returns several sequences
+   forks its row first (the prompt's blocks are shared, copy-on-write).
 2. **decode**: every sequence with its prompt in the cache feeds its last token, one forward over
    those rows. Before it, the blocks the step takes are counted; when the pool cannot give them,
    the newest sequences are preempted (their rows freed, requeued first, recomputed later: the
