@@ -7,8 +7,10 @@ values; built from a config as in generate_bench.py). The data set: 256 prompts 
 1,024-token preamble + a 32-256-token question each; 64 new tokens per prompt (eos_token_id=None,
 min_new_tokens=max_new_tokens); batches of 32.
 
-1. tokens: both paths, greedy, on the first batch (16 new tokens): equal tokens per row
-   (bf16: a row whose tokens differ is reported with where it diverges);
+1. tokens: both paths, greedy, on the first batch (16 new tokens; the shared path twice: within a
+   call, then across calls from its PrefixCache): first on a 2-layer model of the same shape in
+   fp32 (every row must agree), then on the bf16 model (a row whose tokens differ, a near-tie of
+   random weights flipped by another accumulation order, is reported with where it diverges);
 2. time: the whole data set with each path (after one untimed warm-up batch per path), end to end;
    prompt tokens computed (``memory_stats()['tokens_prefilled']``) vs the distinct prompt tokens of
    the data set (target <= 1.1x) and the time ratio (target >= 2.5x).
@@ -119,13 +121,43 @@ def run(rows, path, prefix, max_new):
 
 
 # ---------------------------------------------------------------- 1. tokens
-check_new = min(16, new)
-ref, _ = run(batches[0], "unshared", None, check_new)
-got, _ = run(batches[0], "shared", PrefixCache(max_memory=args.prefix_memory), check_new)
-equal_rows = [bool(torch.equal(a, b)) for a, b in zip(ref, got)]
-diverge = [int((a != b).nonzero()[0]) for a, b, e in zip(ref, got, equal_rows) if not e]
-emit(what="tokens_equal", rows=len(equal_rows), equal_rows=sum(equal_rows), new_tokens=check_new,
-     first_divergence=diverge)
+def check_tokens(label):
+    """Both paths, greedy, on the first batch, twice for the shared path (the second call finds
+    the preamble in its PrefixCache): rows with equal new tokens, and where the others diverge."""
+    check_new = min(16, new)
+    ref, _ = run(batches[0], "unshared", None, check_new)
+    prefix = PrefixCache(max_memory=args.prefix_memory)
+    equal = []
+    for call in ("within_call", "across_calls"):
+        got, _ = run(batches[0], "shared", prefix, check_new)
+        rows = [bool(torch.equal(a, b)) for a, b in zip(ref, got)]
+        diverge = [int((a != b).nonzero()[0]) for a, b, e in zip(ref, got, rows) if not e]
+        emit(what="tokens_equal", model=label, call=call, rows=len(rows), equal_rows=sum(rows),
+             new_tokens=check_new, first_divergence=diverge)
+        equal += rows
+    return equal
+
+
+check_fp32 = dev == "cuda" or args.tiny  # the tiny run goes through it too (the script's smoke test)
+if check_fp32:
+    # fp32, 2 layers of the same shape: the kernels' exactness (every row must agree); the bf16
+    # model below can flip a near-tie of its random-weight logits when an accumulation order differs
+    full_model = model
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": 2}),
+                                                 dtype=torch.float32, attn_implementation="paged")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    fp32_equal = check_tokens("fp32_2_layers")
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    model = full_model
+    if not all(fp32_equal):
+        print("TOKENS DIFFER in fp32: prefix sharing changed the results", flush=True)
+equal_rows = check_tokens("bf16" if dev == "cuda" else "fp32")
 
 # ---------------------------------------------------------------- 2. time
 timing = {}
@@ -150,7 +182,8 @@ for path in ("unshared", "shared"):
 speedup = timing["unshared"] / timing["shared"]
 emit(what="summary", speedup=round(speedup, 3), target_speedup=2.5,
      computed_over_distinct=[r for r in results if r.get("path") == "shared"][0]["computed_over_distinct"],
-     target_computed_over_distinct=1.1, tokens_equal_rows=f"{sum(equal_rows)}/{len(equal_rows)}")
+     target_computed_over_distinct=1.1, tokens_equal_rows=f"{sum(equal_rows)}/{len(equal_rows)}",
+     fp32_tokens_equal_rows=f"{sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else None)
 
 print()
 print(f"{'path':<10} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9}")
@@ -158,8 +191,9 @@ for r in results:
     if r.get("what") == "run":
         print(f"{r['path']:<10} {r['seconds']:>9.2f} {r['prompt_tokens_computed']:>23} "
               f"{r['computed_over_distinct']:>11.3f} {r['prompt_tokens_reused']:>9}")
-print(f"speedup (unshared / shared): {speedup:.2f}x; tokens equal on the check batch: "
-      f"{sum(equal_rows)}/{len(equal_rows)} rows")
+print(f"speedup (unshared / shared): {speedup:.2f}x; tokens equal on the check batch (within a call and "
+      f"across calls): {sum(equal_rows)}/{len(equal_rows)} rows"
+      + (f", fp32 2-layer model: {sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else ""))
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "prefix_bench.json"), "w") as f:
     json.dump(results, f, indent=1)
