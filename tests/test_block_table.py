@@ -177,6 +177,9 @@ def test_reused_blocks_hold_the_tokens_they_are_found_for(seq):
             for j, slot in enumerate(plan.slot_mapping[0].tolist()):
                 if slot >= 0:
                     content[slot] = int(rest[0, j])
+            # the multi-token kernel reads the reused blocks as context and the rest as own tokens
+            found = context_lens(torch.from_numpy(plan.seq_lens), torch.from_numpy(plan.query_pos)).tolist()
+            assert found == [n] and plan.max_context_len == n
             prompts.append(prompt)
         elif op == "decode" and prompts:
             row = r % len(prompts)
@@ -201,3 +204,25 @@ def test_reused_blocks_hold_the_tokens_they_are_found_for(seq):
         for row, toks in enumerate(prompts):
             stored = [content.get(tables.tables[row][i // bs] * bs + i % bs) for i in range(tables.seq_lens[row])]
             assert stored == toks
+
+
+def test_a_continued_batch_keeps_the_own_token_layout():
+    """Rows holding reused blocks and rows starting, left-padded in one forward whose leading pads
+    only pad the batch: pads read nothing, every row's own tokens are where the kernel reads them
+    (context_lens = the tokens each row held before), and no pad becomes a position of its row."""
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(3)
+    prompt = np.arange(1, 50)
+    first = tables.plan_forward([0], np.ones((1, 49), bool), prompt[None, :])
+    assert first.seq_lens.tolist() == [49]
+    assert tables.reuse_prefix(1, prompt.tolist() + [7, 8], max_tokens=50) == 48
+    real = np.zeros((2, 5), bool)
+    real[0, 2:] = True  # row 1: its 3 last tokens after the 48 reused
+    real[1, :] = True  # row 2: a new 5-token prompt
+    tokens = np.array([[0, 0, 49, 7, 8], [9, 9, 9, 9, 9]])
+    plan = tables.plan_forward([1, 2], real, tokens, leading_pads_are_padding=True)
+    assert plan.query_pos.tolist() == [[-1, -1, 48, 49, 50], [0, 1, 2, 3, 4]]
+    assert context_lens(torch.from_numpy(plan.seq_lens), torch.from_numpy(plan.query_pos)).tolist() == [48, 0]
+    assert not plan.pads_after_start and tables.inner_pads == [[], [], []]
+    assert tables.tables[1][:3] == tables.tables[0][:3]
+    tables.check_consistency()
