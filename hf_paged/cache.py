@@ -32,6 +32,7 @@ from .kernels import backend_for
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
 from .paged_layer import PagedLayer, dense_kv
+from .prefix_cache import model_key
 
 
 DEFAULT_BLOCK_SIZE = 16
@@ -279,8 +280,6 @@ class PagedCache(Cache):
         """Key the prefix hashes on ``model`` (weights, dtype, adapters) in a pool shared with other
         calls (a prefix cache); a cache with its own pool needs no key (``reset()`` forgets it)."""
         if self.prefix_cache is not None:
-            from .prefix_cache import model_key
-
             self.tables.salt = model_key(model)
 
     def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
@@ -292,12 +291,6 @@ class PagedCache(Cache):
         n = self.tables.reuse_prefix(row, tokens, max_tokens)
         self.tokens_reused += n
         return n
-
-    def cached_prefix_tokens(self, tokens, max_tokens: int | None = None) -> int:
-        """How many leading tokens of a prompt :meth:`reuse_prefix` would find stored now."""
-        if not self.share_prefixes:
-            return 0
-        return len(self.tables.cached_prefix(tokens, max_tokens)) * self.block_size
 
     @contextlib.contextmanager
     def replaying(self, meta: ForwardMetadata, seq_length: torch.Tensor, new_logical_len: int):
