@@ -82,8 +82,9 @@ class PrefixCache:
         if self.pool.num_used:
             raise RuntimeError(f"hf_paged: PrefixCache.clear() while {self.pool.num_used} block(s) are held by a "
                                f"live PagedCache; reset() or drop that cache first")
-        self.pool = BlockPool(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
-        self.pools = LayerPools(self.block_size)
+        # in place: the caches built over this prefix cache keep the same objects
+        self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
+        self.pools.clear()
 
 
 def model_key(model) -> bytes:

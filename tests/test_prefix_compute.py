@@ -210,3 +210,32 @@ def test_blocks_of_a_failed_call_are_never_hit():
     out = _gen(paged, ids, mask, prefix_cache=prefix)
     assert torch.equal(out.sequences, _gen(stock, ids, mask).sequences)
     assert _stats(out)["tokens_reused"] == (len(SUFFIXES) - 1) * PREAMBLE  # within the call only
+
+
+def test_clear_and_errors():
+    paged, stock = make_pair("llama", seed=16)
+    prefix = PrefixCache(max_blocks=64)
+    cache = PagedCache(config=paged.config, prefix_cache=prefix)
+    ids, mask = _batch(seed=17, suffixes=(3, 5))
+    _gen(paged, ids, mask, **{hf_paged.compat.generate_cache_kwarg(): cache})
+    with pytest.raises(RuntimeError, match="held by a live PagedCache"):
+        prefix.clear()
+    cache.reset()
+    assert prefix.stats()["blocks_cached"] > 0
+    prefix.clear()
+    assert prefix.stats() == {"blocks_total": 0, "blocks_held": 0, "blocks_cached": 0, "evictions": 0,
+                              "max_blocks": 64, "bytes_reserved": 0}
+    before = cache.memory_stats()["tokens_reused"]  # counted over the cache's life
+    out = _gen(paged, ids, mask, **{hf_paged.compat.generate_cache_kwarg(): cache})  # the same cache, after clear
+    assert torch.equal(out.sequences, _gen(stock, ids, mask).sequences)
+    assert cache.memory_stats()["tokens_reused"] - before == PREAMBLE  # within the call only: nothing was kept
+    with pytest.raises(ValueError, match="needs a cap"):
+        PrefixCache()
+    with pytest.raises(ValueError, match="uses the prefix cache's cap"):
+        PagedCache(config=paged.config, prefix_cache=prefix, max_memory="1GiB")
+    with pytest.raises(ValueError, match="attn_implementation='paged'"):
+        _gen(stock, ids, mask, prefix_cache=prefix)
+    gpt2, _ = make_pair("gpt2")  # another K/V shape
+    cache.reset()
+    with pytest.raises(ValueError, match="give each model its own PrefixCache"):
+        _gen(gpt2, ids, mask, prefix_cache=prefix)
