@@ -15,6 +15,7 @@ from .cache import CacheStateError, PagedCache
 from .compat import cache_of
 from .engine import GenerationResult, Request, generate_many, iter_generate_many
 from .forward import PagedForward
+from .prefix_cache import PrefixCache
 from .generation import install
 from .support import UnsupportedModelError, check_supported
 
@@ -27,6 +28,7 @@ __all__ = [
     "OutOfBlocksError",
     "PagedCache",
     "PagedForward",
+    "PrefixCache",
     "Request",
     "UnsupportedModelError",
     "cache_of",

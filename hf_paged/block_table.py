@@ -26,6 +26,18 @@ from .block_pool import BlockPool, OutOfBlocksError
 from .kernels.arith import cdiv
 
 
+def chain_hashes(tokens: np.ndarray, block_size: int, parent: bytes) -> list[bytes]:
+    """The chained hashes of the full blocks of ``tokens`` (int64), the first chained on ``parent``
+    (the hash of the block before, or the pool's salt for a row's first block)."""
+    hashes, h = [], parent
+    for i in range(len(tokens) // block_size):
+        # 128-bit digest chained over the prefix: collisions are out of reach, and every process
+        # (tensor-parallel ranks) computes the same value
+        h = hashlib.blake2b(h + tokens[i * block_size:(i + 1) * block_size].tobytes(), digest_size=16).digest()
+        hashes.append(h)
+    return hashes
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     """What one forward writes and reads, as host arrays (one row per batch row of the forward)."""
@@ -71,6 +83,14 @@ class BlockTables:
         self.left_pads: list[int] = []  # logical positions before the row's first token
         self.inner_pads: list[list[tuple[int, int]]] = []  # (logical position, count) runs after it
         self.logical_len = 0  # the padded length every row has logically
+        # Prefix hashes: salt starts every chain (None: no hashing at all), so that a pool shared by
+        # several models never gives one model another's blocks. Per row, the ids of its stored
+        # tokens while every forward gave them (None once one did not) and the chained hashes of
+        # its full blocks; ``registered``: blocks hashed since forget_registered() last ran.
+        self.salt: bytes | None = b""
+        self.row_tokens: list[list[int] | None] = []
+        self.row_hashes: list[list[bytes]] = []
+        self.registered: list[int] = []
 
     @property
     def num_rows(self) -> int:
@@ -81,14 +101,18 @@ class BlockTables:
         self.seq_lens.extend([0] * n)
         self.left_pads.extend([0] * n)
         self.inner_pads.extend([] for _ in range(n))
+        self.row_tokens.extend([] for _ in range(n))
+        self.row_hashes.extend([] for _ in range(n))
 
     # ------------------------------------------------------------------ one forward
     def plan_forward(self, rows: list[int], real: np.ndarray, tokens: np.ndarray | None = None,
-                     table_width: int = 0) -> ForwardPlan:
+                     table_width: int = 0, leading_pads_are_padding: bool = False) -> ForwardPlan:
         """Allocate blocks for the new tokens of ``rows`` (``real[b, j]``: token ``j`` of batch row
         ``b`` is stored), all or nothing, and plan the forward. ``tokens`` (int ``[B, Q]``): the
-        new tokens' ids, for rows that start here to reuse identical full blocks already stored.
-        ``table_width``: pad the block table to at least this many columns."""
+        new tokens' ids (a prompt forward): full blocks are hashed, and rows that start here reuse
+        identical full blocks already stored. ``table_width``: pad the block table to at least this
+        many columns. ``leading_pads_are_padding``: the pads before each row's first new token only
+        pad the batch (a prompt continued over a reused prefix), they are no positions of the row."""
         bs = self.block_size
         batch, q_len = real.shape
         tables = [self.tables[r] for r in rows]  # the same list objects: edits land in place
@@ -96,8 +120,10 @@ class BlockTables:
         seq_after = seq_before + real.sum(axis=1)
         # a real token's stored index is the next one of its row; a pad reads up to the last real
         # token before it (the keys stock's query at a pad sees), or nothing before the first
-        rank = seq_before[:, None] + np.cumsum(real, axis=1) - 1
-        query_pos = np.where(real | (rank >= 0), rank, -1)
+        seen = np.cumsum(real, axis=1)
+        rank = seq_before[:, None] + seen - 1
+        visible = (seen > 0) if leading_pads_are_padding else (rank >= 0)
+        query_pos = np.where(real | visible, rank, -1)
         pads_after_start = ~real & (query_pos >= 0)
         started_here = (seq_before == 0) & real.any(axis=1)
 
@@ -105,9 +131,14 @@ class BlockTables:
         reuse, row_hashes = self._plan_prefix_reuse(rows, real, started_here, tokens)
         blocks_after = cdiv(seq_after, bs)
         need = int(sum(blocks_after[b] - len(tables[b]) for b in range(batch)))
+        # blocks found in the pool are taken before allocating: the allocation must not evict them
+        taken = [ref for refs in reuse.values() for ref in refs if isinstance(ref, int)]
+        for blk in taken:
+            self.pool.take(blk)
         try:
             fresh = self.pool.allocate(need + n_copies - sum(len(r) for r in reuse.values()))
         except OutOfBlocksError as e:
+            self.pool.decref(taken)
             raise OutOfBlocksError(
                 e.needed, e.available, e.max_blocks,
                 hint=f"(block_size={bs}; rows={batch}; longest row would hold {int(seq_after.max())} tokens)",
@@ -128,19 +159,29 @@ class BlockTables:
         for b in range(batch):
             table = tables[b]
             for ref in reuse.get(b, ()):
-                blk = ref if isinstance(ref, int) else tables[ref[0]][ref[1]]
-                self.pool.incref([blk])
-                table.append(blk)
+                if isinstance(ref, int):
+                    table.append(ref)  # taken above
+                else:
+                    blk = tables[ref[0]][ref[1]]
+                    self.pool.incref([blk])
+                    table.append(blk)
             written_from[b] = len(table) * bs if b in reuse else 0
             table.extend(fresh.pop() for _ in range(int(blocks_after[b]) - len(table)))
         assert not fresh
-        for b, hashes in row_hashes.items():
-            for i, h in enumerate(hashes):
-                if tables[b][i] not in self.pool.block_hash:
-                    self.pool.register_hash(tables[b][i], h)
         any_pad_after_start = bool(pads_after_start.any())
         for b, r in enumerate(rows):
-            if seq_before[b] == 0:
+            if b not in row_hashes:
+                self.row_tokens[r] = None  # not a prompt forward: the row's later blocks are not hashed
+                continue
+            if started_here[b]:
+                self.row_tokens[r], self.row_hashes[r] = [], []
+            self.row_tokens[r] += tokens[b][real[b]].tolist()
+            for i, h in row_hashes[b]:
+                self.row_hashes[r].append(h)
+                if self.pool.register_hash(tables[b][i], h):
+                    self.registered.append(tables[b][i])
+        for b, r in enumerate(rows):
+            if seq_before[b] == 0 and not leading_pads_are_padding:
                 self.left_pads[r] += int(real[b].argmax()) if real[b].any() else q_len
             if any_pad_after_start:
                 for j in np.flatnonzero(pads_after_start[b]):
@@ -190,30 +231,33 @@ class BlockTables:
             runs.append((at, 1))
 
     def _plan_prefix_reuse(self, rows, real, started_here, tokens):
-        """Which full blocks of rows that start in this forward already exist.
+        """Which full blocks of rows that start in this forward already exist, and the hashes of
+        the full blocks every row of a prompt forward fills.
 
         Returns ``reuse`` (batch row -> leading blocks to reference: a block id from the pool, or
         ``(row, i)`` for block ``i`` of an earlier row of this forward, not yet allocated) and
-        ``row_hashes`` (batch row -> chained hashes of its full blocks, registered once allocated).
+        ``row_hashes`` (batch row -> ``(block index, chained hash)`` of the full blocks it fills,
+        registered once allocated; only rows whose every stored token came with its id).
         Hashes chain over the tokens from the row's first real token, so a hit means the same
         tokens at the same positions: the same K/V.
         """
-        if tokens is None or tokens.shape != real.shape:
+        if tokens is None or tokens.shape != real.shape or self.salt is None:
             return {}, {}
         bs = self.block_size
         reuse: dict[int, list] = {}
-        row_hashes: dict[int, list[bytes]] = {}
+        row_hashes: dict[int, list[tuple[int, bytes]]] = {}
         first_seen: dict[bytes, tuple[int, int]] = {}  # hash -> (batch row, block index) in this forward
-        for b in range(len(rows)):
+        for b, r in enumerate(rows):
+            if not started_here[b] and self.row_tokens[r] is None:
+                continue  # some of the row's tokens came without ids: its later blocks are not hashed
+            known = [] if started_here[b] else self.row_tokens[r]
+            done = 0 if started_here[b] else len(self.row_hashes[r])
+            parent = self.row_hashes[r][-1] if done else self.salt
+            row = np.concatenate([np.asarray(known, dtype=np.int64), tokens[b][real[b]].astype(np.int64)])
+            hashes = chain_hashes(row[done * bs:], bs, parent)
+            row_hashes[b] = [(done + i, h) for i, h in enumerate(hashes)]
             if not started_here[b]:
                 continue
-            row = tokens[b][real[b]].astype(np.int64)
-            hashes, h = [], b""
-            for i in range(len(row) // bs):
-                # 128-bit digest chained over the prefix: collisions are out of reach, and every
-                # process (tensor-parallel ranks) computes the same value
-                h = hashlib.blake2b(h + row[i * bs:(i + 1) * bs].tobytes(), digest_size=16).digest()
-                hashes.append(h)
             refs: list = []
             for h in hashes:
                 hit = self.pool.lookup_hash(h)
@@ -226,8 +270,49 @@ class BlockTables:
                 first_seen.setdefault(hashes[i], (b, i))
             if refs:
                 reuse[b] = refs
-            row_hashes[b] = hashes
         return reuse, row_hashes
+
+    # ------------------------------------------------------------------ prefixes without compute
+    def cached_prefix(self, tokens, max_tokens: int | None = None) -> list[int]:
+        """The pool's blocks (held or cached) holding the leading full blocks of a prompt of
+        ``tokens`` (at most ``max_tokens`` tokens of them), in order."""
+        if self.salt is None:
+            return []
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+        blocks = []
+        for h in chain_hashes(tokens[: n - n % self.block_size], self.block_size, self.salt):
+            blk = self.pool.lookup_hash(h)
+            if blk is None:
+                break
+            blocks.append(blk)
+        return blocks
+
+    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
+        """Give the empty row ``row`` the pool's blocks holding its prompt's leading full blocks
+        (``tokens``: the prompt's ids; at most ``max_tokens`` of them): those tokens are stored
+        without running the model. Returns how many tokens the row now holds."""
+        if self.tables[row] or self.seq_lens[row]:
+            raise RuntimeError(f"hf_paged: reuse_prefix on row {row}, which already holds tokens (bookkeeping bug)")
+        blocks = self.cached_prefix(tokens, max_tokens)
+        if not blocks:
+            return 0
+        for blk in blocks:
+            self.pool.take(blk)
+        n = len(blocks) * self.block_size
+        self.tables[row] = blocks
+        self.seq_lens[row] = n
+        self.row_tokens[row] = [int(t) for t in tokens[:n]]
+        self.row_hashes[row] = [self.pool.block_hash[b] for b in blocks]
+        return n
+
+    def forget_registered(self) -> None:
+        """Drop the hashes registered since the last call (their forwards may not have written the
+        blocks: an exception cut them short)."""
+        for blk in self.registered:
+            if self.pool.ref_count(blk) > 0 or blk in self.pool.cached:
+                self.pool.forget_hash(blk)
+        self.registered = []
 
     # ------------------------------------------------------------------ row operations
     def select_rows(self, idx: list[int]) -> None:
@@ -251,6 +336,10 @@ class BlockTables:
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.left_pads = [self.left_pads[i] for i in idx]
         self.inner_pads = [list(self.inner_pads[i]) for i in idx]
+        # a row that stays itself keeps its lists; a copy gets its own (they grow with its prompt)
+        self.row_tokens = [self.row_tokens[i] if keep or self.row_tokens[i] is None else list(self.row_tokens[i])
+                           for i, keep in zip(idx, kept)]
+        self.row_hashes = [self.row_hashes[i] if keep else list(self.row_hashes[i]) for i, keep in zip(idx, kept)]
 
     def drop_rows(self, rows: list[int]) -> None:
         """Remove rows ``rows``; the others keep their tables and order (rows that finished:
@@ -265,6 +354,8 @@ class BlockTables:
         self.seq_lens = [self.seq_lens[i] for i in keep]
         self.left_pads = [self.left_pads[i] for i in keep]
         self.inner_pads = [self.inner_pads[i] for i in keep]
+        self.row_tokens = [self.row_tokens[i] for i in keep]
+        self.row_hashes = [self.row_hashes[i] for i in keep]
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` logical positions of every row; blocks no longer
@@ -284,12 +375,22 @@ class BlockTables:
                 self.pool.forget_hash(table[-1])  # it becomes partial and will be written again
             self.seq_lens[b] = keep_tokens
             self.left_pads[b] = min(self.left_pads[b], max_length)
+            if self.row_tokens[b] is not None:
+                del self.row_tokens[b][keep_tokens:]
+            del self.row_hashes[b][keep_tokens // bs:]
         self.logical_len = max_length
 
-    def clear(self) -> None:
-        """Forget every row; every block returns to the pool."""
-        self.pool.reset()
+    def clear(self, keep_cached: bool = False) -> None:
+        """Forget every row; every block returns to the pool. ``keep_cached``: the pool is shared
+        (a prefix cache): only this table's references are dropped, and hashed blocks stay
+        findable; else the whole pool is reset."""
+        if keep_cached:
+            for table in self.tables:
+                self.pool.decref(table)
+        else:
+            self.pool.reset()
         self.tables, self.seq_lens, self.left_pads, self.inner_pads = [], [], [], []
+        self.row_tokens, self.row_hashes, self.registered = [], [], []
         self.logical_len = 0
 
     # ------------------------------------------------------------------ sizes and views

@@ -32,9 +32,17 @@ from .kernels import backend_for
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
 from .paged_layer import PagedLayer, dense_kv
+from .prefix_cache import model_key
 
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+def _release_rows(tables: BlockTables) -> None:
+    """A cache over a prefix cache is gone: its rows' blocks go back to the shared pool (hashes
+    registered by a forward that never completed are dropped first)."""
+    tables.forget_registered()
+    tables.clear(keep_cached=True)
 
 
 class CacheStateError(RuntimeError):
@@ -65,25 +73,50 @@ class PagedCache(Cache):
             most this many (padded) tokens, each group trimmed to its own longest prompt: the
             activations stop growing with the batch and less padding is computed. ``None``: one
             prefill forward for the whole batch, as stock transformers does.
+        prefix_cache: a :class:`~hf_paged.prefix_cache.PrefixCache` whose pool and tensors this
+            cache borrows (its cap and block size apply): prompt blocks stored by earlier calls
+            are reused, and this cache's blocks return there when it lets its rows go.
     """
 
     def __init__(self, config=None, block_size: int = DEFAULT_BLOCK_SIZE, max_blocks: int | None = None,
                  max_memory: int | str | None = None, share_prefixes: bool = True,
-                 max_prefill_tokens: int | None = 8192):
+                 max_prefill_tokens: int | None = 8192, prefix_cache=None):
         super().__init__(layers=[])
         block_size = check_count(block_size, "block_size")
         max_blocks = check_count(max_blocks, "max_blocks")
         self.max_prefill_tokens = check_count(max_prefill_tokens, "max_prefill_tokens")
         if max_blocks is not None and max_memory is not None:
             raise ValueError("hf_paged: pass max_blocks or max_memory, not both")
+        if prefix_cache is not None and (max_blocks is not None or max_memory is not None):
+            raise ValueError("hf_paged: a PagedCache over a prefix_cache uses the prefix cache's cap: pass max_memory "
+                             "/ max_blocks to PrefixCache, not to PagedCache")
+        if prefix_cache is not None and block_size not in (DEFAULT_BLOCK_SIZE, prefix_cache.block_size):
+            raise ValueError(f"hf_paged: block_size={block_size} differs from the prefix cache's "
+                             f"{prefix_cache.block_size}; build the PrefixCache with the block size you want")
         self.config = compat.text_config(config) if config is not None else None
         self._config_given = config is not None  # else the config of the model it serves (until reset)
-        self.block_size = block_size
-        self.max_memory = parse_memory(max_memory) if max_memory is not None else None
+        self.prefix_cache = prefix_cache
+        if prefix_cache is not None:
+            # borrowed: the pool and tensors outlive this cache; hashes wait for bind_model's salt
+            self.block_size = prefix_cache.block_size
+            self.max_memory = prefix_cache.max_memory
+            self.pool = prefix_cache.pool
+            self.pools = prefix_cache.pools
+            self.tables = BlockTables(self.pool, self.block_size)
+            self.tables.salt = None
+            # the rows' blocks go back to the shared pool with this cache
+            weakref.finalize(self, _release_rows, self.tables)
+        else:
+            self.block_size = block_size
+            self.max_memory = parse_memory(max_memory) if max_memory is not None else None
+            self.pool = BlockPool(max_blocks=max_blocks)
+            self.tables = BlockTables(self.pool, block_size)
+            self.pools = LayerPools(block_size)
         self.share_prefixes = share_prefixes
-        self.pool = BlockPool(max_blocks=max_blocks)
-        self.tables = BlockTables(self.pool, block_size)
-        self.pools = LayerPools(block_size)
+        self.tokens_prefilled = 0  # prompt tokens run through the model
+        self.tokens_reused = 0  # prompt tokens whose K/V came from stored blocks, without compute
+        self._prompt_forward = False  # the next forward runs prompt tokens (set_prefill_tokens)
+        self._pads_are_padding = False  # the leading pads of the forwards in prefill_group(continued=True)
         self.max_row_blocks: int | None = None  # bound on any row's table length (reserve_for_generation)
         self.graph_state = None  # CUDA graphs of the decode step, tied to these pools (graphs.py)
         self.interrupted: str | None = None  # why the rows are unusable (an exception mid-generate)
@@ -182,7 +215,11 @@ class PagedCache(Cache):
         self._check_pads_in_rows(real, seq_before)
         tokens, self._prefill_tokens = self._prefill_tokens, None
         tokens = tokens.to("cpu").numpy() if tokens is not None and self.share_prefixes else None
-        plan = self.tables.plan_forward(rows, real, tokens, table_width).padded(pad_rows_to)
+        plan = self.tables.plan_forward(rows, real, tokens, table_width,
+                                        leading_pads_are_padding=self._pads_are_padding).padded(pad_rows_to)
+        if self._prompt_forward:
+            self.tokens_prefilled += int(real.sum())
+            self._prompt_forward = False
         meta = ForwardMetadata.from_plan(plan, device, max_seq_len=table_width * self.block_size)
         self.forwards += 1
         self._forward = PagedForward(meta, self.pools, self.tables.logical_len + q_len)
@@ -228,14 +265,35 @@ class PagedCache(Cache):
         if fwd is not None:
             if replayed:
                 self.tables.logical_len = fwd.new_logical_len
+            complete = bool(fwd.updated) and len(fwd.updated) >= self._layers_per_forward
             if fwd.updated:
                 self._layers_per_forward = max(self._layers_per_forward, len(fwd.updated))
             fwd.write_new_kv()
+            if complete:
+                self.tables.registered = []  # every layer wrote the blocks hashed for this forward
 
     def set_prefill_tokens(self, input_ids: torch.Tensor | None) -> None:
-        """Token ids of the next forward's new tokens ``[B, Q]``, so that identical full prompt
-        blocks (same tokens from the row's first token on) are stored once."""
+        """The next forward runs prompt tokens (counted in ``tokens_prefilled``); ``input_ids``: their
+        ids ``[B, Q]``, so that identical full prompt blocks (same tokens from the row's first token
+        on) are stored once and hashed for later reuse (None: ids unknown, nothing hashed)."""
         self._prefill_tokens = input_ids
+        self._prompt_forward = True
+
+    def bind_model(self, model) -> None:
+        """Key the prefix hashes on ``model`` (weights, dtype, adapters) in a pool shared with other
+        calls (a prefix cache); a cache with its own pool needs no key (``reset()`` forgets it)."""
+        if self.prefix_cache is not None:
+            self.tables.salt = model_key(model)
+
+    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
+        """Give the empty row ``row`` the stored blocks (held or cached) holding the leading full
+        blocks of its prompt ``tokens`` (at most ``max_tokens`` tokens): returns the tokens it now
+        holds without compute (counted in ``tokens_reused``)."""
+        if not self.share_prefixes:
+            return 0
+        n = self.tables.reuse_prefix(row, tokens, max_tokens)
+        self.tokens_reused += n
+        return n
 
     @contextlib.contextmanager
     def replaying(self, meta: ForwardMetadata, seq_length: torch.Tensor, new_logical_len: int):
@@ -253,23 +311,29 @@ class PagedCache(Cache):
 
     # ================================================================ forwards over some rows
     @contextlib.contextmanager
-    def row_subset(self, rows: list[int]):
+    def row_subset(self, rows: list[int], continued: bool = False):
         """Run the forwards inside over the cache rows ``rows`` only: batch row ``i`` is cache row
-        ``rows[i]`` (a prefill group, or the engine's rows that decode)."""
+        ``rows[i]`` (a prefill group, or the engine's rows that decode). ``continued``: the rows
+        may already hold tokens and the leading pads of the forwards only pad the batch (they are
+        no positions of the rows)."""
         self.end_forward()
         self._group_rows = rows
+        self._pads_are_padding = continued
         try:
             yield
             self.end_forward()
         finally:
             self._group_rows = None
             self._forward = None
+            self._pads_are_padding = False
 
     @contextlib.contextmanager
-    def prefill_group(self, rows: list[int]):
+    def prefill_group(self, rows: list[int], continued: bool = False):
         """One forward over the cache rows ``rows`` only, its logical positions from 0 (a prefill
-        group trimmed to its longest prompt, see generation.py)."""
-        with self.row_subset(rows):
+        group trimmed to its longest prompt, see generation.py). ``continued``: the rows may
+        already hold a prefix of their prompt (reused blocks); the leading pads of the forward only
+        pad the batch."""
+        with self.row_subset(rows, continued):
             self.tables.logical_len = 0
             yield
 
@@ -309,7 +373,8 @@ class PagedCache(Cache):
         cache over stored tokens: refuse pads after a row's first token with chunked layers."""
         if self.config is None or "chunked_attention" not in compat.layer_types(self.config):
             return
-        if any(self.tables.inner_pads) or (~real & (np.cumsum(real, 1) + seq_before[:, None] > 0)).any():
+        before = 0 if self._pads_are_padding else seq_before[:, None]  # leading batch padding is no position
+        if any(self.tables.inner_pads) or (~real & (np.cumsum(real, 1) + before > 0)).any():
             raise CacheStateError(
                 "hf_paged: pads after a row's first token (a continued multi-turn batch, a mask with holes) are not "
                 "supported with chunked attention (Llama 4): stock counts a chunk's positions over those pads, the "
@@ -345,7 +410,14 @@ class PagedCache(Cache):
                 f"{config_kv_shape(self.config)} but the model using it has {shape}. Build it with "
                 f"PagedCache(config=model.config, ...)."
             )
-        if shape is not None and any(s != shape[1:] for s in self.pools.head_shapes()):
+        other_shape = shape is not None and any(s != shape[1:] for s in self.pools.head_shapes())
+        if other_shape and self.prefix_cache is not None:
+            raise ValueError(
+                f"hf_paged: the prefix cache holds the K/V of a model with (KV heads, key dim, value dim) = "
+                f"{sorted(self.pools.head_shapes())} but this model has {shape[1:]}: give each model its own "
+                f"PrefixCache (or call PrefixCache.clear())."
+            )
+        if other_shape:
             # reset() kept the tensors of a model of another shape: they cannot serve this one
             self.pools.clear()
             self.layers = []
@@ -364,6 +436,8 @@ class PagedCache(Cache):
         blocks, longest = self.tables.reservation(prompt_lengths, copies, max_new_tokens)
         if max_new_tokens > 0:
             self.max_row_blocks = longest or None
+            # the prompts are in the cache: what is left to allocate is the decode's part
+            blocks -= self.tables.reservation(prompt_lengths, copies, 0)[0]
         self.pool.reserve(blocks)
 
     def grow_layer_pools(self) -> None:
@@ -424,10 +498,14 @@ class PagedCache(Cache):
             self.tables.crop(length)
 
     def reset(self) -> None:
-        """Forget every row; blocks return to the pool (its tensors stay allocated for reuse)."""
+        """Forget every row; blocks return to the pool (its tensors stay allocated for reuse). Over
+        a prefix cache, the rows' hashed blocks stay findable there (unless an exception may have
+        left them unwritten)."""
+        if self._forward is not None or self.interrupted is not None:
+            self.tables.forget_registered()  # their forward may not have written them
         self._forward = None  # its unwritten K/V belonged to rows that are gone
         self.max_row_blocks = None
-        self.tables.clear()
+        self.tables.clear(keep_cached=self.prefix_cache is not None)
         self._prefill_tokens = None
         self._group_rows = None
         self._model_config = None
@@ -435,6 +513,18 @@ class PagedCache(Cache):
             self.config = None
         self._layers_per_forward = 0
         self.interrupted = None
+
+    def release_rows(self, failed: bool = False) -> None:
+        """Over a prefix cache: finish the forward in progress and give every row's blocks back to
+        the prefix cache (hashed ones stay findable there); the counters are kept. generate does
+        this at the end of a call whose cache it created. ``failed``: an exception ended the call:
+        the blocks hashed by a forward not known complete are not trusted."""
+        if failed:
+            self.tables.forget_registered()
+            self._forward = None
+        else:
+            self.end_forward()
+        self.reset()
 
     # ================================================================ memory
     def dense_layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -450,7 +540,9 @@ class PagedCache(Cache):
         ``tokens_logical`` (sum of the rows' non-pad lengths), ``tokens_stored`` (distinct stored
         token slots), ``tokens_dense`` (rows x padded length: a DynamicCache's tokens),
         ``bytes_per_token``, ``bytes_reserved`` (pool tensors), ``bytes_used``, ``bytes_dense``,
-        ``saving`` (bytes_dense / bytes_used).
+        ``saving`` (bytes_dense / bytes_used), ``tokens_prefilled`` (prompt tokens run through the
+        model, over the cache's life), ``tokens_reused`` (prompt tokens whose K/V came from stored
+        blocks without compute).
         """
         usage = self.tables.usage()
         per_token = self.pools.bytes_per_token()
@@ -471,4 +563,6 @@ class PagedCache(Cache):
             "bytes_used": bytes_used,
             "bytes_dense": bytes_dense,
             "saving": (bytes_dense / bytes_used) if bytes_used else 0.0,
+            "tokens_prefilled": self.tokens_prefilled,
+            "tokens_reused": self.tokens_reused,
         }

@@ -14,17 +14,26 @@ unchanged):
 - ``GenerationMixin._prefill``: when ``generate`` has expanded prompts for beams or
   ``num_return_sequences``, run each distinct prompt's prefill once, then fork the rows (blocks by
   reference, logits broadcast); prompts sorted by length in groups of ``max_prefill_tokens``; and
-  hand the prompt tokens to the cache for prefix sharing.
+  hand the prompt tokens to the cache for prefix sharing. Prompts that share leading full blocks
+  (with each other, or with blocks a prefix cache kept from earlier calls) compute them once: the
+  other rows prefill only their suffix over the stored blocks (:func:`prefill_phases`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import compat
+from .block_table import chain_hashes
 from .cache import PagedCache
 from .graphs import GraphedForward, graphs_enabled
+from .prefix_cache import PrefixCache
 from .support import check_supported, guard_media_inputs
+
+# A batch whose prompts share prefixes of prefixes (a chain of ever longer common prefixes) would
+# take one prefill round per level; past this many rounds the rest prefill together.
+MAX_PREFILL_PHASES = 4
 
 
 def is_paged(model) -> bool:
@@ -58,7 +67,16 @@ def _wrap_prepare_cache(orig):
             )
         out = orig(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         if user_cache is None:
-            compat.replace_dynamic_cache(model_kwargs, lambda: PagedCache(config=self.config))
+            call = self.__dict__.get("_hf_paged_call")
+            prefix_cache = call["prefix_cache"] if call is not None else None
+
+            def make():
+                cache = PagedCache(config=self.config, prefix_cache=prefix_cache)
+                if prefix_cache is not None:
+                    call["created"].append(cache)  # its rows go back to the prefix cache after the call
+                return cache
+
+            compat.replace_dynamic_cache(model_kwargs, make)
         return out
 
     return _prepare_cache_for_generation
@@ -67,17 +85,32 @@ def _wrap_prepare_cache(orig):
 def _wrap_generate(orig):
     def generate(self, *args, **kwargs):
         if not is_paged(self):
+            if kwargs.get("prefix_cache") is not None:
+                raise ValueError("hf_paged: prefix_cache= needs a model loaded with attn_implementation='paged'")
             return orig(self, *args, **kwargs)
+        prefix_cache = kwargs.pop("prefix_cache", None)
         key = compat.cache_key(kwargs, PagedCache)
         user_cache = kwargs[key] if key is not None else None
+        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
+            raise TypeError(f"hf_paged: prefix_cache must be a hf_paged.PrefixCache, got {type(prefix_cache).__name__}")
+        if prefix_cache is not None and user_cache is not None:
+            raise ValueError("hf_paged: pass prefix_cache= or a cache, not both (build the cache over it: "
+                             "PagedCache(config=model.config, prefix_cache=prefix_cache))")
+        if prefix_cache is None and user_cache is None:
+            prefix_cache = PrefixCache.attached(self)
         forwards_before = user_cache.forwards if user_cache is not None else 0
         # An instance attribute "forward" already there is someone else's (accelerate's device_map
         # hooks): leave the model as it is. Installed for this call only, removed by its owner.
         graphed = None
         if graphs_enabled() and "forward" not in self.__dict__:
             graphed = self.forward = GraphedForward(self)
+        outer_call = self.__dict__.get("_hf_paged_call")
+        call = self.__dict__["_hf_paged_call"] = {"prefix_cache": prefix_cache, "created": []}
+        failed = True
         try:
-            return orig(self, *args, **kwargs)
+            out = orig(self, *args, **kwargs)
+            failed = False
+            return out
         except BaseException as exc:
             # The user's cache holds whatever the interrupted generation had written: refuse to
             # continue from it (a later call would build on incomplete rows) until reset().
@@ -87,6 +120,13 @@ def _wrap_generate(orig):
         finally:
             if graphed is not None and self.__dict__.get("forward") is graphed:
                 del self.__dict__["forward"]
+            if outer_call is None:
+                self.__dict__.pop("_hf_paged_call", None)
+            else:
+                self.__dict__["_hf_paged_call"] = outer_call
+            for cache in call["created"]:
+                # the blocks go back to the prefix cache (hashed prompt blocks stay findable)
+                cache.release_rows(failed=failed)
 
     return generate
 
@@ -97,6 +137,7 @@ def _wrap_prefill(orig):
         if key is None:
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
         cache: PagedCache = model_kwargs[key]
+        cache.bind_model(self)
         if generation_config.output_attentions:
             raise ValueError(
                 "hf_paged: output_attentions=True cannot be served by attn_implementation='paged': its kernels never "
@@ -111,6 +152,7 @@ def _wrap_prefill(orig):
             and (mask is None or mask.dim() == 2)
         )
         if not fresh:
+            cache.set_prefill_tokens(None)  # prompt tokens (counted), not hashed
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
 
         batch = input_ids.shape[0]
@@ -123,10 +165,30 @@ def _wrap_prefill(orig):
         if max_new is None and generation_config.max_length is not None:
             max_new = generation_config.max_length - input_ids.shape[1]
         cache.resolve_memory_cap(self.dtype)
-        cache.reserve_for_generation(prompt_lengths, copies, 0)
 
         groups = length_groups(prompt_lengths, cache.max_prefill_tokens)
-        if len(groups) == 1 and len(rep) == batch:
+        phases = None
+        # Compute sharing needs the prompt step's per-position outputs unasked for (hidden states:
+        # the rows' skipped positions would be missing), pads first, and positions it can give
+        # (position_ids: the suffix starts past the reused tokens).
+        if (cache.share_prefixes and left_padded and not generation_config.output_hidden_states
+                and model_kwargs.get("position_ids") is not None and model_kwargs["position_ids"].dim() == 2):
+            phases = prefill_phases(cache, _prompt_tokens(input_ids, mask, rep))
+        if phases is not None:
+            # the prompts' distinct blocks not stored yet (each computed once), not every row's
+            cache.pool.reserve(phases.new_blocks)
+        else:
+            cache.reserve_for_generation(prompt_lengths, copies, 0)
+        if phases is not None:
+            outputs = _shared_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
+                                      is_first_iteration, rep, lengths, phases, args, kwargs)
+            if len(rep) < batch:
+                cache.fork_rows(inverse)
+                inv_t = torch.tensor(inverse, device=input_ids.device)
+                for name, value in list(outputs.items()):
+                    if value is not cache:
+                        outputs[name] = _broadcast_rows(value, inv_t, len(rep))
+        elif len(groups) == 1 and len(rep) == batch:
             # one forward over the batch as given: exactly stock's prefill
             cache.set_prefill_tokens(input_ids)
             outputs = orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
@@ -198,6 +260,112 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
             merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
         merged[torch.tensor(group, device=logits.device)] = logits
     cache.end_grouped_prefill(width, left_padded=trim)
+    outputs["logits"] = merged
+    return outputs
+
+
+def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list[int]) -> list[np.ndarray]:
+    """The real (non-pad) token ids of the prompts ``rep``, int64."""
+    ids = input_ids.cpu().numpy().astype(np.int64)
+    keep = mask.cpu().numpy().astype(bool) if mask is not None and mask.dim() == 2 else np.ones(ids.shape, bool)
+    return [ids[r][keep[r]] for r in rep]
+
+
+class PrefillPhases(list):
+    """The rounds of :func:`prefill_phases` (lists of prompt indices), with ``new_blocks``: the
+    blocks their prompts need that are not stored yet (distinct full blocks, partial tails)."""
+
+    new_blocks: int = 0
+
+
+def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhases | None:
+    """Rounds of prefill in which every distinct full prompt block is computed once: prompt ``d``
+    runs in the first round where no other prompt of that round computes the block it would start
+    with (its first full block not stored yet); it then takes its stored leading blocks and
+    prefills the rest. None when nothing would be reused (the batch prefills as before).
+
+    Rows of one round cannot compute the same block: their hash chains differ at their first
+    block not stored, so at every later block too. A prompt keeps its last token to compute (its
+    logits start generation)."""
+    bs, salt, pool = cache.block_size, cache.tables.salt, cache.pool
+    if salt is None:
+        return None
+    hashes = [chain_hashes(p[: max(0, len(p) - 1) // bs * bs], bs, salt) for p in prompts]
+    known: set[bytes] = set()
+
+    def stored(h: bytes) -> bool:
+        return h in known or pool.lookup_hash(h) is not None
+
+    phases = PrefillPhases()
+    remaining = list(range(len(prompts)))
+    reused = False
+    while remaining:
+        if len(phases) == MAX_PREFILL_PHASES - 1:
+            phases.append(remaining)
+            break
+        phase, starts, wait = [], set(), []
+        for d in remaining:
+            hs = hashes[d]
+            k = 0
+            while k < len(hs) and stored(hs[k]):
+                k += 1
+            reused |= k > 0
+            if k < len(hs) and hs[k] in starts:
+                wait.append(d)
+                continue
+            phase.append(d)
+            if k < len(hs):
+                starts.add(hs[k])
+        for d in phase:
+            known.update(hashes[d])
+        phases.append(phase)
+        remaining = wait
+    stored_before = {h for hs in hashes for h in hs if pool.lookup_hash(h) is not None}
+    phases.new_blocks = len({h for hs in hashes for h in hs} - stored_before) + sum(
+        -(-len(p) // bs) - len(hs) for p, hs in zip(prompts, hashes))
+    return phases if reused or len(phases) > 1 else None
+
+
+def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config, model_kwargs, is_first_iteration,
+                    rep, lengths, phases, args, kwargs):
+    """Prefill the distinct prompts ``rep`` round by round (``phases``): each prompt first takes
+    the stored blocks of its leading full blocks (``cache.reuse_prefix``), then runs only its
+    suffix, over those blocks as context, in length-sorted groups trimmed to their longest
+    suffix. Cache row ``d`` holds prompt ``rep[d]``; the last positions' logits are gathered into
+    one ``[len(rep), 1, vocab]`` (all that generate reads of the prompt step)."""
+    batch, width = input_ids.shape
+    cache.add_rows(len(rep))
+    prompts = _prompt_tokens(input_ids, model_kwargs.get("attention_mask"), rep)
+    merged = None
+    outputs = None
+    for phase in phases:
+        suffix = {}
+        for d in phase:
+            n = len(prompts[d])
+            suffix[d] = n - cache.reuse_prefix(d, prompts[d], max_tokens=n - 1)
+        for group in length_groups([suffix[d] for d in phase], cache.max_prefill_tokens):
+            ds = [phase[i] for i in group]
+            rows_t = torch.tensor([rep[d] for d in ds], device=input_ids.device)
+            w = max(1, max(suffix[d] for d in ds))
+            sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
+            for k in ("attention_mask", "position_ids", "token_type_ids"):
+                v = sub.get(k)
+                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
+                    sub[k] = v[:, width - w:]
+            # each row's suffix is its last tokens; the columns before it (pads, or its reused
+            # tokens) are padding of this forward
+            cols = torch.arange(w, device=input_ids.device)
+            starts = torch.tensor([w - suffix[d] for d in ds], device=input_ids.device)
+            sub["attention_mask"] = (cols[None, :] >= starts[:, None]).long()
+            ids = input_ids.index_select(0, rows_t)[:, width - w:]
+            with cache.prefill_group(ds, continued=True):
+                cache.set_prefill_tokens(ids)
+                outputs = orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
+            logits = outputs["logits"][:, -1:, :]
+            if merged is None:
+                merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
+            merged[torch.tensor(ds, device=logits.device)] = logits
+    cache.end_grouped_prefill(width, left_padded=True)
     outputs["logits"] = merged
     return outputs
 

@@ -27,18 +27,51 @@ def test_double_free_and_bad_incref_are_caught():
         pool.incref([b])
 
 
-def test_hashes_are_dropped_with_their_block():
-    pool = BlockPool()
+def test_a_freed_block_keeps_its_hash_until_it_is_handed_out_again():
+    pool = BlockPool(max_blocks=2)
     (b,) = pool.allocate(1)
     pool.register_hash(b, b"digest-1234")
     assert pool.lookup_hash(b"digest-1234") == b
     pool.decref([b])
-    assert pool.lookup_hash(b"digest-1234") is None
+    assert pool.lookup_hash(b"digest-1234") == b and pool.num_cached == 1 and pool.num_free == 2
+    pool.take(b)  # found by its hash: reused with its content
+    assert pool.ref_count(b) == 1 and pool.num_cached == 0
+    pool.decref([b])
+    # free blocks without a hash go first; then the cached one is evicted, its hash dropped
+    first = pool.allocate(1)
+    assert first != [b] and pool.lookup_hash(b"digest-1234") == b
+    second = pool.allocate(1)
+    assert second == [b] and pool.lookup_hash(b"digest-1234") is None and pool.evictions == 1
+    pool.check_consistency([first, second])
+
+
+def test_cached_blocks_are_evicted_least_recently_freed_first():
+    pool = BlockPool(max_blocks=3)
+    blocks = pool.allocate(3)
+    for i, b in enumerate(blocks):
+        pool.register_hash(b, bytes([i]))
+    pool.decref([blocks[1]])
+    pool.decref([blocks[0]])
+    pool.decref([blocks[2]])
+    assert pool.allocate(1) == [blocks[1]]
+    assert pool.lookup_hash(bytes([1])) is None and pool.lookup_hash(bytes([0])) == blocks[0]
+
+
+def test_reserve_grows_before_counting_cached_blocks():
+    pool = BlockPool(num_blocks=1, max_blocks=6)
+    (b,) = pool.allocate(1)
+    pool.register_hash(b, b"x")
+    pool.decref([b])
+    pool.reserve(3)  # three allocatable without touching the cached block, while the cap allows
+    assert pool.num_blocks == 4
+    assert len(pool.allocate(3)) == 3 and pool.lookup_hash(b"x") == b
+    pool.reserve(5)  # the cap leaves room for two more; the cached block counts as allocatable
+    assert pool.num_blocks == 6 and pool.available() == 3
 
 
 # ------------------------------------------------------------------ pool alone, random ops
 ops = st.lists(
-    st.tuples(st.sampled_from(["alloc", "fork", "append", "cow", "reorder", "free", "reset"]),
+    st.tuples(st.sampled_from(["alloc", "fork", "append", "cow", "reorder", "free", "reset", "hash", "hit"]),
               st.integers(0, 10 ** 6)),
     min_size=1, max_size=60,
 )
@@ -47,23 +80,43 @@ ops = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(ops)
 def test_pool_random_operations_never_leak(seq):
-    """Tables kept by the test, every change made through the pool's API."""
+    """Tables kept by the test, every change made through the pool's API. Blocks are hashed with
+    a content tag the test keeps (``content``: what the test wrote there); a block found by its
+    hash must still hold that content, whether held or cached after being freed (no stale hit),
+    and no block is ever both free and referenced (check_consistency)."""
     pool = BlockPool(max_blocks=64)
     tables: list[list[int]] = []
+    content: dict[int, bytes] = {}  # block -> the content last written there
     for op, r in seq:
         try:
             if op == "alloc":
-                tables.append(pool.allocate(1 + r % 4))
+                new = pool.allocate(1 + r % 4)
+                for b in new:
+                    content[b] = r.to_bytes(4, "little") + bytes([b])  # written anew
+                tables.append(new)
+            elif op == "hash" and tables and tables[r % len(tables)]:
+                b = tables[r % len(tables)][-1]
+                pool.register_hash(b, content[b])
+            elif op == "hit" and content:
+                key = sorted(content.values())[r % len(content)]
+                b = pool.lookup_hash(key)
+                if b is not None:
+                    assert content[b] == key  # never a block rewritten with other content
+                    pool.take(b)
+                    tables.append([b])
             elif op == "fork" and tables:
                 t = list(tables[r % len(tables)])
                 pool.incref(t)
                 tables.append(t)
             elif op == "append" and tables:
-                tables[r % len(tables)].extend(pool.allocate(1))
+                (new,) = pool.allocate(1)
+                content[new] = r.to_bytes(4, "little") + bytes([new])
+                tables[r % len(tables)].append(new)
             elif op == "cow" and tables:
                 t = tables[r % len(tables)]
                 if t and pool.ref_count(t[-1]) > 1:
                     (new,) = pool.allocate(1)
+                    content[new] = content[t[-1]]
                     pool.decref([t[-1]])
                     t[-1] = new
             elif op == "reorder" and tables:
@@ -83,6 +136,8 @@ def test_pool_random_operations_never_leak(seq):
             pass
         pool.check_consistency(tables)
         assert pool.num_used == len({b for t in tables for b in t})
+        for h, b in pool.hash_to_block.items():
+            assert content[b] == h
     for t in tables:
         pool.decref(t)
     assert pool.num_free == pool.num_blocks

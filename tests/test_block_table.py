@@ -138,3 +138,97 @@ def test_blocks_needed_is_what_the_forward_takes():
     real = np.arange(13)[None, :] >= np.array([[12], [12], [0]])
     tables.plan_forward([0, 1, 2], real)
     assert tables.pool.num_used - used == 3
+
+
+# ------------------------------------------------------------------ prefix reuse without compute
+reuse_ops = st.lists(st.tuples(st.sampled_from(["start", "reuse", "decode", "free"]), st.integers(0, 10 ** 6)),
+                     min_size=1, max_size=40)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reuse_ops)
+def test_reused_blocks_hold_the_tokens_they_are_found_for(seq):
+    """Prompts over three preambles start (reusing stored blocks, or planning their whole prompt),
+    decode and leave, in a small capped pool, so freed hashed blocks are cached, re-hit and
+    evicted. The test writes every planned slot's token into ``content``: after every step, each
+    hash the pool can find names a block holding exactly that hash's tokens (a block rewritten for
+    other content is never found under its old hash), and no block is both free and referenced."""
+    from hf_paged.block_table import chain_hashes
+
+    bs = 4
+    pool = BlockPool(max_blocks=20)
+    tables = BlockTables(pool, bs)
+    preambles = [[(i * 7 + k * 3) % 50 + 1 for k in range(24)] for i in range(3)]
+    content: dict[int, int] = {}  # slot -> the token last written there
+    tokens_of_hash: dict[bytes, list[int]] = {}
+    prompts: list[list[int]] = []  # row -> its tokens so far
+    for op, r in seq:
+        if op in ("start", "reuse"):
+            prompt = preambles[r % 3][: (r // 3) % 25] + [60 + (r // 80) % 4] * (1 + r % 5)
+            hashes = chain_hashes(np.asarray(prompt, dtype=np.int64), bs, tables.salt)
+            for i, h in enumerate(hashes):
+                tokens_of_hash[h] = prompt[i * bs:(i + 1) * bs]
+            tables.add_rows(1)
+            row = tables.num_rows - 1
+            n = tables.reuse_prefix(row, prompt, len(prompt) - 1) if op == "reuse" else 0
+            assert n % bs == 0 and n <= len(prompt) - 1
+            for i in range(n):
+                assert content[tables.tables[row][i // bs] * bs + i % bs] == prompt[i]
+            rest = np.asarray(prompt[n:], dtype=np.int64)[None, :]
+            try:
+                plan = tables.plan_forward([row], np.ones(rest.shape, bool), rest, leading_pads_are_padding=True)
+            except OutOfBlocksError:
+                tables.select_rows(list(range(row)))  # the row goes, its reused blocks with it
+                continue
+            for j, slot in enumerate(plan.slot_mapping[0].tolist()):
+                if slot >= 0:
+                    content[slot] = int(rest[0, j])
+            # the multi-token kernel reads the reused blocks as context and the rest as own tokens
+            found = context_lens(torch.from_numpy(plan.seq_lens), torch.from_numpy(plan.query_pos)).tolist()
+            assert found == [n] and plan.max_context_len == n
+            prompts.append(prompt)
+        elif op == "decode" and prompts:
+            row = r % len(prompts)
+            try:
+                plan = tables.plan_forward([row], np.ones((1, 1), bool))
+            except OutOfBlocksError:
+                continue
+            for src, dst in plan.copies:
+                for k in range(bs):
+                    if src * bs + k in content:
+                        content[dst * bs + k] = content[src * bs + k]
+            content[int(plan.slot_mapping[0, 0])] = 999  # a generated token
+            prompts[row] = prompts[row] + [999]
+        elif op == "free" and prompts:
+            gone = r % len(prompts)
+            keep = [i for i in range(len(prompts)) if i != gone]
+            tables.select_rows(keep)
+            prompts = [prompts[i] for i in keep]
+        tables.check_consistency()
+        for h, blk in pool.hash_to_block.items():
+            assert [content.get(blk * bs + k) for k in range(bs)] == tokens_of_hash[h]
+        for row, toks in enumerate(prompts):
+            stored = [content.get(tables.tables[row][i // bs] * bs + i % bs) for i in range(tables.seq_lens[row])]
+            assert stored == toks
+
+
+def test_a_continued_batch_keeps_the_own_token_layout():
+    """Rows holding reused blocks and rows starting, left-padded in one forward whose leading pads
+    only pad the batch: pads read nothing, every row's own tokens are where the kernel reads them
+    (context_lens = the tokens each row held before), and no pad becomes a position of its row."""
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(3)
+    prompt = np.arange(1, 50)
+    first = tables.plan_forward([0], np.ones((1, 49), bool), prompt[None, :])
+    assert first.seq_lens.tolist() == [49]
+    assert tables.reuse_prefix(1, prompt.tolist() + [7, 8], max_tokens=50) == 48
+    real = np.zeros((2, 5), bool)
+    real[0, 2:] = True  # row 1: its 3 last tokens after the 48 reused
+    real[1, :] = True  # row 2: a new 5-token prompt
+    tokens = np.array([[0, 0, 49, 7, 8], [9, 9, 9, 9, 9]])
+    plan = tables.plan_forward([1, 2], real, tokens, leading_pads_are_padding=True)
+    assert plan.query_pos.tolist() == [[-1, -1, 48, 49, 50], [0, 1, 2, 3, 4]]
+    assert context_lens(torch.from_numpy(plan.seq_lens), torch.from_numpy(plan.query_pos)).tolist() == [48, 0]
+    assert not plan.pads_after_start and tables.inner_pads == [[], [], []]
+    assert tables.tables[1][:3] == tables.tables[0][:3]
+    tables.check_consistency()

@@ -221,3 +221,26 @@ def test_graphed_steps_between_crops_of_assisted_decoding(family, fake_graphs):
     out = _gen(paged, ids, torch.ones_like(ids), **kw)
     assert cache_of(out).graph_state.replays > 0
     assert torch.equal(out.sequences, _gen(stock, ids, torch.ones_like(ids), **kw).sequences)
+
+
+def test_graphed_decode_over_a_prefix_cache(fake_graphs):
+    """Calls over one PrefixCache: the pool is shared and outlives each call's cache; every call's
+    decode is still replayed (the reservation leaves nothing to grow inside a graph)."""
+    paged, stock = make_pair("llama")
+    prefix = hf_paged.PrefixCache(max_memory="16MiB")
+    g = torch.Generator().manual_seed(3)
+    preamble = torch.randint(3, 256, (48,), generator=g)
+    for seed in (1, 2):
+        q = [torch.randint(3, 256, (n,), generator=g) for n in (5, 17, 9)]
+        rows = [torch.cat([preamble, x]) for x in q]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(3, width, dtype=torch.long)
+        mask = torch.zeros(3, width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ref = _gen(stock, ids, mask, max_new_tokens=10, do_sample=False)
+        out = _gen(paged, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
+        assert torch.equal(out.sequences, ref.sequences), seed
+        state = cache_of(out).graph_state
+        assert state.disabled is None and state.replays == 10 - 3, seed  # one graph for the call
+    assert cache_of(out).memory_stats()["tokens_reused"] == 3 * 48

@@ -690,3 +690,25 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "hf_paged", "--help"], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 0 and "generate" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_model
+def test_few_shot_prefix_sharing_equals_stock(models):
+    """A few-shot preamble shared by every prompt of two calls over one PrefixCache: the first call
+    computes it once, the second not at all; the tokens are stock's."""
+    paged, stock, tok = models
+    shots = [(2, 3), (7, 5), (10, 4), (6, 6), (8, 1), (3, 9), (12, 7), (4, 4)] * 3
+    preamble = "".join(f"Q: What is {a} plus {b}?\nA: {a + b}\n" for a, b in shots)
+    prefix = hf_paged.PrefixCache(max_memory="1GiB")
+    tok.padding_side = "left"
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+    reused = []
+    for questions in (["What is 5 plus 2?", "What is 9 plus 9?", "What is 13 plus 21?"],
+                      ["What is 1 plus 8?", "What is 11 plus 3?"]):
+        enc = tok([preamble + f"Q: {q}\nA:" for q in questions], return_tensors="pt", padding=True)
+        out = paged.generate(**enc, **kw, prefix_cache=prefix)
+        assert torch.equal(out.sequences, stock.generate(**enc, **kw).sequences)
+        reused.append(hf_paged.cache_of(out).memory_stats()["tokens_reused"])
+    preamble_blocks = len(tok(preamble)["input_ids"]) // 16 * 16
+    assert reused[0] >= 2 * preamble_blocks and reused[1] >= 2 * preamble_blocks

@@ -3,11 +3,13 @@
 Each step of :meth:`Engine.steps`:
 
 1. **prefill**: the sequences whose tokens are not all in the cache yet (new ones are admitted
-   from the waiting queue while blocks and the step's token budget allow) run one chunk of their
-   prompt each, in length-sorted groups of at most ``max_batch_tokens`` padded tokens, each group
-   one forward over its cache rows (``PagedCache.row_subset``). A sequence whose prompt is all in
-   the cache takes its first token from the chunk's last logits; a request that returns several
-   sequences forks its row first (the prompt's blocks are shared, copy-on-write).
+   from the waiting queue while blocks and the step's token budget allow; an admitted sequence
+   first takes the stored blocks of its prompt's leading full blocks, held by another row or
+   freed but still hashed, and computes only the rest) run one chunk of their prompt each, in
+   length-sorted groups of at most ``max_batch_tokens`` padded tokens, each group one forward
+   over its cache rows (``PagedCache.row_subset``). A sequence whose prompt is all in the cache
+   takes its first token from the chunk's last logits; a request that returns several sequences
+   forks its row first (the prompt's blocks are shared, copy-on-write).
 2. **decode**: every sequence with its prompt in the cache feeds its last token, one forward over
    those rows. Before it, the blocks the step takes are counted; when the pool cannot give them,
    the newest sequences are preempted (their rows freed, requeued first, recomputed later: the
@@ -21,10 +23,12 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from .. import compat
 from ..block_pool import OutOfBlocksError
+from ..block_table import chain_hashes
 from ..cache import PagedCache
 from ..generation import length_groups
 from ..kernels import cdiv
@@ -65,6 +69,7 @@ class Engine:
         self.decode_slots = 0  # rows the decode forwards computed, padding rows included
         self.decode_steps = 0
         self.prompt_tokens = 0  # prompt tokens run through the model (recomputed ones included)
+        self.tokens_reused = 0  # prompt tokens taken from stored blocks at admission, without compute
         self.new_tokens = 0  # tokens chosen
         self.preemptions = 0
         self.finished_requests = 0
@@ -74,6 +79,7 @@ class Engine:
         """Counters of the run so far (for progress bars and reports)."""
         return {"steps": self.steps_run, "decode_steps": self.decode_steps, "decode_rows": self.decode_rows,
                 "decode_slots": self.decode_slots, "prompt_tokens": self.prompt_tokens,
+                "tokens_prefilled": self.prompt_tokens, "tokens_reused": self.tokens_reused,
                 "new_tokens": self.new_tokens, "preemptions": self.preemptions,
                 "finished_requests": self.finished_requests, "waiting": len(self.waiting), "running": len(self.rows),
                 "peak_blocks": self.peak_blocks, "block_size": self.cache.block_size,
@@ -129,6 +135,7 @@ class Engine:
         decode step."""
         tables, budget, chunks = self.cache.tables, self.max_batch_tokens, []
         free = self.cache.pool.available() - reserve  # blocks this step's chunks may take
+        computing: set[bytes] = set()  # hashes of the full blocks this step's chunks compute
         for row, seq in enumerate(self.rows):
             if not seq.prefilled and budget > 0:
                 n = min(self._prefill_target(seq) - seq.stored, budget)
@@ -136,11 +143,19 @@ class Engine:
                 if need > free:
                     break
                 chunks.append((seq, n))
+                computing.update(self._block_hashes(seq.tokens[:seq.stored + n])[seq.stored // self.cache.block_size:])
                 budget, free = budget - n, free - need
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(self._prefill_target(seq), budget)
-            need = cdiv(n, self.cache.block_size)
+            target = self._prefill_target(seq)
+            # the prompt's leading full blocks already stored (one token is left to compute: its logits)
+            hit = tables.cached_prefix(seq.tokens[:target], target - 1) if self.cache.share_prefixes else []
+            hashes = self._block_hashes(seq.tokens[:target - 1])
+            if len(hit) < len(hashes) and hashes[len(hit)] in computing:
+                break  # a chunk of this step computes its next block: take it stored next step
+            reused = len(hit) * self.cache.block_size
+            n = min(target - reused, budget)
+            need = cdiv(n, self.cache.block_size) + sum(1 for b in hit if b in self.cache.pool.cached)
             if need > free:
                 if not self.rows:  # nothing to wait for: it can never fit
                     raise OutOfBlocksError(need, free, self.cache.pool.max_blocks,
@@ -151,9 +166,19 @@ class Engine:
             seq.order, self._admitted = self._admitted, self._admitted + 1
             self.cache.add_rows(1)
             self.rows.append(seq)
+            seq.stored = self.cache.reuse_prefix(len(self.rows) - 1, seq.tokens[:target], target - 1)
+            self.tokens_reused += seq.stored
             chunks.append((seq, n))
+            computing.update(hashes[len(hit):])
             budget -= n
         return chunks
+
+    def _block_hashes(self, tokens: list[int]) -> list[bytes]:
+        """The chained hashes of the full blocks of ``tokens`` (as the cache's tables hash them)."""
+        salt = self.cache.tables.salt
+        if salt is None or not self.cache.share_prefixes:
+            return []
+        return chain_hashes(np.asarray(tokens, dtype=np.int64), self.cache.block_size, salt)
 
     @staticmethod
     def _prefill_target(seq: Sequence) -> int:
@@ -172,6 +197,7 @@ class Engine:
             mask[b, width - n:] = 1
             positions[b, width - n:] = torch.arange(seq.stored, seq.stored + n)
         rows = [self.rows.index(seq) for seq, _ in chunks]
+        self.cache.set_prefill_tokens(ids)  # prompt tokens: their full blocks are hashed for reuse
         logits = self._forward(rows, ids, positions, mask)
         self.prompt_tokens += sum(n for _, n in chunks)
         starting = []
@@ -293,7 +319,8 @@ class Engine:
             kwargs["attention_mask"] = to_device(mask, self.device)
         if compat.takes_logits_to_keep(self.model):
             kwargs["logits_to_keep"] = 1
-        with torch.inference_mode(), self.cache.row_subset(rows):
+        # a chunk's leading pads only pad the batch (rows may hold tokens already)
+        with torch.inference_mode(), self.cache.row_subset(rows, continued=mask is not None):
             return self.model(**kwargs).logits[:, -1]
 
     def _choose(self, seqs: list[Sequence], logits: torch.Tensor, finished: list) -> None:

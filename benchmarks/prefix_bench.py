@@ -1,0 +1,199 @@
+"""Prefix compute sharing on a few-shot data set: plain ``generate`` in batches, with sharing
+(within a call, and a PrefixCache across calls) vs the paged path without compute sharing, same
+process, same model.
+
+One random-weight model of the Llama-3.1-8B shape in bf16 (speed does not depend on the weights'
+values; built from a config as in generate_bench.py). The data set: 256 prompts = one shared
+1,024-token preamble + a 32-256-token question each; 64 new tokens per prompt (eos_token_id=None,
+min_new_tokens=max_new_tokens); batches of 32.
+
+1. tokens: both paths, greedy, on the first batch (16 new tokens; the shared path twice: within a
+   call, then across calls from its PrefixCache): first on a 2-layer model of the same shape in
+   fp32 (every row must agree), then on the bf16 model (a row whose tokens differ, a near-tie of
+   random weights flipped by another accumulation order, is reported with where it diverges);
+2. time: the whole data set with each path (after one untimed warm-up batch per path), end to end;
+   prompt tokens computed (``memory_stats()['tokens_prefilled']``) vs the distinct prompt tokens of
+   the data set (target <= 1.1x) and the time ratio (target >= 2.5x).
+
+    python benchmarks/prefix_bench.py            # about 3 minutes on an H200
+    python benchmarks/prefix_bench.py --quick    # 128 prompts
+    python benchmarks/prefix_bench.py --tiny     # a CPU smoke run of the script itself
+
+Prints one JSON line per measurement and a table at the end; writes $OUT/prefix_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import hf_paged
+from hf_paged import PagedCache, PrefixCache, cache_of
+
+p = argparse.ArgumentParser()
+p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (smoke run)")
+p.add_argument("--quick", action="store_true", help="128 prompts instead of 256")
+p.add_argument("--prompts", type=int, default=None)
+p.add_argument("--batch", type=int, default=32)
+p.add_argument("--new", type=int, default=64)
+p.add_argument("--preamble", type=int, default=1024)
+p.add_argument("--prefix-memory", default="8GiB", help="the PrefixCache's cap")
+args = p.parse_args()
+
+dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+OUT = os.environ.get("OUT", ".")
+results: list[dict] = []
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+    results.append(kw)
+
+
+def sync():
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+if args.tiny:
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    n_prompts, preamble_len, q_range, new, batch_size = args.prompts or 16, 64, (4, 24), 8, 8
+else:
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                      rope_theta=500000.0)
+    n_prompts = args.prompts or (128 if args.quick else 256)
+    preamble_len, q_range, new, batch_size = args.preamble, (32, 256), args.new, args.batch
+
+emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
+     hf_paged=hf_paged.__version__, gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+     date=time.strftime("%Y-%m-%d"))
+
+with torch.device(dev):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="paged")
+model.eval()
+model.generation_config.eos_token_id = None
+model.generation_config.pad_token_id = 0
+
+# the data set: one preamble, each prompt its own question (token ids >= 1: 0 is the pad)
+rng = random.Random(0)
+preamble = [rng.randrange(1, cfg.vocab_size) for _ in range(preamble_len)]
+questions = [[rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(*q_range))] for _ in range(n_prompts)]
+prompts = [preamble + q for q in questions]
+distinct_tokens = preamble_len + sum(len(q) for q in questions)  # what a perfect prefix cache computes
+batches = [prompts[i:i + batch_size] for i in range(0, n_prompts, batch_size)]
+emit(what="dataset", prompts=n_prompts, preamble=preamble_len, question_tokens=sum(len(q) for q in questions),
+     distinct_prompt_tokens=distinct_tokens, all_prompt_tokens=sum(len(x) for x in prompts), batch=batch_size,
+     new_tokens=new)
+
+
+def left_padded(rows):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def run(rows, path, prefix, max_new):
+    """One generate call; returns (new tokens [rows, max_new], its cache's stats)."""
+    ids, mask = left_padded(rows)
+    kw = {}
+    if path == "shared":
+        kw["prefix_cache"] = prefix
+    else:  # the paged path without compute sharing: every row runs its whole prompt
+        kw[hf_paged.compat.generate_cache_kwarg()] = PagedCache(config=model.config, share_prefixes=False)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                             do_sample=False, return_dict_in_generate=True, **kw)
+    return out.sequences[:, ids.shape[1]:].cpu(), cache_of(out).memory_stats()
+
+
+# ---------------------------------------------------------------- 1. tokens
+def check_tokens(label):
+    """Both paths, greedy, on the first batch, twice for the shared path (the second call finds
+    the preamble in its PrefixCache): rows with equal new tokens, and where the others diverge."""
+    check_new = min(16, new)
+    ref, _ = run(batches[0], "unshared", None, check_new)
+    prefix = PrefixCache(max_memory=args.prefix_memory)
+    equal = []
+    for call in ("within_call", "across_calls"):
+        got, _ = run(batches[0], "shared", prefix, check_new)
+        rows = [bool(torch.equal(a, b)) for a, b in zip(ref, got)]
+        diverge = [int((a != b).nonzero()[0]) for a, b, e in zip(ref, got, rows) if not e]
+        emit(what="tokens_equal", model=label, call=call, rows=len(rows), equal_rows=sum(rows),
+             new_tokens=check_new, first_divergence=diverge)
+        equal += rows
+    return equal
+
+
+check_fp32 = dev == "cuda" or args.tiny  # the tiny run goes through it too (the script's smoke test)
+if check_fp32:
+    # fp32, 2 layers of the same shape: the kernels' exactness (every row must agree); the bf16
+    # model below can flip a near-tie of its random-weight logits when an accumulation order differs
+    full_model = model
+    with torch.device(dev):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": 2}),
+                                                 dtype=torch.float32, attn_implementation="paged")
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    fp32_equal = check_tokens("fp32_2_layers")
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    model = full_model
+    if not all(fp32_equal):
+        print("TOKENS DIFFER in fp32: prefix sharing changed the results", flush=True)
+equal_rows = check_tokens("bf16" if dev == "cuda" else "fp32")
+
+# ---------------------------------------------------------------- 2. time
+timing = {}
+for path in ("unshared", "shared"):
+    prefix = PrefixCache(max_memory=args.prefix_memory) if path == "shared" else None
+    run(batches[-1][:4], path, PrefixCache(max_memory=args.prefix_memory) if prefix else None, 4)  # warm-up
+    computed = reused = 0
+    sync()
+    t = time.perf_counter()
+    for rows in batches:
+        _, stats = run(rows, path, prefix, new)
+        computed += stats["tokens_prefilled"]
+        reused += stats["tokens_reused"]
+    sync()
+    dt = time.perf_counter() - t
+    timing[path] = dt
+    emit(what="run", path=path, seconds=round(dt, 3), prompt_tokens_computed=computed, prompt_tokens_reused=reused,
+         computed_over_distinct=round(computed / distinct_tokens, 3),
+         prefix_cache=prefix.stats() if prefix is not None else None,
+         peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev == "cuda" else None)
+
+speedup = timing["unshared"] / timing["shared"]
+emit(what="summary", speedup=round(speedup, 3), target_speedup=2.5,
+     computed_over_distinct=[r for r in results if r.get("path") == "shared"][0]["computed_over_distinct"],
+     target_computed_over_distinct=1.1, tokens_equal_rows=f"{sum(equal_rows)}/{len(equal_rows)}",
+     fp32_tokens_equal_rows=f"{sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else None)
+
+print()
+print(f"{'path':<10} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9}")
+for r in results:
+    if r.get("what") == "run":
+        print(f"{r['path']:<10} {r['seconds']:>9.2f} {r['prompt_tokens_computed']:>23} "
+              f"{r['computed_over_distinct']:>11.3f} {r['prompt_tokens_reused']:>9}")
+print(f"speedup (unshared / shared): {speedup:.2f}x; tokens equal on the check batch (within a call and "
+      f"across calls): {sum(equal_rows)}/{len(equal_rows)} rows"
+      + (f", fp32 2-layer model: {sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else ""))
+os.makedirs(OUT, exist_ok=True)
+with open(os.path.join(OUT, "prefix_bench.json"), "w") as f:
+    json.dump(results, f, indent=1)

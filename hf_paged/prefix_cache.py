@@ -1,0 +1,113 @@
+"""A prefix cache that outlives ``generate`` calls: the block pool and the layers' K/V tensors,
+lent to the :class:`~hf_paged.cache.PagedCache` of each call.
+
+    prefix = hf_paged.PrefixCache(max_memory="8GiB")
+    model.generate(**batch1, prefix_cache=prefix)   # computes the shared preamble once
+    model.generate(**batch2, prefix_cache=prefix)   # finds it in the pool: prefills only the rest
+
+The data path stays one way: the prefix cache owns a :class:`~hf_paged.block_pool.BlockPool`
+and a :class:`~hf_paged.layer_pools.LayerPools`; a ``PagedCache`` built over it keeps its own
+block tables over that pool. When the ``PagedCache`` lets its rows go (at the end of a
+``generate`` that created it, ``reset()``, or when it is garbage-collected), its blocks return to
+the pool; the full prompt blocks keep their hash there (least recently freed evicted first), so a
+later call whose prompt hashes to them takes them without running the model.
+
+Hashes are keyed on the model (``model_key``): its identity, dtype, the addresses and in-place
+version counters of its parameters and the state of its adapters, so that another model, a cast,
+new weights loaded with ``load_state_dict`` or another adapter never hit the blocks of the first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+from .block_pool import BlockPool
+from .layer_pools import LayerPools
+from .memory import check_count, parse_memory
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class PrefixCache:
+    """Blocks of prompt K/V kept across ``generate`` calls, within a cap.
+
+    Args:
+        max_memory: cap on the K/V tensors, in bytes over all layers (int or e.g. ``"8GiB"``);
+            the calls that borrow the pool allocate their own rows in it too.
+        max_blocks: the cap in blocks instead.
+        block_size: tokens per block (a multiple of 16 for the Triton kernels).
+    """
+
+    def __init__(self, max_memory: int | str | None = None, max_blocks: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        if (max_memory is None) == (max_blocks is None):
+            raise ValueError("hf_paged: PrefixCache needs a cap: pass max_memory (e.g. '8GiB') or max_blocks, "
+                             "not both")
+        self.block_size = check_count(block_size, "block_size")
+        self.max_memory = parse_memory(max_memory) if max_memory is not None else None
+        self.pool = BlockPool(max_blocks=check_count(max_blocks, "max_blocks"))
+        self.pools = LayerPools(self.block_size)
+
+    def __repr__(self) -> str:
+        return (f"PrefixCache(block_size={self.block_size}, blocks={self.pool.num_blocks}, "
+                f"held={self.pool.num_used}, cached={self.pool.num_cached}, max_blocks={self.pool.max_blocks})")
+
+    def attach(self, model) -> PrefixCache:
+        """Every later ``model.generate`` that is given no cache uses this prefix cache (as with
+        ``generate(..., prefix_cache=self)``); returns self. :meth:`detach` undoes it."""
+        model.__dict__["_hf_paged_prefix_cache"] = self
+        return self
+
+    @staticmethod
+    def detach(model) -> None:
+        model.__dict__.pop("_hf_paged_prefix_cache", None)
+
+    @staticmethod
+    def attached(model) -> PrefixCache | None:
+        return getattr(model, "__dict__", {}).get("_hf_paged_prefix_cache")
+
+    def stats(self) -> dict:
+        """``blocks_total`` (in the pool), ``blocks_held`` (referenced by some live cache's rows),
+        ``blocks_cached`` (free, findable by content), ``evictions`` (cached blocks handed out for
+        other content), ``max_blocks`` (the cap, once known), ``bytes_reserved`` (the tensors)."""
+        return {"blocks_total": self.pool.num_blocks, "blocks_held": self.pool.num_used,
+                "blocks_cached": self.pool.num_cached, "evictions": self.pool.evictions,
+                "max_blocks": self.pool.max_blocks, "bytes_reserved": self.pools.bytes_reserved()}
+
+    def clear(self) -> None:
+        """Forget every cached block and free the tensors (no live cache may hold rows in it)."""
+        if self.pool.num_used:
+            raise RuntimeError(f"hf_paged: PrefixCache.clear() while {self.pool.num_used} block(s) are held by a "
+                               f"live PagedCache; reset() or drop that cache first")
+        # in place: the caches built over this prefix cache keep the same objects
+        self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
+        self.pools.clear()
+
+
+def model_key(model) -> bytes:
+    """16 bytes that differ between models, dtypes, weights and adapter states (the salt of the
+    prefix hashes in a shared pool).
+
+    A random tag kept on the model object (ids and addresses are reused after a model is freed),
+    the dtype, every parameter's address and in-place version counter (``load_state_dict``,
+    ``.to()``, optimiser steps change them), and each adapter layer's active, merged and disabled
+    adapters (PEFT). Weights written through ``.data`` bypass the version counter: call
+    ``PrefixCache.clear()`` after doing that.
+    """
+    tag = model.__dict__.get("_hf_paged_model_tag")
+    if tag is None:
+        tag = model.__dict__["_hf_paged_model_tag"] = os.urandom(16)
+    h = hashlib.blake2b(tag, digest_size=16)
+    h.update(str(getattr(model, "dtype", None)).encode())
+    for p in model.parameters():
+        h.update(p.data_ptr().to_bytes(8, "little", signed=False))
+        h.update(p._version.to_bytes(8, "little") if not torch.is_inference(p) else b"inference")
+    for name, module in model.named_modules():
+        state = [getattr(module, a, None) for a in ("active_adapters", "merged_adapters", "disable_adapters")]
+        state = [None if callable(s) else s for s in state]  # a model's own methods of those names
+        if any(s is not None for s in state):
+            h.update(repr((name, state)).encode())
+    return h.digest()
