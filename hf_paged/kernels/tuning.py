@@ -23,6 +23,14 @@ def decode_config(block_d: int, elem_bytes: int) -> tuple[int, int, int]:
     return (32, 4, 3) if elem_bytes <= 2 else (16, 4, 2)
 
 
+def shared_prefix_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the cascade decode's shared-prefix kernel: BLOCK_M
+    query rows (members x heads of one kv head) read each K/V tile of the prefix once."""
+    if elem_bytes <= 2 and block_d <= 128:
+        return 64, 64, 4, 3
+    return 32, 32, 4, 2
+
+
 def multi_token_config(block_d: int, elem_bytes: int, kind: str = "pool") -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, stages) of the multi-token kernel; kind is what it reads:
     "pool" (every key from the pool), "prompt" (every key from this forward's K/V) or "both"."""
