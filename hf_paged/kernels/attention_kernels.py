@@ -15,6 +15,9 @@ Memory layout:
                              its cached context from the pool
     out                    : [B, Q, num_q_heads, head_dim]
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
+    cascade (decode)       : int32 chunks [C, 3] = (shared tokens, first member, members), members [B],
+                             own_start [B] (kernels/cascade.py); partial slots [0, S_own) are the
+                             rows' own parts, [S_own, S_own + S_shared) their chunk's shared prefix
 
 The query heads of one kv head are packed into the rows of a tile (decode: the group,
 padded to >= 16 rows; multi-token: tokens x group), so every K/V tile is loaded once per
