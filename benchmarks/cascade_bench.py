@@ -163,11 +163,19 @@ def kernels() -> None:
         t_casc = bench(lambda: run_kernel(b, cb, casc_plans, out))
         auto = cb if plan.pays() else None  # what the forward would launch in auto mode
         t_auto = bench(lambda: run_kernel(b, auto, auto_plans, out))
+        sweep = {}
+        if share:  # the shared kernel's split count: parallelism against partials written and merged
+            for n in (4, 8, 16, 32):
+                sweep_plans: dict = {}
+                sweep[n] = bench(lambda: get_backend("triton").paged_attention(
+                    b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
+                    new_value=b["nv"], slot_mapping=b["slots"], plans=sweep_plans, cascade=cb,
+                    num_shared_splits=n))
         kv_bytes = 2 * HKV * D * 2 * (int(b["seq"].sum()) if not share else prefix + rows * own)
         name = f"shared_{rows}x{prefix}_own{own}" if share else f"unshared_{rows}x{prefix}_plus{own}"
         emit(name, **errs, chunks=plan.num_chunks, pays=plan.pays(), today_ms=t_plain, cascade_ms=t_casc,
              auto_ms=t_auto, cascade_over_today=t_casc / t_plain, auto_over_today=t_auto / t_plain,
-             planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9)
+             planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9, shared_splits_sweep_ms=sweep)
         del b
 
 

@@ -286,3 +286,13 @@ def test_setting_reads_the_environment(monkeypatch):
     monkeypatch.setenv(cascade.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="HF_PAGED_CASCADE='sometimes'"):
         cascade.setting()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cascade_plan_of_another_batch_is_refused(device):
+    case = SharedCase(6, FIXED_ROWS, 2, 32, 16, torch.float32, device)
+    other = cascade.CascadeBatch.from_plan(cascade.empty_plan(4), device)
+    query = torch.randn(len(FIXED_ROWS), 4, 1, 32).to(device)
+    with pytest.raises(ValueError, match=r"cascade.chunks must be int32 \[5, 3\] .* for a batch of 10 rows"):
+        K.get_backend("triton").paged_attention(query, case.key_cache, case.value_cache, case.block_table,
+                                                case.seq_lens, case.query_pos, 0.1, cascade=other)

@@ -228,17 +228,22 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
     all members' query heads in one tile), each row's own part (the decode kernel from own_start,
     the fused store as usual), and the log-sum-exp merge of both (plus the sink). Every launch's
     grid is fixed by the batch (chunk slots, not chunks), so a CUDA graph replays it for any plan."""
+    slots = cascade_plan.num_chunk_slots(c.batch)
+    for name, t, shape in (("chunks", cascade.chunks, (slots, 3)), ("members", cascade.members, (c.batch,)),
+                           ("own_start", cascade.own_start, (c.batch,))):
+        if tuple(t.shape) != shape or t.dtype != torch.int32 or t.device != c.device:
+            raise ValueError(f"cascade.{name} must be int32 {list(shape)} on {c.device} for a batch of {c.batch} "
+                             f"rows, got {t.dtype} {list(t.shape)} on {t.device}")
     block_n, num_warps, num_stages = tuning.decode_config(c.block_d, key_cache.element_size())
     sh_m, sh_n, sh_warps, sh_stages = tuning.shared_prefix_config(c.block_d, key_cache.element_size())
     rows = max(1, sh_m // c.group)  # members per tile
     block_m = max(16, next_pow2(rows * c.group))
     subtiles = cdiv(cascade_plan.MAX_CHUNK_ROWS, rows)
-    slots = cascade.chunks.shape[0]
     sms = tuning.num_sms(c.device)
     own_splits = max(1, int(num_kv_splits)) if num_kv_splits else tuning.choose_num_splits(
         c.batch, c.num_kv_heads, cascade.max_own_len, block_n, sms)
-    shared_splits = max(1, int(num_shared_splits)) if num_shared_splits else tuning.choose_num_splits(
-        max(cascade.num_chunks, 1) * min(subtiles, cdiv(cascade.max_chunk_rows, rows)), c.num_kv_heads,
+    shared_splits = max(1, int(num_shared_splits)) if num_shared_splits else tuning.choose_shared_splits(
+        cascade.num_chunks * min(subtiles, cdiv(cascade.max_chunk_rows, rows)), c.num_kv_heads,
         cascade.max_shared_len, sh_n, sms)
     block_table, seq_lens, query_pos = c.fixed_tensors
     fused = new_key is not None

@@ -504,6 +504,7 @@ def _shared_prefix_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     shared_len = tl.load(chunks_ptr + slot * 3).to(tl.int32)
     first = tl.load(chunks_ptr + slot * 3 + 1)
     count = tl.load(chunks_ptr + slot * 3 + 2)
@@ -515,7 +516,6 @@ def _shared_prefix_kernel(
         head = kv_head * GROUP + r % GROUP
         dims = tl.arange(0, BLOCK_D)
         dim_mask = dims < HEAD_DIM
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         pos = tl.load(query_pos_ptr + b * stride_qpos_b, mask=row_mask, other=-1).to(tl.int32)
         q = tl.load(
             query_ptr + b[:, None] * stride_qb + head[:, None] * stride_qh + dims[None, :] * stride_qd,
