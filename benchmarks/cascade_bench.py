@@ -11,7 +11,9 @@
    8k tokens, 16 samples each (num_return_sequences), 256 new tokens: HF_PAGED_CASCADE=1 vs =0 in
    the same process (target >= 1.5x). First a greedy check: 2 prompts x 16 copies, both modes, the
    tokens compared (random weights give near-flat logits, so a bf16 rounding difference may flip
-   a late argmax: the first differing step is printed, and the first step's logit gap).
+   a late argmax: the first differing step is printed, and the first step's logit gap). Then 32
+   distinct prompts of 1k tokens, 128 new tokens, greedy: auto (unset) vs off, the cost of planning
+   every step when nothing is shared (target <= 1.02x).
 
     python benchmarks/cascade_bench.py                 # everything
     python benchmarks/cascade_bench.py --only kernels  # or --only e2e
@@ -51,6 +53,7 @@ DTYPE = torch.float32 if args.tiny else torch.bfloat16
 # kernels: rows, shared prefix, own tokens; e2e: prompt length, samples per prompt, new tokens, greedy tokens
 ROWS, PREFIX, OWN = (8, 256, 32) if args.tiny else (64, 8192, 256)
 PROMPT, SAMPLES, NEW, GREEDY_NEW = (64, 4, 8, 4) if args.tiny else (8192, 16, 256, 32)
+NOSHARE_ROWS, NOSHARE_PROMPT, NOSHARE_NEW = (3, 40, 4) if args.tiny else (32, 1024, 128)
 OUT = os.environ.get("OUT", ".")
 results: dict = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d")}
@@ -197,7 +200,8 @@ def e2e() -> None:
                           rope_theta=500000.0)
     with torch.device(DEV):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE, attn_implementation="paged")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE, attn_implementation="sdpa")
+    model.set_attn_implementation("paged")  # as generate_bench.py switches it
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -260,6 +264,18 @@ def e2e() -> None:
     off, on = min(times["0"]), min(times["1"])
     emit(f"e2e_{SAMPLES}_samples_x2_prompts_{PROMPT}_{NEW}_new", off_s=off, cascade_s=on, speedup=off / on,
          off_runs=times["0"], cascade_runs=times["1"], graphs=results.get("e2e_graphs"))
+
+    # no sharing: distinct prompts, auto (unset: the planner runs every step and finds nothing) vs off
+    distinct = torch.randint(1, cfg.vocab_size, (NOSHARE_ROWS, NOSHARE_PROMPT), generator=g).to(DEV)
+    times = {"": [], "0": []}
+    for mode in times:
+        generate(mode, distinct, 8, do_sample=False)
+    for _ in range(1 if args.tiny else 2):
+        for mode in times:
+            times[mode].append(generate(mode, distinct, NOSHARE_NEW, do_sample=False)[1])
+    emit(f"e2e_no_sharing_{NOSHARE_ROWS}x{NOSHARE_PROMPT}_{NOSHARE_NEW}_new", off_s=min(times["0"]),
+         auto_s=min(times[""]), auto_over_off=min(times[""]) / min(times["0"]), off_runs=times["0"],
+         auto_runs=times[""])
     os.environ.pop(cascade.ENV_VAR, None)
 
 
