@@ -28,7 +28,8 @@ def shared_prefix_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, 
     query rows (members x heads of one kv head) read each K/V tile of the prefix once."""
     if elem_bytes <= 2 and block_d <= 128:
         return 64, 64, 4, 3
-    return 32, 32, 4, 2
+    # fp32 at D = 256: one stage (a K and a V tile are 32 KB each), as the multi-token kernel's
+    return (32, 32, 4, 1) if elem_bytes > 2 and block_d > 128 else (32, 32, 4, 2)
 
 
 def choose_shared_splits(tiles: int, num_kv_heads: int, max_shared_len: int, block_n: int, num_sms: int) -> int:
