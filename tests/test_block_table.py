@@ -173,6 +173,39 @@ def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     assert tables.plan_forward([0, 1], np.ones((2, 3), dtype=bool)).shared_prefixes is None  # decode only
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decode_groups_under_beam_reordering(seed):
+    """Beam search's pattern (rows reordered and forked every step, prompts of any length, blocks
+    of 16): every decode plan's groups hold (same leading blocks, stored before every member's
+    query, never written by the step) and rows that share blocks are grouped."""
+    rng = np.random.default_rng(seed)
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(2)
+    lengths = rng.integers(20, 90, size=2)
+    real = np.zeros((2, int(lengths.max())), dtype=bool)
+    for i, n in enumerate(lengths):
+        real[i, real.shape[1] - n:] = True
+    tables.plan_forward([0, 1], real)
+    tables.select_rows([0, 0, 0, 1, 1, 1])  # three beams per prompt
+    grouped = 0
+    for _ in range(40):
+        tables.select_rows([3 * (i // 3) + int(rng.integers(0, 3)) for i in range(6)])
+        before = {blk for t in tables.tables for blk in t}
+        lens_before = list(tables.seq_lens)
+        decode = np.ones((6, 1), dtype=bool)
+        plan = tables.plan_forward(list(range(6)), decode)
+        _check_plan(tables, plan, before, lens_before, decode)
+        shared = plan.shared_prefixes
+        grouped += shared.num_chunks
+        # rows whose first blocks are the same (after this step's copy-on-write) are grouped
+        for i in range(6):
+            for j in range(i + 1, 6):
+                if plan.block_table[i, 0] == plan.block_table[j, 0] and min(plan.query_pos[[i, j], 0]) >= 16:
+                    assert shared.own_start[i] > 0 and shared.own_start[j] > 0
+        tables.logical_len += 1
+    assert grouped >= 40  # both prompts' beams share their prompt's full blocks at every step
+
+
 def test_blocks_needed_is_what_the_forward_takes():
     """blocks_needed counts a forward's new blocks and copy-on-write copies before it runs."""
     tables = BlockTables(BlockPool(), 16)
