@@ -174,11 +174,23 @@ def kernels() -> None:
                     b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
                     new_value=b["nv"], slot_mapping=b["slots"], plans=sweep_plans, cascade=cb,
                     num_shared_splits=n))
+        config_sweep = {}
+        if share and not args.tiny:  # the shared-prefix kernel's tile (BLOCK_M, BLOCK_N, warps, stages)
+            from hf_paged.kernels import tuning
+
+            default = tuning.shared_prefix_config
+            for cfg in ((64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)):
+                tuning.shared_prefix_config = lambda block_d, elem_bytes, cfg=cfg: cfg
+                cfg_plans: dict = {}
+                run_kernel(b, cb, cfg_plans, out)
+                config_sweep["/".join(map(str, cfg))] = bench(lambda: run_kernel(b, cb, cfg_plans, out))
+            tuning.shared_prefix_config = default
         kv_bytes = 2 * HKV * D * 2 * (int(b["seq"].sum()) if not share else prefix + rows * own)
         name = f"shared_{rows}x{prefix}_own{own}" if share else f"unshared_{rows}x{prefix}_plus{own}"
         emit(name, **errs, chunks=plan.num_chunks, pays=plan.pays(), today_ms=t_plain, cascade_ms=t_casc,
              auto_ms=t_auto, cascade_over_today=t_casc / t_plain, auto_over_today=t_auto / t_plain,
-             planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9, shared_splits_sweep_ms=sweep)
+             planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9, shared_splits_sweep_ms=sweep,
+             shared_config_sweep_ms=config_sweep)
         del b
 
 
