@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .block_pool import BlockPool, OutOfBlocksError
+from .kernels import cascade
 from .kernels.arith import cdiv
 
 
@@ -50,6 +51,10 @@ class ForwardPlan:
     copies: tuple[tuple[int, int], ...]  # (src, dst) blocks to copy before any write (copy-on-write)
     max_context_len: int  # most tokens any row held before the forward (0: a prompt forward)
     pads_after_start: bool  # some row has a pad after its first token (a query that is not stored)
+    # decode forwards (Q = 1): the rows' shared prefixes (kernels/cascade.py; empty with
+    # HF_PAGED_CASCADE=0), and whether the attention reads them once per group of rows
+    shared_prefixes: cascade.SharedPrefixPlan | None = None
+    use_cascade: bool = False
 
     @property
     def max_seq_len(self) -> int:
@@ -69,6 +74,8 @@ class ForwardPlan:
             query_pos=np.concatenate([self.query_pos, np.full((extra, q_len), -1, np.int32)]),
             slot_mapping=np.concatenate([self.slot_mapping, np.full((extra, q_len), -1, np.int32)]),
             copies=self.copies, max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
+            shared_prefixes=self.shared_prefixes.padded(batch) if self.shared_prefixes is not None else None,
+            use_cascade=self.use_cascade,
         )
 
 
@@ -196,10 +203,19 @@ class BlockTables:
         safe_pos = np.maximum(query_pos, 0)
         slot = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64) * bs + safe_pos % bs
         slot = np.where(real & (query_pos >= written_from[:, None]), slot, -1)
+        shared, use_cascade = None, False
+        if q_len == 1:
+            # Groups of rows over the same leading blocks (after this forward's copy-on-write):
+            # planned once per forward, read by every layer's decode attention.
+            forced = cascade.setting()
+            shared = (cascade.empty_plan(batch) if forced is False
+                      else cascade.plan_shared_prefixes(block_table, seq_after, query_pos[:, 0], bs))
+            use_cascade = bool(forced) if forced is not None else shared.pays()
         return ForwardPlan(
             block_table=block_table, seq_lens=seq_after.astype(np.int32), query_pos=query_pos.astype(np.int32),
             slot_mapping=slot.astype(np.int32), copies=tuple(copies),
             max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=any_pad_after_start,
+            shared_prefixes=shared, use_cascade=use_cascade,
         )
 
     def blocks_needed(self, rows: list[int], n_new: list[int]) -> int:

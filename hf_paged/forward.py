@@ -21,6 +21,7 @@ import torch
 
 from .block_table import ForwardPlan
 from .kernels import backend_for, device_guard
+from .kernels.cascade import CascadeBatch, SharedPrefixPlan
 from .layer_pools import LayerPools
 
 
@@ -51,10 +52,14 @@ class ForwardMetadata:
     CUDA graph's static copy is refreshed with one ``copy_``. ``copy_src`` / ``copy_dst`` int64 [N]:
     the copy-on-write block copies to run before any write (None: none). ``max_seq_len`` and
     ``max_context_len`` are host bounds that size the kernels without reading the device.
+    A decode forward (``q_len == 1``) also packs its shared-prefix arrays (``kernels/cascade.py``)
+    after the slot mapping; ``cascade`` views them when the attention reads shared prefixes once
+    per group of rows (None: the plain decode kernel).
     """
 
     q_len: int
-    packed: torch.Tensor  # int32 [B*W + B + 2*B*Q]: block_table | seq_lens | query_pos | slot_mapping
+    packed: torch.Tensor  # int32 [B*W + B + 2*B*Q (+ the cascade arrays when Q == 1)]: block_table |
+    # seq_lens | query_pos | slot_mapping (| chunks | members | own_start)
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     query_pos: torch.Tensor
@@ -64,14 +69,19 @@ class ForwardMetadata:
     pads_after_start: bool  # a row has a pad after its first token (a query that is not stored)
     copy_src: torch.Tensor | None = None
     copy_dst: torch.Tensor | None = None
+    cascade: CascadeBatch | None = None
 
     @classmethod
     def from_plan(cls, plan: ForwardPlan, device: torch.device, max_seq_len: int | None = None) -> ForwardMetadata:
         """The plan's arrays on ``device`` in one transfer (pinned, asynchronous on CUDA)."""
         batch, width = plan.block_table.shape
         copies = np.asarray([c[0] for c in plan.copies] + [c[1] for c in plan.copies], np.int32)
+        shared = plan.shared_prefixes
+        if (shared is not None) != (plan.query_pos.shape[1] == 1):
+            raise AssertionError("a decode forward's plan carries its shared prefixes, and only a decode forward's")
         host = torch.from_numpy(np.concatenate([
-            plan.block_table.ravel(), plan.seq_lens, plan.query_pos.ravel(), plan.slot_mapping.ravel(), copies,
+            plan.block_table.ravel(), plan.seq_lens, plan.query_pos.ravel(), plan.slot_mapping.ravel(),
+            *(shared.arrays() if shared is not None else ()), copies,
         ]))
         dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
         n_meta = dev.numel() - copies.size
@@ -79,25 +89,36 @@ class ForwardMetadata:
         return cls.over(
             dev[:n_meta], batch, width, plan.query_pos.shape[1],
             max_seq_len=max_seq_len or plan.max_seq_len, max_context_len=plan.max_context_len,
-            pads_after_start=plan.pads_after_start,
+            pads_after_start=plan.pads_after_start, cascade_sizes=shared.sizes() if plan.use_cascade else None,
             copy_src=dev[n_meta:n_meta + n_copies].long() if n_copies else None,
             copy_dst=dev[n_meta + n_copies:].long() if n_copies else None,
         )
 
     @classmethod
     def over(cls, packed: torch.Tensor, batch: int, width: int, q_len: int, *, max_seq_len: int,
-             max_context_len: int | None, pads_after_start: bool, copy_src=None, copy_dst=None) -> ForwardMetadata:
-        """The metadata whose four tensors are views of ``packed`` (a forward's own transfer, or
-        the static buffer a CUDA graph replays)."""
+             max_context_len: int | None, pads_after_start: bool, copy_src=None, copy_dst=None,
+             cascade_sizes: tuple | None = None) -> ForwardMetadata:
+        """The metadata whose tensors are views of ``packed`` (a forward's own transfer, or the
+        static buffer a CUDA graph replays). ``cascade_sizes``: the host bounds of the shared-prefix
+        plan when the attention uses it (``SharedPrefixPlan.sizes()``), else None."""
         a = batch * width
         b = a + batch
         c = b + batch * q_len
+        d = c + batch * q_len
+        cascade = None
+        if cascade_sizes is not None:
+            cascade = CascadeBatch.over(packed[d:d + SharedPrefixPlan.size(batch)], batch, cascade_sizes)
         return cls(
             q_len=q_len, packed=packed, block_table=packed[:a].view(batch, width), seq_lens=packed[a:b],
-            query_pos=packed[b:c].view(batch, q_len), slot_mapping=packed[c:c + batch * q_len].view(batch, q_len),
+            query_pos=packed[b:c].view(batch, q_len), slot_mapping=packed[c:d].view(batch, q_len),
             max_seq_len=max_seq_len, max_context_len=max_context_len, pads_after_start=pads_after_start,
-            copy_src=copy_src, copy_dst=copy_dst,
+            copy_src=copy_src, copy_dst=copy_dst, cascade=cascade,
         )
+
+    @property
+    def cascade_sizes(self) -> tuple | None:
+        c = self.cascade
+        return None if c is None else (c.num_chunks, c.max_chunk_rows, c.max_shared_len, c.max_own_len)
 
     @property
     def batch(self) -> int:
@@ -114,7 +135,7 @@ class ForwardMetadata:
         return ForwardMetadata.over(
             move(self.packed), self.batch, self.width, self.q_len, max_seq_len=self.max_seq_len,
             max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
-            copy_src=move(self.copy_src), copy_dst=move(self.copy_dst),
+            copy_src=move(self.copy_src), copy_dst=move(self.copy_dst), cascade_sizes=self.cascade_sizes,
         )
 
 

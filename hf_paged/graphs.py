@@ -139,9 +139,12 @@ class _DecodeGraph:
     def __init__(self, fwd: PagedForward, inputs: dict, device: torch.device):
         meta = fwd.meta
         # the static copy of the step's packed metadata, and the metadata over it
+        # (shared-prefix decode: the capture step's choice holds for the graph's life; its arrays
+        # are part of the packed buffer, refreshed every step, and the kernels' grids depend on
+        # the batch only, so any later step's groups replay correctly)
         self.meta = ForwardMetadata.over(torch.empty_like(meta.packed), meta.batch, meta.width, 1,
                                          max_seq_len=meta.max_seq_len, max_context_len=meta.max_context_len,
-                                         pads_after_start=False)
+                                         pads_after_start=False, cascade_sizes=meta.cascade_sizes)
         self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
         self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
         self.step = [0]  # the logical length the step ends at (read by the static step in Python)

@@ -11,6 +11,12 @@ PY=${PYTHON:-python3}
 # 2. the generate equality suite again with every attention/store/copy through the Triton kernels
 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_generate_equality.py tests/test_prefix_sharing.py
+# 2b. the shared-prefix (cascade) decode forced on the same kernels: beams, samples and common
+#     preambles (test_prefix_sharing.py), with windows and soft-capping (Mistral, Gemma 2); about
+#     2 CPU-minutes (the whole equality suite forced passes too: 71 tests, about 9 CPU-minutes)
+HF_PAGED_CASCADE=1 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_prefix_sharing.py tests/test_generate_equality.py \
+    -k "prefix_sharing or mistral or gemma2"
 # 3. the oldest transformers we support (5.17), in a venv layered over this Python's packages (torch
 #    and the rest are shared; transformers 5.17 brings its own huggingface_hub pin); the real-model
 #    (slow) tests ran in 1.

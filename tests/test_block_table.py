@@ -32,6 +32,30 @@ def _check_plan(tables: BlockTables, plan, blocks_before: set, lens_before: list
         assert found == lens_before
     assert plan.max_context_len == max(lens_before)
     assert plan.seq_lens.tolist() == [n + int(r.sum()) for n, r in zip(lens_before, real)]
+    _check_shared_prefixes(plan, bs, set(slots))
+
+
+def _check_shared_prefixes(plan, bs: int, written: set) -> None:
+    """A decode plan's groups (kernels/cascade.py): each chunk's rows hold its first S tokens in the
+    same blocks, stored before their queries; nothing this forward writes is a slot a chunk reads
+    (the shared-prefix kernel and the decode kernel's fused store run side by side)."""
+    shared = plan.shared_prefixes
+    if plan.query_pos.shape[1] != 1:
+        assert shared is None
+        return
+    read, in_chunk = set(), np.zeros(len(plan.seq_lens), dtype=bool)
+    for s_len, first, count in shared.chunks[:shared.num_chunks].tolist():
+        rows = shared.members[first:first + count]
+        assert count >= 2 and s_len >= 1 and not in_chunk[rows].any()
+        in_chunk[rows] = True
+        assert (plan.query_pos[rows, 0] >= s_len).all()
+        held = -(-s_len // bs)
+        assert (plan.block_table[rows, :held] == plan.block_table[rows[0], :held]).all()
+        assert (shared.own_start[rows] == s_len).all()
+        read |= {int(plan.block_table[rows[0], p // bs]) * bs + p % bs for p in range(s_len)}
+    assert not shared.chunks[shared.num_chunks:].any()
+    assert (shared.own_start[~in_chunk] == 0).all()
+    assert read.isdisjoint(written)
 
 
 ops = st.lists(
@@ -123,6 +147,69 @@ def test_identical_prompt_blocks_are_stored_once_and_written_once():
     # the shared blocks are written by their first row only
     assert (plan.slot_mapping[1, :32] == -1).all() and (plan.slot_mapping[2, :16] == -1).all()
     assert tables.usage() == {"blocks_used": 3 + 1 + 2, "blocks_shared": 2, "tokens_stored": 40 + 8 + 24}
+
+
+def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
+    """Forked rows (samples of one prompt) share its blocks: a decode step's plan groups them, uses
+    the shared-prefix attention when it pays (or when forced), and never with HF_PAGED_CASCADE=0."""
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(1)
+    tables.plan_forward([0], np.ones((1, 4000), dtype=bool))
+    tables.select_rows([0, 0, 0, 0])
+    tables.add_rows(1)
+    tables.plan_forward([4], np.ones((1, 50), dtype=bool))  # a row of its own
+    decode = np.ones((5, 1), dtype=bool)
+    monkeypatch.delenv("HF_PAGED_CASCADE", raising=False)
+    plan = tables.plan_forward(list(range(5)), decode)
+    shared = plan.shared_prefixes
+    # 4000 tokens = 250 full blocks; the tail (none: 4000 % 16 == 0) is not shared
+    assert shared.num_chunks == 1 and shared.chunks[0].tolist() == [4000, 0, 4]
+    assert shared.own_start.tolist() == [4000] * 4 + [0]
+    assert shared.saved_tokens == 3 * 4000 and plan.use_cascade
+    _check_shared_prefixes(plan, 16, set(plan.slot_mapping.ravel().tolist()) - {-1})
+    monkeypatch.setenv("HF_PAGED_CASCADE", "0")
+    plan = tables.plan_forward(list(range(5)), decode)
+    assert not plan.use_cascade and plan.shared_prefixes.num_chunks == 0
+    tables.select_rows([0, 4])  # two rows that share nothing: never worth it, unless forced
+    monkeypatch.delenv("HF_PAGED_CASCADE")
+    assert not tables.plan_forward([0, 1], np.ones((2, 1), dtype=bool)).use_cascade
+    monkeypatch.setenv("HF_PAGED_CASCADE", "1")
+    plan = tables.plan_forward([0, 1], np.ones((2, 1), dtype=bool))
+    assert plan.use_cascade and plan.shared_prefixes.num_chunks == 0
+    assert tables.plan_forward([0, 1], np.ones((2, 3), dtype=bool)).shared_prefixes is None  # decode only
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decode_groups_under_beam_reordering(seed):
+    """Beam search's pattern (rows reordered and forked every step, prompts of any length, blocks
+    of 16): every decode plan's groups hold (same leading blocks, stored before every member's
+    query, never written by the step) and rows that share blocks are grouped."""
+    rng = np.random.default_rng(seed)
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(2)
+    lengths = rng.integers(20, 90, size=2)
+    real = np.zeros((2, int(lengths.max())), dtype=bool)
+    for i, n in enumerate(lengths):
+        real[i, real.shape[1] - n:] = True
+    tables.plan_forward([0, 1], real)
+    tables.select_rows([0, 0, 0, 1, 1, 1])  # three beams per prompt
+    grouped = 0
+    for _ in range(40):
+        tables.select_rows([3 * (i // 3) + int(rng.integers(0, 3)) for i in range(6)])
+        before = {blk for t in tables.tables for blk in t}
+        lens_before = list(tables.seq_lens)
+        decode = np.ones((6, 1), dtype=bool)
+        plan = tables.plan_forward(list(range(6)), decode)
+        _check_plan(tables, plan, before, lens_before, decode)
+        shared = plan.shared_prefixes
+        grouped += shared.num_chunks
+        # rows whose first blocks are the same (after this step's copy-on-write) are grouped
+        for i in range(6):
+            for j in range(i + 1, 6):
+                if plan.block_table[i, 0] == plan.block_table[j, 0] and min(plan.query_pos[[i, j], 0]) >= 16:
+                    assert shared.own_start[i] > 0 and shared.own_start[j] > 0
+        tables.logical_len += 1
+    assert grouped >= 40  # both prompts' beams share their prompt's full blocks at every step
 
 
 def test_blocks_needed_is_what_the_forward_takes():

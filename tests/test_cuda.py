@@ -18,12 +18,17 @@ def _gen(model, ids, mask, **kw):
                           pad_token_id=0, eos_token_id=None, **kw)
 
 
-@pytest.mark.parametrize("graphs", ["on", "off"])
-def test_greedy_beam_sample_on_triton(cuda_pair, graphs, monkeypatch):
+@pytest.mark.parametrize("graphs,cascade", [("on", None), ("off", None), ("on", "1")])
+def test_greedy_beam_sample_on_triton(cuda_pair, graphs, cascade, monkeypatch):
     """Stock's tokens from the Triton kernels, with the decode steps replayed as CUDA graphs (the
-    default) and run eagerly."""
+    default) and run eagerly; and with the shared-prefix decode forced (beams and samples share
+    their prompt's blocks)."""
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
     monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "1" if graphs == "on" else "0")
+    if cascade is None:
+        monkeypatch.delenv("HF_PAGED_CASCADE", raising=False)
+    else:
+        monkeypatch.setenv("HF_PAGED_CASCADE", cascade)
     name, paged, stock = cuda_pair
     ids, mask = left_padded_batch([5, 41, 23], seed=1)
     for kw in (dict(max_new_tokens=12, do_sample=False, output_logits=True),
@@ -62,9 +67,12 @@ def test_prompt_lookup_on_triton(cuda_pair, monkeypatch):
     assert torch.equal(_gen(paged, ids, mask, **kw).sequences, _gen(stock, ids, mask, **kw).sequences), name
 
 
-def test_decode_step_has_no_host_device_sync(monkeypatch):
-    """A decode forward (after the prefill) on the Triton path never synchronises with the GPU."""
+@pytest.mark.parametrize("cascade", ["0", "1"])
+def test_decode_step_has_no_host_device_sync(monkeypatch, cascade):
+    """A decode forward (after the prefill) on the Triton path never synchronises with the GPU
+    (with the shared-prefix decode too: its plan is made on the host)."""
     monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    monkeypatch.setenv("HF_PAGED_CASCADE", cascade)
     from hf_paged import PagedCache
 
     paged, _ = make_pair("llama")

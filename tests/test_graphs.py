@@ -244,3 +244,27 @@ def test_graphed_decode_over_a_prefix_cache(fake_graphs):
         state = cache_of(out).graph_state
         assert state.disabled is None and state.replays == 10 - 3, seed  # one graph for the call
     assert cache_of(out).memory_stats()["tokens_reused"] == 3 * 48
+
+
+def test_graphed_shared_prefix_decode_replays_any_plan(fake_graphs, monkeypatch):
+    """A step captured with the shared-prefix (cascade) attention keeps it for the graph's life: its
+    groups live in the static metadata buffer, refreshed every step, and the kernels' grids depend
+    on the batch size only, so steps whose groups differ from the capture step's (beams reordered
+    every step) replay correctly. Runs the Triton kernels (the interpreter on CPU)."""
+    from hf_paged.kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    monkeypatch.setenv("HF_PAGED_CASCADE", "1")
+    paged, stock = make_pair("llama", seed=3)
+    ids, mask = left_padded_batch([40, 75], seed=27)
+    kw = dict(max_new_tokens=8, num_beams=3, do_sample=False)
+    out = _gen(paged, ids, mask, **kw)
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
+    state = cache_of(out).graph_state
+    assert state.disabled is None and state.captures == 1 and state.replays == 8 - 3
+    graph = next(iter(state.graphs.values()))
+    assert graph.meta.cascade is not None
+    static = graph.meta.packed.untyped_storage().data_ptr()
+    assert graph.meta.cascade.own_start.untyped_storage().data_ptr() == static  # a view of the static buffer

@@ -111,3 +111,37 @@ def test_sharing_can_be_turned_off(llama):
     stats = cache.memory_stats()
     assert stats["blocks_used"] == 2 * 3  # each sample keeps its own copy of the 43 tokens
     assert stats["blocks_shared"] == 0
+
+
+@pytest.mark.parametrize("kind", ["beams", "samples", "preamble"])
+def test_shared_prefix_decode_gives_stock_tokens(llama, forwards, monkeypatch, kind):
+    """HF_PAGED_CASCADE=1: the decode steps group the rows over their shared blocks (the attention
+    reads them once per group: the Triton kernels under HF_PAGED_BACKEND=triton; the reference
+    computes the same attention) and generate gives stock's tokens."""
+    paged, stock = llama
+    monkeypatch.setenv("HF_PAGED_CASCADE", "1")
+    if kind == "preamble":
+        g = torch.Generator().manual_seed(25)
+        preamble = torch.randint(3, 256, (48,), generator=g)
+        rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in (5, 19, 11)]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(3, width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        kw = dict(max_new_tokens=6, do_sample=False)
+    else:
+        ids, mask = left_padded_batch([40, 75], seed=26)
+        kw = (dict(max_new_tokens=8, num_beams=3, do_sample=False) if kind == "beams"
+              else dict(max_new_tokens=8, do_sample=True, num_return_sequences=3))
+    torch.manual_seed(8)
+    ref = _gen(stock, ids, mask, **kw)
+    torch.manual_seed(8)
+    out = _gen(paged, ids, mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    steps = [fwd.meta for _, fwd in forwards if fwd.meta.q_len == 1]
+    assert steps and all(meta.cascade is not None for meta in steps)
+    # the first decode step: every row of a prompt in one group over the prompt's full blocks
+    # (3 rows of the preamble's 48 tokens; 3 beams or samples of each of the two prompts)
+    own_start = steps[0].cascade.own_start.tolist()
+    assert own_start == ([48] * 3 if kind == "preamble" else [32] * 3 + [64] * 3)

@@ -82,6 +82,7 @@ class BatchMetadata(Protocol):
     slot_mapping: torch.Tensor  # int32 [B, Q]
     max_seq_len: int  # host bound on seq_lens
     max_context_len: int | None  # host bound on the tokens rows held before the forward (0: a prompt)
+    cascade: object | None  # optional; decode: a cascade.CascadeBatch (shared prefixes read once per group)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Backend:
             query, key_cache, value_cache, batch.block_table, batch.seq_lens, batch.query_pos, layer.scale,
             layer.sliding_window, layer.softcap, layer.sinks, None, batch.max_seq_len, new_key, new_value,
             None if new_key is None else batch.slot_mapping, plans=plans, max_context_len=batch.max_context_len,
-            chunk_size=layer.chunk_size,
+            chunk_size=layer.chunk_size, cascade=getattr(batch, "cascade", None),
         )
 
 

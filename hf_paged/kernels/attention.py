@@ -14,7 +14,8 @@ import torch
 
 from . import context_lens, tuning  # tuning read at each plan: benchmarks sweep its configs
 from .arith import cdiv, next_pow2
-from .attention_kernels import _decode_kernel, _merge_splits_kernel, _multi_token_kernel
+from .attention_kernels import _decode_kernel, _merge_splits_kernel, _multi_token_kernel, _shared_prefix_kernel
+from . import cascade as cascade_plan  # MAX_CHUNK_ROWS read at each plan (tests change it)
 from .checks import check_attention_args, check_device, check_local_attention
 from .store import store_kv
 
@@ -42,6 +43,8 @@ def paged_attention(
     plans: dict | None = None,
     max_context_len: int | None = None,
     chunk_size: int | None = None,
+    cascade=None,
+    num_shared_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -58,8 +61,10 @@ def paged_attention(
     max_context_len: optional host int >= every row's cached context (its stored tokens before
     this forward's); 0 marks a prompt forward, launched without the pool phase (faster). A row
     that has a context after all gets NaN, never a quietly wrong number.
-    num_kv_splits / block_n / block_m: keyword-only overrides of the launch config
-    (tests and benchmarks); by default they come from the fixed config table.
+    cascade: a :class:`~hf_paged.kernels.cascade.CascadeBatch` (decode only, ignored for Q > 1):
+    the chunks of rows that share leading blocks read them once per chunk (shared-prefix decode).
+    num_kv_splits / block_n / block_m / num_shared_splits: keyword-only overrides of the launch
+    config (tests and benchmarks); by default they come from the fixed config table.
     """
     launch = None
     if plans is not None:
@@ -67,7 +72,7 @@ def paged_attention(
                key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
                None if out is None else (out.shape, out.stride()),
                None if new_key is None else (new_key.stride(), new_value.stride()),
-               num_kv_splits, block_n, block_m, max_context_len == 0, chunk_size)
+               num_kv_splits, block_n, block_m, max_context_len == 0, chunk_size, cascade is None, num_shared_splits)
         launch = plans.get(key)
     if launch is None:
         extra = tuple(t for t in (sinks, new_key, new_value, slot_mapping) if t is not None)
@@ -79,6 +84,9 @@ def paged_attention(
                             softcap, sinks, out)
         if common.batch == 0 or query.shape[2] == 0:
             launch = common.empty_launch
+        elif query.shape[2] == 1 and cascade is not None:
+            launch = _plan_cascade_decode(common, query, key_cache, value_cache, cascade, new_key, new_value,
+                                          slot_mapping, num_kv_splits, num_shared_splits)
         elif query.shape[2] == 1:
             launch = _plan_decode(common, query, key_cache, value_cache, max_seq_len, new_key, new_value,
                                   slot_mapping, num_kv_splits, block_n)
@@ -180,7 +188,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
                 out, out, out, out,  # partial buffers unused
                 query, key_cache, value_cache, *c.fixed_tensors,
                 query if sinks is None else sinks,
-                query if new_key is None else new_key, query if new_value is None else new_value, slot,
+                query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
                 *c.scalars, tokens_per_split, *strides, 0, 0, 0, 0, 0, 0, 0, *new_strides, **meta,
             )
             return out
@@ -193,7 +201,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
     part_sum = torch.empty_like(part_max)
     grid = (c.batch, c.num_kv_heads, num_splits)
     part_strides = (*part_acc.stride(), *part_max.stride())
-    merge_args = (num_splits, query_pos.stride(0), c.out_strides[0], c.out_strides[2], c.out_strides[3],
+    merge_args = (num_splits, 0, query_pos.stride(0), c.out_strides[0], c.out_strides[2], c.out_strides[3],
                   *part_strides)
     merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(num_splits)),
                       USE_SINKS=c.flags["USE_SINKS"], num_warps=4)
@@ -204,14 +212,86 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
         _decode_kernel[grid](
             out, part_acc, part_max, part_sum,
             query, key_cache, value_cache, *c.fixed_tensors, sinks_arg,
-            query if new_key is None else new_key, query if new_value is None else new_value, slot,
+            query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
             *c.scalars, tokens_per_split, *strides, *part_strides, *new_strides, **meta,
         )
         _merge_splits_kernel[(c.batch, c.num_q_heads)](
-            out, part_acc, part_max, part_sum, query_pos, sinks_arg, *merge_args, **merge_meta,
+            out, part_acc, part_max, part_sum, query_pos, sinks_arg, query_pos, *merge_args, **merge_meta,
         )
         return out
     return launch_split
+
+
+def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new_key, new_value, slot_mapping,
+                         num_kv_splits, num_shared_splits):
+    """Shared-prefix decode, three launches: the chunks' shared prefixes (one K/V read per chunk,
+    all members' query heads in one tile), each row's own part (the decode kernel from own_start,
+    the fused store as usual), and the log-sum-exp merge of both (plus the sink). Every launch's
+    grid is fixed by the batch (chunk slots, not chunks), so a CUDA graph replays it for any plan."""
+    slots = cascade_plan.num_chunk_slots(c.batch)
+    for name, t, shape in (("chunks", cascade.chunks, (slots, 3)), ("members", cascade.members, (c.batch,)),
+                           ("own_start", cascade.own_start, (c.batch,))):
+        if tuple(t.shape) != shape or t.dtype != torch.int32 or t.device != c.device:
+            raise ValueError(f"cascade.{name} must be int32 {list(shape)} on {c.device} for a batch of {c.batch} "
+                             f"rows, got {t.dtype} {list(t.shape)} on {t.device}")
+    block_n, num_warps, num_stages = tuning.decode_config(c.block_d, key_cache.element_size())
+    sh_m, sh_n, sh_warps, sh_stages = tuning.shared_prefix_config(c.block_d, key_cache.element_size())
+    rows = max(1, sh_m // c.group)  # members per tile
+    block_m = max(16, next_pow2(rows * c.group))
+    subtiles = cdiv(cascade_plan.MAX_CHUNK_ROWS, rows)
+    sms = tuning.num_sms(c.device)
+    own_splits = max(1, int(num_kv_splits)) if num_kv_splits else tuning.choose_num_splits(
+        c.batch, c.num_kv_heads, cascade.max_own_len, block_n, sms)
+    shared_splits = max(1, int(num_shared_splits)) if num_shared_splits else tuning.choose_shared_splits(
+        cascade.num_chunks * min(subtiles, cdiv(cascade.max_chunk_rows, rows)), c.num_kv_heads,
+        cascade.max_shared_len, sh_n, sms)
+    block_table, seq_lens, query_pos = c.fixed_tensors
+    fused = new_key is not None
+    slot = slot_mapping if fused else query_pos  # never read without FUSED_STORE
+    part_acc = torch.empty(c.batch, c.num_q_heads, own_splits + shared_splits, c.head_dim, dtype=torch.float32,
+                           device=c.device)
+    part_max = torch.empty(c.batch, c.num_q_heads, own_splits + shared_splits, dtype=torch.float32, device=c.device)
+    part_sum = torch.empty_like(part_max)
+    part_strides = (*part_acc.stride(), *part_max.stride())
+    q_strides = (query.stride(0), query.stride(1), query.stride(3))
+    kv_strides = (*key_cache.stride(), *value_cache.stride(), *block_table.stride(), query_pos.stride(0))
+    decode_strides = (*q_strides, *kv_strides, c.out_strides[0], c.out_strides[2], c.out_strides[3])
+    new_strides = (
+        (new_key.stride(0), new_key.stride(1), new_key.stride(3),
+         new_value.stride(0), new_value.stride(1), new_value.stride(3), slot_mapping.stride(0))
+        if fused else (0,) * 7
+    )
+    flags = {k: v for k, v in c.flags.items() if k != "USE_SINKS"}
+    shared_meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, ROWS=rows, SUBTILES=subtiles, BLOCK_M=block_m,
+                       BLOCK_D=c.block_d, BLOCK_N=sh_n, BLOCK_SIZE=c.block_size, num_warps=sh_warps,
+                       num_stages=sh_stages, **flags)
+    decode_meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, BLOCK_G=max(16, next_pow2(c.group)), BLOCK_D=c.block_d,
+                       BLOCK_N=block_n, BLOCK_SIZE=c.block_size, num_warps=num_warps, num_stages=num_stages,
+                       SPLIT=True, FUSED_STORE=fused, CASCADE=True, **c.flags)
+    merge_args = (own_splits, shared_splits, query_pos.stride(0), c.out_strides[0], c.out_strides[2],
+                  c.out_strides[3], *part_strides)
+    merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(own_splits + shared_splits)),
+                      USE_SINKS=c.flags["USE_SINKS"], CASCADE=True, num_warps=4)
+    chunks, members, own_start = cascade.chunks, cascade.members, cascade.own_start
+
+    def launch_cascade(query, key_cache, value_cache, sinks, out, new_key, new_value):
+        out = c.new_out(out)
+        sinks_arg = query if sinks is None else sinks
+        _shared_prefix_kernel[(slots * subtiles, c.num_kv_heads, shared_splits)](
+            part_acc, part_max, part_sum, query, key_cache, value_cache, block_table, query_pos, chunks, members,
+            *c.scalars, own_splits, *q_strides, *kv_strides, *part_strides, **shared_meta,
+        )
+        _decode_kernel[(c.batch, c.num_kv_heads, own_splits)](
+            out, part_acc, part_max, part_sum,
+            query, key_cache, value_cache, *c.fixed_tensors, sinks_arg,
+            query if new_key is None else new_key, query if new_value is None else new_value, slot, own_start,
+            *c.scalars, 0, *decode_strides, *part_strides, *new_strides, **decode_meta,
+        )
+        _merge_splits_kernel[(c.batch, c.num_q_heads)](
+            out, part_acc, part_max, part_sum, query_pos, sinks_arg, own_start, *merge_args, **merge_meta,
+        )
+        return out
+    return launch_cascade
 
 
 def _plan_multi_token(c: _Common, query, key_cache, value_cache, max_context_len, new_key, new_value, slot_mapping,

@@ -15,6 +15,9 @@ Memory layout:
                              its cached context from the pool
     out                    : [B, Q, num_q_heads, head_dim]
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
+    cascade (decode)       : int32 chunks [C, 3] = (shared tokens, first member, members), members [B],
+                             own_start [B] (kernels/cascade.py); partial slots [0, S_own) are the
+                             rows' own parts, [S_own, S_own + S_shared) their chunk's shared prefix
 
 The query heads of one kv head are packed into the rows of a tile (decode: the group,
 padded to >= 16 rows; multi-token: tokens x group), so every K/V tile is loaded once per
@@ -142,7 +145,7 @@ def _softmax_step(
 
 @triton.jit
 def _attend_tile(
-    q, m_i, l_i, acc, start, pos, kv_end,
+    q, m_i, l_i, acc, start, pos, kv_lo, kv_end,
     key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -155,11 +158,16 @@ def _attend_tile(
     CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    MASK_LO: tl.constexpr,
 ):
     """One online-softmax step over cached KV positions [start, start + BLOCK_N), read from the
-    pool through the block table; keys at or past kv_end (<= seq_len) are masked."""
+    pool through the block table; keys at or past kv_end (<= seq_len) are masked, and with MASK_LO
+    keys before kv_lo too (a cascade row's own part starts after its shared prefix)."""
     n = start + tl.arange(0, BLOCK_N)
-    n_mask = n < kv_end
+    if MASK_LO:
+        n_mask = (n >= kv_lo) & (n < kv_end)
+    else:
+        n_mask = n < kv_end
     # One block-table lookup per position, shared by the K and the V load.
     if MASKED:
         block_id = tl.load(block_table_row + (n // BLOCK_SIZE) * stride_bt_n, mask=n_mask, other=0)
@@ -275,7 +283,7 @@ def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
-    new_key_ptr, new_value_ptr, slot_mapping_ptr,
+    new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr,
     scale, softcap, local_size,
     tokens_per_split,
     stride_qb, stride_qh, stride_qd,
@@ -302,7 +310,11 @@ def _decode_kernel(
     FUSED_STORE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     CHUNKED: tl.constexpr = False,
+    CASCADE: tl.constexpr = False,
 ):
+    # CASCADE: the row's keys before own_start[b] (its shared prefix) are read by
+    # _shared_prefix_kernel; this program reads [own_start, pos] and always writes partials
+    # (SPLIT), the splits cutting the row's own range, for the merge.
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -320,9 +332,21 @@ def _decode_kernel(
     kv_begin = 0
     if USE_WINDOW:  # (a pad query, pos < 0, reads nothing: hi <= 0)
         kv_begin = tl.maximum(_first_visible_key(pos, local_size, CHUNKED), 0)
+    own = 0
+    if CASCADE:
+        own = tl.load(own_start_ptr + b).to(tl.int32)
+        kv_begin = tl.maximum(kv_begin, own)
     lo = (kv_begin // BLOCK_N) * BLOCK_N
     hi = kv_end
-    if SPLIT:
+    if CASCADE:
+        # Splits of the row's own range (short next to the shared prefix), sized here per row:
+        # a captured graph keeps no host bound on it.
+        per_split = ((tl.maximum(hi - lo, 1) + tl.num_programs(2) - 1) // tl.num_programs(2) + BLOCK_N - 1) // BLOCK_N
+        base = lo
+        lo = base + split * per_split * BLOCK_N
+        if split < tl.num_programs(2) - 1:
+            hi = tl.minimum(hi, lo + per_split * BLOCK_N)
+    elif SPLIT:
         # tokens_per_split is a multiple of BLOCK_N; the last split runs to the end so a
         # too-small host max_seq_len hint only costs balance, never correctness.
         lo = tl.maximum(lo, split * tokens_per_split)
@@ -350,11 +374,11 @@ def _decode_kernel(
     pos_rows = tl.full([BLOCK_G], 0, tl.int32) + pos
     for start in range(lo, hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, start, pos_rows, hi,
+            q, m_i, l_i, acc, start, pos_rows, own, hi,
             key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
             scale, softcap, local_size,
-            BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
+            BLOCK_N, BLOCK_SIZE, True, HEAD_DIM == BLOCK_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION, CASCADE,
         )
 
     if FUSED_STORE:
@@ -392,8 +416,8 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_pos_ptr, sinks_ptr,
-    num_splits,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_pos_ptr, sinks_ptr, own_start_ptr,
+    num_splits, num_shared_splits,
     stride_qpos_b,
     stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
@@ -402,11 +426,19 @@ def _merge_splits_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    CASCADE: tl.constexpr = False,
 ):
+    # Partial slots [0, num_splits) are the decode kernel's; with CASCADE the next
+    # num_shared_splits are _shared_prefix_kernel's, written only for rows in a chunk
+    # (own_start > 0): other rows' shared slots hold stale data and are not read.
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < num_splits
+    if CASCADE:
+        in_chunk = tl.load(own_start_ptr + b) > 0
+        split_mask = splits < num_splits + tl.where(in_chunk, num_shared_splits, 0)
+    else:
+        split_mask = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
 
@@ -435,6 +467,107 @@ def _merge_splits_kernel(
 
 
 @triton.jit
+def _shared_prefix_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr,
+    block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr,
+    scale, softcap, local_size,
+    first_slot,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_bt_b, stride_bt_n,
+    stride_qpos_b,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_mb, stride_mh, stride_ms,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    SUBTILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Cascade decode, the shared part: one program per (chunk slot x subtile, kv head, split).
+    # A chunk (kernels/cascade.py) is rows whose first S stored tokens sit in the same blocks;
+    # tile row r = (member sub * ROWS + r // GROUP, head r % GROUP of this kv head), so one K/V
+    # tile of the prefix, read through the first member's block table, feeds the query heads of
+    # up to ROWS rows in one tl.dot. Writes each row's unnormalised partial (acc, max, sum-exp:
+    # log2 domain) at slot first_slot + split, after the decode kernel's own-part slots.
+    slot = tl.program_id(0) // SUBTILES
+    sub = tl.program_id(0) % SUBTILES
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    shared_len = tl.load(chunks_ptr + slot * 3).to(tl.int32)
+    first = tl.load(chunks_ptr + slot * 3 + 1)
+    count = tl.load(chunks_ptr + slot * 3 + 2)
+    if (shared_len > 0) & (sub * ROWS < count):  # unused slots (S = 0) and subtiles do nothing
+        r = tl.arange(0, BLOCK_M)
+        member = sub * ROWS + r // GROUP
+        row_mask = (r < ROWS * GROUP) & (member < count)
+        b = tl.load(members_ptr + first + member, mask=row_mask, other=0).to(tl.int64)
+        head = kv_head * GROUP + r % GROUP
+        dims = tl.arange(0, BLOCK_D)
+        dim_mask = dims < HEAD_DIM
+        pos = tl.load(query_pos_ptr + b * stride_qpos_b, mask=row_mask, other=-1).to(tl.int32)
+        q = tl.load(
+            query_ptr + b[:, None] * stride_qb + head[:, None] * stride_qh + dims[None, :] * stride_qd,
+            mask=row_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        ).to(key_cache_ptr.dtype.element_ty)
+        leader = tl.load(members_ptr + first).to(tl.int64)
+        block_table_row = block_table_ptr + leader * stride_bt_b
+
+        lo = 0
+        if USE_WINDOW:  # from the first visible key of the chunk's earliest query
+            first_pos = tl.min(tl.where(row_mask, pos, shared_len), 0)
+            lo = (tl.maximum(_first_visible_key(first_pos, local_size, CHUNKED), 0) // BLOCK_N) * BLOCK_N
+        per_split = ((tl.maximum(shared_len - lo, 1) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N
+        lo = lo + split * per_split * BLOCK_N
+        hi = shared_len
+        if split < num_splits - 1:
+            hi = tl.minimum(hi, lo + per_split * BLOCK_N)
+
+        m_i = tl.full([BLOCK_M], _NEG_INF, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        masked_start = lo
+        if not USE_WINDOW:
+            # Whole tiles below S: every member sees every key (S <= each query position).
+            masked_start = tl.maximum(lo, tl.minimum(hi, (shared_len // BLOCK_N) * BLOCK_N))
+            for start in range(lo, masked_start, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(
+                    q, m_i, l_i, acc, start, pos, 0, shared_len,
+                    key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+                    stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+                    scale, softcap, local_size,
+                    BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION, False,
+                )
+        # The prefix's partial last tile, and with a window every tile (masked per row).
+        for start in range(masked_start, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, start, pos, 0, shared_len,
+                key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
+                stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
+                scale, softcap, local_size,
+                BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION, False,
+            )
+        ps = first_slot + split
+        tl.store(part_acc_ptr + b[:, None] * stride_pb + head[:, None] * stride_ph + ps * stride_ps
+                 + dims[None, :] * stride_pd, acc, mask=row_mask[:, None] & dim_mask[None, :])
+        pm = b * stride_mb + head * stride_mh + ps * stride_ms
+        tl.store(part_max_ptr + pm, m_i, mask=row_mask)
+        tl.store(part_sum_ptr + pm, l_i, mask=row_mask)
+
+
+@triton.jit
 def _attend_context(
     q, m_i, l_i, acc, pos, first_pos, cache_end,
     key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
@@ -460,20 +593,20 @@ def _attend_context(
         masked_start = (tl.minimum(first_pos + 1, cache_end) // BLOCK_N) * BLOCK_N
         for start in range(0, masked_start, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, start, pos, cache_end,
+                q, m_i, l_i, acc, start, pos, 0, cache_end,
                 key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
                 stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
                 scale, softcap, local_size,
-                BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
+                BLOCK_N, BLOCK_SIZE, False, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION, False,
             )
     # Diagonal / window- or chunk-edge / context-edge tiles.
     for start in range(masked_start, cache_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, start, pos, cache_end,
+            q, m_i, l_i, acc, start, pos, 0, cache_end,
             key_cache_ptr, value_cache_ptr, block_table_row, stride_bt_n, kv_head, dims, dim_mask,
             stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt, stride_vh, stride_vd,
             scale, softcap, local_size,
-            BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION,
+            BLOCK_N, BLOCK_SIZE, True, EVEN_D, USE_WINDOW, CHUNKED, USE_SOFTCAP, DOT_PRECISION, False,
         )
     return m_i, l_i, acc
 

@@ -102,6 +102,7 @@ def paged_attention(
     plans: dict | None = None,
     max_context_len: int | None = None,
     chunk_size: int | None = None,
+    cascade=None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -109,8 +110,9 @@ def paged_attention(
     when given. Without it the CPU path reads seq_lens (free on CPU) and a CUDA caller
     gathers the whole block table.
     new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
-    attended to. plans, max_context_len: accepted for the Triton backend's signature; nothing
-    to plan here. chunk_size: chunked attention (Llama 4): a query at position p sees only the
+    attended to. plans, max_context_len, cascade: accepted for the Triton backend's signature;
+    nothing to plan here (a shared-prefix plan changes which reads the Triton kernels share, not
+    the result: this is its reference too). chunk_size: chunked attention (Llama 4): a query at position p sees only the
     keys of its own chunk, n // chunk_size == p // chunk_size; not with sliding_window.
     """
     check_local_attention(sliding_window, chunk_size)

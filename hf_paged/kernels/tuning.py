@@ -23,6 +23,28 @@ def decode_config(block_d: int, elem_bytes: int) -> tuple[int, int, int]:
     return (32, 4, 3) if elem_bytes <= 2 else (16, 4, 2)
 
 
+def shared_prefix_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the cascade decode's shared-prefix kernel: BLOCK_M
+    query rows (members x heads of one kv head) read each K/V tile of the prefix once."""
+    if elem_bytes <= 2 and block_d <= 128:
+        return 64, 64, 4, 3
+    # fp32 at D = 256: one stage (a K and a V tile are 32 KB each), as the multi-token kernel's
+    return (32, 32, 4, 1) if elem_bytes > 2 and block_d > 128 else (32, 32, 4, 2)
+
+
+def choose_shared_splits(tiles: int, num_kv_heads: int, max_shared_len: int, block_n: int, num_sms: int) -> int:
+    """Split-KV factor of the shared-prefix kernel (host shapes only): enough programs for every
+    SM, but each split keeps >= 8 KV tiles, since every split writes a partial for each of its
+    tile's rows (members x heads) that the merge reads back: 16 rows of 4 heads write 32 KB per
+    512 prefix tokens read (256 KB of K/V at D = 128, bf16)."""
+    programs = max(tiles, 1) * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    want = next_pow2(cdiv(4 * num_sms, programs))
+    splits = max(1, min(want, max_shared_len // (8 * block_n), 64))
+    return 1 << (splits.bit_length() - 1)
+
+
 def multi_token_config(block_d: int, elem_bytes: int, kind: str = "pool") -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, stages) of the multi-token kernel; kind is what it reads:
     "pool" (every key from the pool), "prompt" (every key from this forward's K/V) or "both"."""

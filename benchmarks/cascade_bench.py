@@ -1,0 +1,313 @@
+"""GPU benchmark of the shared-prefix (cascade) decode attention (issue 15), one process, ~5 minutes.
+
+1. kernels (Llama-3.1-8B attention: 32 q heads, 8 kv heads, head_dim 128, bf16, blocks of 16),
+   outputs checked against the PyTorch reference first, then timed (triton.testing.do_bench, median):
+   * 64 rows sharing an 8k-token prefix, 256 own tokens each: cascade vs today's decode kernel
+     (target <= 0.25x);
+   * 64 rows of 8k + 256 tokens sharing nothing: auto mode (the planner finds no group: today's
+     kernel) vs today's (target <= 1.02x), the planner's host time per step, and the cascade forced
+     on a batch without sharing (what auto avoids);
+2. end to end (Llama-3.1-8B shape, random weights, bf16, CUDA graphs as by default): 2 prompts of
+   8k tokens, 16 samples each (num_return_sequences), 256 new tokens: HF_PAGED_CASCADE=1 vs =0 in
+   the same process (target >= 1.5x). First a greedy check: 2 prompts x 16 copies, both modes, the
+   tokens compared (random weights give near-flat logits, so a bf16 rounding difference may flip
+   a late argmax: the first differing step is printed, and the first step's logit gap). Then 32
+   distinct prompts of 1k tokens, 128 new tokens, greedy: auto (unset) vs off, the cost of planning
+   every step when nothing is shared (target <= 1.02x).
+
+    python benchmarks/cascade_bench.py                 # everything
+    python benchmarks/cascade_bench.py --only kernels  # or --only e2e
+    TRITON_INTERPRET=1 python benchmarks/cascade_bench.py --tiny   # a CPU smoke run of the script itself
+
+Prints a table; writes $OUT/cascade_bench.json (or ./cascade_bench.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if "--tiny" in sys.argv:  # before Triton builds the kernels: interpreted, and the end-to-end run through them
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("HF_PAGED_BACKEND", "triton")
+
+from triton.testing import do_bench  # noqa: E402
+
+from hf_paged.kernels import cascade, get_backend, reference  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--only", default="", help="kernels or e2e")
+p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): tiny shapes, no timing")
+args = p.parse_args()
+
+DEV = "cpu" if args.tiny else "cuda"
+HQ, HKV, D, BS = (4, 2, 32, 16) if args.tiny else (32, 8, 128, 16)
+DTYPE = torch.float32 if args.tiny else torch.bfloat16
+# kernels: rows, shared prefix, own tokens; e2e: prompt length, samples per prompt, new tokens, greedy tokens
+ROWS, PREFIX, OWN = (8, 256, 32) if args.tiny else (64, 8192, 256)
+PROMPT, SAMPLES, NEW, GREEDY_NEW = (64, 4, 8, 4) if args.tiny else (8192, 16, 256, 32)
+NOSHARE_ROWS, NOSHARE_PROMPT, NOSHARE_NEW = (3, 40, 4) if args.tiny else (32, 1024, 128)
+OUT = os.environ.get("OUT", ".")
+results: dict = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+                 "date": time.strftime("%Y-%m-%d")}
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def emit(key, **kw):
+    print(json.dumps({key: kw}), flush=True)
+    results[key] = kw
+
+
+def bench(fn) -> float:
+    if DEV != "cuda":  # smoke run: one call, wall time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def want(name):
+    return not args.only or name in args.only.split(",")
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+def decode_batch(rows: int, prefix: int, own: int, share: bool, seed: int = 0):
+    """A pool and block tables: every row holds prefix + own tokens (its query the last one); with
+    ``share`` the prefix's blocks are one set every row's table starts with."""
+    g = torch.Generator(device=DEV).manual_seed(seed)  # noqa: F841
+    p_blocks, o_blocks = prefix // BS, -(-own // BS)  # the prefix is whole blocks
+    n_blocks = (p_blocks + rows * o_blocks) if share else rows * (p_blocks + o_blocks)
+    kc = torch.randn(n_blocks + 8, BS, HKV, D, device=DEV, dtype=DTYPE, generator=g)
+    vc = torch.randn_like(kc)
+    perm = torch.randperm(n_blocks, device=DEV, generator=g).to(torch.int32)
+    if share:
+        own_ids = perm[p_blocks:].view(rows, o_blocks)
+        bt = torch.cat([perm[:p_blocks].expand(rows, p_blocks), own_ids], 1).contiguous()
+    else:
+        bt = perm.view(rows, p_blocks + o_blocks).contiguous()
+    seq = torch.full((rows,), prefix + own, dtype=torch.int32, device=DEV)
+    qpos = (seq - 1)[:, None].contiguous()
+    q = torch.randn(rows, 1, HQ, D, device=DEV, dtype=DTYPE, generator=g).transpose(1, 2)
+    nk = torch.randn(rows, 1, HKV, D, device=DEV, dtype=DTYPE, generator=g).transpose(1, 2)
+    nv = torch.randn_like(nk)
+    pos = qpos[:, 0].long()
+    slots = (bt.long().gather(1, (pos // BS)[:, None])[:, 0] * BS + pos % BS).to(torch.int32)[:, None].contiguous()
+    return dict(q=q, kc=kc, vc=vc, bt=bt, seq=seq, qpos=qpos, nk=nk, nv=nv, slots=slots)
+
+
+def run_kernel(b, cascade_batch=None, plans=None, out=None):
+    return get_backend("triton").paged_attention(
+        b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
+        new_value=b["nv"], slot_mapping=b["slots"], plans=plans, cascade=cascade_batch,
+        max_seq_len=int(b["seq"].max()))
+
+
+def plan_of(b):
+    return cascade.plan_shared_prefixes(b["bt"].cpu().numpy(), b["seq"].cpu().numpy(), b["qpos"][:, 0].cpu().numpy(),
+                                        BS)
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def kernel_checks() -> None:
+    """Cascade vs reference on small GPU shapes with every option, then the benchmark shapes."""
+    worst = 0.0
+    for rows, prefix, own, kw in [(6, 700, 48, {}), (5, 300, 17, {"sliding_window": 100, "softcap": 30.0}),
+                                  (4, 513, 32, {"sinks": torch.randn(HQ, device=DEV)})]:
+        b = decode_batch(rows, prefix - prefix % BS, own, share=True, seed=rows)
+        ref = reference.paged_attention(b["q"], b["kc"].clone(), b["vc"].clone(), b["bt"], b["seq"], b["qpos"],
+                                        D ** -0.5, new_key=b["nk"], new_value=b["nv"], slot_mapping=b["slots"], **kw)
+        plan = plan_of(b)
+        assert plan.num_chunks >= 1
+        out = get_backend("triton").paged_attention(
+            b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, new_key=b["nk"], new_value=b["nv"],
+            slot_mapping=b["slots"], cascade=cascade.CascadeBatch.from_plan(plan, DEV), **kw)
+        worst = max(worst, rel_err(out, ref))
+    emit("kernel_check_small", worst_rel_err=worst, ok=worst < 2e-2)
+    assert worst < 2e-2, worst
+
+
+def kernels() -> None:
+    kernel_checks()
+    rows, prefix, own = ROWS, PREFIX, OWN
+    for share in (True, False):
+        b = decode_batch(rows, prefix, own, share)
+        plan = plan_of(b)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            plan_of(b)
+        host_us = (time.perf_counter() - t0) / 20 * 1e6
+        cb = cascade.CascadeBatch.from_plan(plan, DEV)
+        ref = reference.paged_attention(b["q"], b["kc"].clone(), b["vc"].clone(), b["bt"], b["seq"], b["qpos"],
+                                        D ** -0.5, new_key=b["nk"], new_value=b["nv"], slot_mapping=b["slots"])
+        plain_out = run_kernel(b)
+        casc_out = run_kernel(b, cb)
+        errs = dict(plain_rel_err=rel_err(plain_out, ref), cascade_rel_err=rel_err(casc_out, ref))
+        del ref
+        assert max(errs.values()) < 2e-2, errs
+        out = torch.empty_like(plain_out)
+        plain_plans, casc_plans, auto_plans = {}, {}, {}
+        t_plain = bench(lambda: run_kernel(b, None, plain_plans, out))
+        t_casc = bench(lambda: run_kernel(b, cb, casc_plans, out))
+        auto = cb if plan.pays() else None  # what the forward would launch in auto mode
+        t_auto = bench(lambda: run_kernel(b, auto, auto_plans, out))
+        sweep = {}
+        if share:  # the shared kernel's split count: parallelism against partials written and merged
+            for n in (4, 8, 16, 32):
+                sweep_plans: dict = {}
+                sweep[n] = bench(lambda: get_backend("triton").paged_attention(
+                    b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
+                    new_value=b["nv"], slot_mapping=b["slots"], plans=sweep_plans, cascade=cb,
+                    num_shared_splits=n))
+        config_sweep = {}
+        if share and not args.tiny:  # the shared-prefix kernel's tile (BLOCK_M, BLOCK_N, warps, stages)
+            from hf_paged.kernels import tuning
+
+            default = tuning.shared_prefix_config
+            for cfg in ((64, 64, 4, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 64, 4, 3)):
+                tuning.shared_prefix_config = lambda block_d, elem_bytes, cfg=cfg: cfg
+                cfg_plans: dict = {}
+                run_kernel(b, cb, cfg_plans, out)
+                config_sweep["/".join(map(str, cfg))] = bench(lambda: run_kernel(b, cb, cfg_plans, out))
+            tuning.shared_prefix_config = default
+        kv_bytes = 2 * HKV * D * 2 * (int(b["seq"].sum()) if not share else prefix + rows * own)
+        name = f"shared_{rows}x{prefix}_own{own}" if share else f"unshared_{rows}x{prefix}_plus{own}"
+        emit(name, **errs, chunks=plan.num_chunks, pays=plan.pays(), today_ms=t_plain, cascade_ms=t_casc,
+             auto_ms=t_auto, cascade_over_today=t_casc / t_plain, auto_over_today=t_auto / t_plain,
+             planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9, shared_splits_sweep_ms=sweep,
+             shared_config_sweep_ms=config_sweep)
+        del b
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def e2e() -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import hf_paged  # noqa: F401  (registers attn_implementation="paged")
+    from hf_paged import cache_of
+
+    if args.tiny:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                          rope_theta=500000.0)
+    with torch.device(DEV):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE, attn_implementation="sdpa")
+    model.set_attn_implementation("paged")  # as generate_bench.py switches it
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, cfg.vocab_size, (2, PROMPT), generator=g).to(DEV)
+
+    def generate(mode: str, ids, new: int, **kw):
+        os.environ[cascade.ENV_VAR] = mode
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, return_dict_in_generate=True, **kw)
+        sync()
+        return out, time.perf_counter() - t
+
+    # which decode launches were planned (eager steps, and the steps a graph is captured from)
+    from hf_paged.kernels import attention as triton_attention
+
+    planned = {"cascade": 0}
+    plan_cascade = triton_attention._plan_cascade_decode
+
+    def counting(*a, **k):
+        planned["cascade"] += 1
+        return plan_cascade(*a, **k)
+
+    triton_attention._plan_cascade_decode = counting
+
+    # greedy check: 2 prompts x 16 copies (generate prefills each distinct prompt once and forks)
+    copies = prompts.repeat_interleave(SAMPLES, 0)
+    greedy, used = {}, {}
+    for mode in ("0", "1"):
+        before = planned["cascade"]
+        greedy[mode], _ = generate(mode, copies, GREEDY_NEW, do_sample=False, output_logits=True)
+        used[mode] = planned["cascade"] > before
+    assert used == {"0": False, "1": True}, used
+    a, b = greedy["0"], greedy["1"]
+    same = (a.sequences == b.sequences).all(1)
+    diff_steps = (a.sequences[:, PROMPT:] != b.sequences[:, PROMPT:]).any(0).nonzero()
+    first_logits_gap = (a.logits[1].float() - b.logits[1].float()).abs().max().item()  # step 1: the first decode step
+    emit("e2e_greedy_check", rows=copies.shape[0], new_tokens=GREEDY_NEW, rows_equal=int(same.sum()),
+         first_differing_step=int(diff_steps[0]) if len(diff_steps) else None,
+         first_decode_step_max_logit_gap=first_logits_gap,
+         logit_scale=a.logits[1].float().abs().max().item())
+    del greedy, a, b
+
+    # sampling: 16 samples of each of the 2 prompts, 256 new tokens; warm-up then alternate
+    kw = dict(do_sample=True, num_return_sequences=SAMPLES)
+    times: dict[str, list[float]] = {"0": [], "1": []}
+    for mode in ("0", "1"):
+        generate(mode, prompts, 16, **kw)  # compile, capture
+    for _ in range(1 if args.tiny else 2):
+        for mode in ("0", "1"):
+            torch.manual_seed(5)
+            out, dt = generate(mode, prompts, NEW, **kw)
+            times[mode].append(dt)
+            state = cache_of(out).graph_state
+            results.setdefault("e2e_graphs", {})[mode] = None if state is None else dict(
+                captures=state.captures, replays=state.replays, disabled=state.disabled)
+    off, on = min(times["0"]), min(times["1"])
+    emit(f"e2e_{SAMPLES}_samples_x2_prompts_{PROMPT}_{NEW}_new", off_s=off, cascade_s=on, speedup=off / on,
+         off_runs=times["0"], cascade_runs=times["1"], graphs=results.get("e2e_graphs"))
+
+    # no sharing: distinct prompts, auto (unset: the planner runs every step and finds nothing) vs off
+    distinct = torch.randint(1, cfg.vocab_size, (NOSHARE_ROWS, NOSHARE_PROMPT), generator=g).to(DEV)
+    times = {"": [], "0": []}
+    for mode in times:
+        generate(mode, distinct, 8, do_sample=False)
+    for _ in range(1 if args.tiny else 2):
+        for mode in times:
+            times[mode].append(generate(mode, distinct, NOSHARE_NEW, do_sample=False)[1])
+    emit(f"e2e_no_sharing_{NOSHARE_ROWS}x{NOSHARE_PROMPT}_{NOSHARE_NEW}_new", off_s=min(times["0"]),
+         auto_s=min(times[""]), auto_over_off=min(times[""]) / min(times["0"]), off_runs=times["0"],
+         auto_runs=times[""])
+    os.environ.pop(cascade.ENV_VAR, None)
+
+
+def main() -> None:
+    t0 = time.time()
+    if want("kernels"):
+        kernels()
+    if want("e2e"):
+        e2e()
+    results["wall_s"] = time.time() - t0
+    print()
+    for key, value in results.items():
+        if isinstance(value, dict):
+            brief = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in value.items()
+                     if not isinstance(v, (list, dict))}
+            print(f"{key:40s} {brief}")
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "cascade_bench.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
