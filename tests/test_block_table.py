@@ -151,7 +151,8 @@ def test_identical_prompt_blocks_are_stored_once_and_written_once():
 
 def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     """Forked rows (samples of one prompt) share its blocks: a decode step's plan groups them, uses
-    the shared-prefix attention when it pays (or when forced), and never with HF_PAGED_CASCADE=0."""
+    the shared-prefix attention when it pays (HF_PAGED_CASCADE=auto) or when forced, and never with
+    HF_PAGED_CASCADE=0 or unset (the default)."""
     tables = BlockTables(BlockPool(), 16)
     tables.add_rows(1)
     tables.plan_forward([0], np.ones((1, 4000), dtype=bool))
@@ -160,6 +161,9 @@ def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     tables.plan_forward([4], np.ones((1, 50), dtype=bool))  # a row of its own
     decode = np.ones((5, 1), dtype=bool)
     monkeypatch.delenv("HF_PAGED_CASCADE", raising=False)
+    plan = tables.plan_forward(list(range(5)), decode)
+    assert not plan.use_cascade and plan.shared_prefixes.num_chunks == 0  # off by default
+    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")
     plan = tables.plan_forward(list(range(5)), decode)
     shared = plan.shared_prefixes
     # 4000 tokens = 250 full blocks; the tail (none: 4000 % 16 == 0) is not shared
@@ -171,7 +175,7 @@ def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     plan = tables.plan_forward(list(range(5)), decode)
     assert not plan.use_cascade and plan.shared_prefixes.num_chunks == 0
     tables.select_rows([0, 4])  # two rows that share nothing: never worth it, unless forced
-    monkeypatch.delenv("HF_PAGED_CASCADE")
+    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")
     assert not tables.plan_forward([0, 1], np.ones((2, 1), dtype=bool)).use_cascade
     monkeypatch.setenv("HF_PAGED_CASCADE", "1")
     plan = tables.plan_forward([0, 1], np.ones((2, 1), dtype=bool))

@@ -18,7 +18,7 @@ def _gen(model, ids, mask, **kw):
                           pad_token_id=0, eos_token_id=None, **kw)
 
 
-@pytest.mark.parametrize("graphs,cascade", [("on", None), ("off", None), ("on", "1")])
+@pytest.mark.parametrize("graphs,cascade", [("on", None), ("off", None), ("on", "1"), ("on", "auto")])
 def test_greedy_beam_sample_on_triton(cuda_pair, graphs, cascade, monkeypatch):
     """Stock's tokens from the Triton kernels, with the decode steps replayed as CUDA graphs (the
     default) and run eagerly; and with the shared-prefix decode forced (beams and samples share

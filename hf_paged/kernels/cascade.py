@@ -20,8 +20,9 @@ Layout (int32, the tail of a decode forward's packed metadata; see ``forward.py`
     members   [B]: the chunks' rows, chunk after chunk (unused entries 0)
     own_start [B]: where each row's own part starts (its chunk's S; 0 for a row in no chunk)
 
-``HF_PAGED_CASCADE``: ``1`` uses the cascade kernels for every decode step, ``0`` never, unset
-(auto) when :func:`pays` says so.
+``HF_PAGED_CASCADE``: ``1`` uses the cascade kernels for every decode step, ``auto`` when
+:meth:`SharedPrefixPlan.pays` says so, ``0`` or unset never (the default stays off until the
+automatic choice and its thresholds are measured on a GPU).
 """
 
 from __future__ import annotations
@@ -43,15 +44,19 @@ MIN_SAVED_TOKENS = 2048
 
 
 def setting() -> bool | None:
-    """``HF_PAGED_CASCADE``: True (force on), False (force off) or None (auto); read at each call."""
+    """``HF_PAGED_CASCADE``: True (force on), False (off: the default, until the automatic choice
+    is measured on a GPU) or None (``auto``: :meth:`SharedPrefixPlan.pays` decides); read at each
+    call."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in ("", "auto"):
+    if value == "auto":
         return None
+    if value == "":
+        return False
     if value in ("1", "true", "on", "yes"):
         return True
     if value in ("0", "false", "off", "no"):
         return False
-    raise ValueError(f"{ENV_VAR}={value!r} is not understood: use 1 (always), 0 (never) or leave it unset (auto)")
+    raise ValueError(f"{ENV_VAR}={value!r} is not understood: use 1 (always), auto (when it pays) or 0 (never, the default)")
 
 
 @dataclass(frozen=True)
