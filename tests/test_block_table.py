@@ -1,6 +1,8 @@
 """Property-based tests of the block tables alone (no tensors, no model): every forward plan,
 row selection, crop and clear keeps the pool's counts exact and every write private."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,19 @@ from hypothesis import strategies as st
 from hf_paged import BlockPool, OutOfBlocksError
 from hf_paged.block_table import BlockTables
 from hf_paged.kernels import context_lens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def shared_prefix_groups_planned():
+    """Decode plans carry their shared-prefix groups here (HF_PAGED_CASCADE=auto), so that every
+    plan of the property tests checks them; off by default, they would be empty."""
+    saved = os.environ.get("HF_PAGED_CASCADE")
+    os.environ["HF_PAGED_CASCADE"] = "auto"
+    yield
+    if saved is None:
+        del os.environ["HF_PAGED_CASCADE"]
+    else:
+        os.environ["HF_PAGED_CASCADE"] = saved
 
 
 def _check_plan(tables: BlockTables, plan, blocks_before: set, lens_before: list[int], real: np.ndarray):
@@ -184,10 +199,11 @@ def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_decode_groups_under_beam_reordering(seed):
+def test_decode_groups_under_beam_reordering(seed, monkeypatch):
     """Beam search's pattern (rows reordered and forked every step, prompts of any length, blocks
     of 16): every decode plan's groups hold (same leading blocks, stored before every member's
     query, never written by the step) and rows that share blocks are grouped."""
+    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")  # plans groups (off by default: none planned)
     rng = np.random.default_rng(seed)
     tables = BlockTables(BlockPool(), 16)
     tables.add_rows(2)
