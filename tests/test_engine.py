@@ -296,3 +296,12 @@ def test_a_row_ending_at_an_end_token_decodes_one_step_past_it_and_that_token_is
     limited = _many(paged, [prompt], max_new_tokens=7, progress=seen.append)
     assert limited[0].sequences[0] == ref[:7]
     assert seen[-1]["decode_rows"] == seen[-1]["decode_slots"] == 6
+
+
+def test_block_size_of_the_engine_cache():
+    paged, stock = make_pair("llama")
+    prompts = _prompts(lengths=(40, 7, 23))
+    seen = []
+    results = _many(paged, prompts, max_new_tokens=8, block_size=32, progress=seen.append)
+    assert seen[-1]["block_size"] == 32
+    assert [r.sequences[0] for r in results] == [_alone(stock, p, max_new_tokens=8) for p in prompts]

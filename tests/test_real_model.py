@@ -624,9 +624,9 @@ def test_cli_max_memory_below_one_block(tmp_path, capsys):
     assert "256 bytes per token x block size 16, float32" in err
     err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32", "--static-batches"]))
     assert "less than one KV block: 8192 bytes" in err
-    # the engine (the default) sizes its own blocks: --block-size is refused there, not ignored
-    err = _one_line_error(capsys, cli.main([*base, "--block-size", "32"]))
-    assert "--block-size applies to --static-batches only: the engine (the default) uses blocks of 16 tokens" in err
+    # the engine (the default) takes the block size too: the cap is checked against its blocks
+    err = _one_line_error(capsys, cli.main([*base, "--max-memory", "8000", "--block-size", "32"]))
+    assert "less than one KV block: 8192 bytes" in err
     with pytest.raises(SystemExit) as exc:  # unreadable: an argument error naming the option
         cli.parse_args(["--max-memory", "lots"])
     err = _one_line_error(capsys, exc.value.code)

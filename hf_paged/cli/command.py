@@ -8,7 +8,6 @@ import sys
 import torch
 
 from ..block_pool import OutOfBlocksError
-from ..cache import DEFAULT_BLOCK_SIZE
 from .args import InputError, _error, check_block_size, check_max_memory, parse_args, read_model_config, \
     resolve_device, resolve_dtype
 from .engine_jobs import engine_reasons, run_job_engine
@@ -58,7 +57,6 @@ def cmd_generate(args) -> int:
             check_output_path(args.output, resume=args.resume, overwrite=args.overwrite)
         check_block_size(args, device)
         jobs = plan_jobs(args)
-        check_engine_block_size(args, jobs)
         output = open_output(args, jobs, shard) if args.output else None
         if output is not None and all(len(output.done(job)) == len(job.prompts) for job in jobs):
             shard.wait()  # every process has read the earlier records
@@ -110,7 +108,7 @@ def cmd_generate(args) -> int:
                           progress=shard.is_main)
             static = static_reasons(args, job, model, tokenizer)
             if static is None:
-                res = run_job_engine(job, model, tokenizer, max_memory=args.max_memory,
+                res = run_job_engine(job, model, tokenizer, max_memory=args.max_memory, block_size=args.block_size,
                                      on_result=output.write_batch if output else None, **common)
             else:
                 if static and shard.is_main:
@@ -149,16 +147,6 @@ def cmd_generate(args) -> int:
         kept = f" ({output.resumed} from the earlier run)" if output.resumed else ""
         print(f"\nwrote {output.finish()} record(s) to {args.output}{kept}")
     return 0
-
-
-def check_engine_block_size(args, jobs) -> None:
-    """The engine sizes its own cache (blocks of the default size): --block-size applies to static
-    batches only, and is refused rather than ignored when a job would run on the engine."""
-    if args.block_size is None or args.static_batches or args.attn_implementation != "paged":
-        return
-    if any(int(job.gen_kwargs.get("num_beams") or 1) == 1 for job in jobs):
-        raise InputError(f"--block-size applies to --static-batches only: the engine (the default) uses blocks of "
-                         f"{DEFAULT_BLOCK_SIZE} tokens; add --static-batches, or leave --block-size out")
 
 
 def static_reasons(args, job, model, tokenizer) -> str | None:

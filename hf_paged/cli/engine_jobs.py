@@ -50,7 +50,8 @@ class EngineProgress:
         self.last_draw = now
 
 
-def run_job_engine(job, model, tokenizer, *, chat: bool, max_memory=None, seed: int = 0, stock_model=None,
+def run_job_engine(job, model, tokenizer, *, chat: bool, max_memory=None, block_size=None, seed: int = 0,
+                   stock_model=None,
                    progress: bool = True, done=frozenset(), on_result=None, indices=None) -> JobResult:
     """Generate for the prompts of ``job`` (those of ``indices``, default all) not in ``done`` with
     the engine; outputs in original order (None for the others). ``on_result(result, [index])``
@@ -79,8 +80,9 @@ def run_job_engine(job, model, tokenizer, *, chat: bool, max_memory=None, seed: 
     sync(model.device)
     t0 = time.perf_counter()
     try:
+        cache_kwargs = {"block_size": block_size} if block_size is not None else {}
         for res in iter_generate_many(model, ids, tokenizer=tokenizer, seed=seed, max_memory=max_memory,
-                                      progress=on_step, **kwargs):
+                                      progress=on_step, **cache_kwargs, **kwargs):
             index = todo[res.index]
             result.outputs[index] = res.texts
             result.sequences += len(res.sequences)

@@ -23,6 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from .. import compat
+from ..cache import DEFAULT_BLOCK_SIZE
 from .engine import Engine
 from .requests import ENGINE_FIELDS, EngineRequest, GenerationResult, Request
 from .sampling import SamplingParams
@@ -39,19 +40,19 @@ ENGINE_MODEL_TYPES = {"llama", "llama4_text", "mistral", "qwen2", "qwen3", "gemm
 
 def generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
                   seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
-                  **generation_kwargs) -> list[GenerationResult]:
+                  block_size: int = DEFAULT_BLOCK_SIZE, **generation_kwargs) -> list[GenerationResult]:
     """One :class:`GenerationResult` per prompt, in input order (see :func:`iter_generate_many`)."""
     results: list[GenerationResult | None] = [None] * len(prompts)
     for result in iter_generate_many(model, prompts, generation_config, tokenizer=tokenizer, seed=seed,
                                      max_memory=max_memory, max_batch_tokens=max_batch_tokens, progress=progress,
-                                     **generation_kwargs):
+                                     block_size=block_size, **generation_kwargs):
         results[result.index] = result
     return results
 
 
 def iter_generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
                        seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
-                       **generation_kwargs) -> Iterator[GenerationResult]:
+                       block_size: int = DEFAULT_BLOCK_SIZE, **generation_kwargs) -> Iterator[GenerationResult]:
     """Each prompt's :class:`GenerationResult` as soon as it is finished (in completion order).
 
     ``max_memory`` caps the KV pool as ``PagedCache(max_memory=...)`` does (on CUDA, by default,
@@ -60,6 +61,7 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
     ``max_batch_tokens`` bounds the prompt tokens (padded) prefilled in one step; longer prompts are
     prefilled in chunks between decode steps. ``seed``: the run's seed (default: drawn from torch's
     global generator, so ``torch.manual_seed`` before the call makes it reproducible).
+    ``block_size``: tokens per KV block, as ``PagedCache(block_size=...)``.
     ``progress``: called after every engine step with the engine's counters (:meth:`Engine.stats`:
     ``new_tokens``, ``finished_requests``, ``decode_rows`` / ``decode_slots``, ``preemptions``, ...);
     prompts run through ``model.generate`` alone are not counted there.
@@ -68,7 +70,8 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     requests, alone = _requests(model, prompts, generation_config, generation_kwargs, tokenizer, seed)
     if requests:
-        engine = Engine(model, max_memory=max_memory, max_batch_tokens=max_batch_tokens, tokenizer=tokenizer)
+        engine = Engine(model, max_memory=max_memory, max_batch_tokens=max_batch_tokens, tokenizer=tokenizer,
+                        block_size=block_size)
         for request in requests:
             engine.add(request)
         for finished in engine.steps():

@@ -29,7 +29,7 @@ import torch
 from .. import compat
 from ..block_pool import OutOfBlocksError
 from ..block_table import chain_hashes
-from ..cache import PagedCache
+from ..cache import DEFAULT_BLOCK_SIZE, PagedCache
 from ..generation import length_groups
 from ..kernels import cdiv
 from .graphs import DecodeGraphs, bucket, why_not
@@ -43,7 +43,8 @@ _STOP_WINDOW = 32
 class Engine:
     """Runs :class:`EngineRequest` objects through ``model`` with continuous batching."""
 
-    def __init__(self, model, *, max_memory=None, max_batch_tokens: int = 8192, tokenizer=None):
+    def __init__(self, model, *, max_memory=None, max_batch_tokens: int = 8192, tokenizer=None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
         if max_memory is None and model.device.type == "cuda":
             # admission by free blocks needs a cap: most of what the GPU has free now
             free, _ = torch.cuda.mem_get_info(model.device)
@@ -52,7 +53,7 @@ class Engine:
         self.device = model.device
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
-        self.cache = PagedCache(config=model.config, max_memory=max_memory)
+        self.cache = PagedCache(config=model.config, max_memory=max_memory, block_size=block_size)
         self.cache.resolve_memory_cap(model.dtype)
         self.cache_kwarg = compat.forward_cache_kwarg(model)
         reason = why_not(model, self.cache)
