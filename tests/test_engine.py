@@ -305,3 +305,23 @@ def test_block_size_of_the_engine_cache():
     results = _many(paged, prompts, max_new_tokens=8, block_size=32, progress=seen.append)
     assert seen[-1]["block_size"] == 32
     assert [r.sequences[0] for r in results] == [_alone(stock, p, max_new_tokens=8) for p in prompts]
+
+
+def test_a_prefix_cache_carries_a_preamble_to_the_next_call():
+    """generate_many over a PrefixCache: the second call finds the preamble's blocks the first left
+    there and prefills only its questions; results equal generate's."""
+    paged, stock = make_pair("llama")
+    g = torch.Generator().manual_seed(8)
+    preamble = torch.randint(3, 256, (64,), generator=g).tolist()  # 4 full blocks
+    calls = [[preamble + torch.randint(3, 256, (n,), generator=g).tolist() for n in lengths]
+             for lengths in ((5, 12), (9, 3, 20))]
+    prefix = hf_paged.PrefixCache(max_memory="8MiB")
+    for i, prompts in enumerate(calls):
+        seen = []
+        results = _many(paged, prompts, max_new_tokens=6, prefix_cache=prefix, progress=seen.append)
+        assert [r.sequences[0] for r in results] == [_alone(stock, p, max_new_tokens=6) for p in prompts]
+        reused = seen[-1]["tokens_reused"]
+        if i == 1:  # every prompt of the second call found the preamble
+            assert reused == 64 * len(prompts)
+            assert seen[-1]["tokens_prefilled"] == sum(len(p) - 64 for p in prompts)
+    assert prefix.stats()["blocks_held"] == 0 and prefix.stats()["blocks_cached"] > 0

@@ -24,6 +24,7 @@ from transformers import GenerationConfig
 
 from .. import compat
 from ..cache import DEFAULT_BLOCK_SIZE
+from ..prefix_cache import PrefixCache
 from .engine import Engine
 from .requests import ENGINE_FIELDS, EngineRequest, GenerationResult, Request
 from .sampling import SamplingParams
@@ -40,19 +41,20 @@ ENGINE_MODEL_TYPES = {"llama", "llama4_text", "mistral", "qwen2", "qwen3", "gemm
 
 def generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
                   seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
-                  block_size: int = DEFAULT_BLOCK_SIZE, **generation_kwargs) -> list[GenerationResult]:
+                  block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache=None, **generation_kwargs) -> list[GenerationResult]:
     """One :class:`GenerationResult` per prompt, in input order (see :func:`iter_generate_many`)."""
     results: list[GenerationResult | None] = [None] * len(prompts)
     for result in iter_generate_many(model, prompts, generation_config, tokenizer=tokenizer, seed=seed,
                                      max_memory=max_memory, max_batch_tokens=max_batch_tokens, progress=progress,
-                                     block_size=block_size, **generation_kwargs):
+                                     block_size=block_size, prefix_cache=prefix_cache, **generation_kwargs):
         results[result.index] = result
     return results
 
 
 def iter_generate_many(model, prompts, generation_config: GenerationConfig | None = None, *, tokenizer=None,
                        seed: int | None = None, max_memory=None, max_batch_tokens: int = 8192, progress=None,
-                       block_size: int = DEFAULT_BLOCK_SIZE, **generation_kwargs) -> Iterator[GenerationResult]:
+                       block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache=None,
+                       **generation_kwargs) -> Iterator[GenerationResult]:
     """Each prompt's :class:`GenerationResult` as soon as it is finished (in completion order).
 
     ``max_memory`` caps the KV pool as ``PagedCache(max_memory=...)`` does (on CUDA, by default,
@@ -61,7 +63,10 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
     ``max_batch_tokens`` bounds the prompt tokens (padded) prefilled in one step; longer prompts are
     prefilled in chunks between decode steps. ``seed``: the run's seed (default: drawn from torch's
     global generator, so ``torch.manual_seed`` before the call makes it reproducible).
-    ``block_size``: tokens per KV block, as ``PagedCache(block_size=...)``.
+    ``block_size``: tokens per KV block, as ``PagedCache(block_size=...)``. ``prefix_cache``: a
+    :class:`~hf_paged.PrefixCache` (default: the one attached to the model, if any) whose pool the
+    run uses (its cap in place of ``max_memory``): prompts find the blocks earlier calls left there,
+    and this run's prompt blocks stay there for later ones.
     ``progress``: called after every engine step with the engine's counters (:meth:`Engine.stats`:
     ``new_tokens``, ``finished_requests``, ``decode_rows`` / ``decode_slots``, ``preemptions``, ...);
     prompts run through ``model.generate`` alone are not counted there.
@@ -70,15 +75,25 @@ def iter_generate_many(model, prompts, generation_config: GenerationConfig | Non
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
     requests, alone = _requests(model, prompts, generation_config, generation_kwargs, tokenizer, seed)
     if requests:
+        if prefix_cache is None:
+            prefix_cache = PrefixCache.attached(model)
+        elif not isinstance(prefix_cache, PrefixCache):
+            raise TypeError(f"hf_paged: prefix_cache must be a hf_paged.PrefixCache, got {type(prefix_cache).__name__}")
         engine = Engine(model, max_memory=max_memory, max_batch_tokens=max_batch_tokens, tokenizer=tokenizer,
-                        block_size=block_size)
+                        block_size=block_size, prefix_cache=prefix_cache)
         for request in requests:
             engine.add(request)
-        for finished in engine.steps():
-            if progress is not None:
-                progress(engine.stats())
-            for request in finished:
-                yield _result(request, tokenizer)
+        failed = True
+        try:
+            for finished in engine.steps():
+                if progress is not None:
+                    progress(engine.stats())
+                for request in finished:
+                    yield _result(request, tokenizer)
+            failed = False
+        finally:
+            if prefix_cache is not None:  # the rows' blocks go back to it (hashed ones stay findable)
+                engine.cache.release_rows(failed=failed)
     for index, prompt, config, settings, request_seed in alone:
         yield _generate_alone(model, index, prompt, generation_config, settings, config, request_seed, tokenizer)
 

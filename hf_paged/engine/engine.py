@@ -44,8 +44,8 @@ class Engine:
     """Runs :class:`EngineRequest` objects through ``model`` with continuous batching."""
 
     def __init__(self, model, *, max_memory=None, max_batch_tokens: int = 8192, tokenizer=None,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
-        if max_memory is None and model.device.type == "cuda":
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_cache=None):
+        if max_memory is None and model.device.type == "cuda" and prefix_cache is None:
             # admission by free blocks needs a cap: most of what the GPU has free now
             free, _ = torch.cuda.mem_get_info(model.device)
             max_memory = int(free * 0.8)
@@ -53,7 +53,12 @@ class Engine:
         self.device = model.device
         self.tokenizer = tokenizer
         self.max_batch_tokens = max_batch_tokens
-        self.cache = PagedCache(config=model.config, max_memory=max_memory, block_size=block_size)
+        if prefix_cache is not None:  # its pool, cap and block size, and the blocks earlier calls left
+            self.cache = PagedCache(config=model.config, max_memory=max_memory, block_size=block_size,
+                                    prefix_cache=prefix_cache)
+            self.cache.bind_model(model)  # the hashes are this model's (weights, dtype, adapters)
+        else:
+            self.cache = PagedCache(config=model.config, max_memory=max_memory, block_size=block_size)
         self.cache.resolve_memory_cap(model.dtype)
         self.cache_kwarg = compat.forward_cache_kwarg(model)
         reason = why_not(model, self.cache)
