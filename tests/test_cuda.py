@@ -152,3 +152,39 @@ def test_engine_graphed_decode_equals_generate_alone(cuda_pair, monkeypatch):
     monkeypatch.setenv("HF_PAGED_CUDA_GRAPHS", "0")
     eager = hf_paged.generate_many(paged, prompts[:3], **kw)
     assert [r.sequences for r in graphed] == [r.sequences for r in eager], name
+
+
+def test_shared_preamble_computed_once_on_triton(cuda_pair, monkeypatch):
+    """Prefix compute sharing on the GPU: 8 prompts with a 96-token preamble compute it once in a
+    call (the others prefill their question against the stored blocks through the Triton kernels),
+    a second call over a PrefixCache computes only the questions, and the engine shares it too;
+    every path gives stock's tokens."""
+    import hf_paged
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    name, paged, stock = cuda_pair
+    g = torch.Generator().manual_seed(0)
+    preamble = torch.randint(3, 256, (96,), generator=g)
+    suffixes = (9, 21, 3, 40, 17, 30, 1, 12)
+    prefix = hf_paged.PrefixCache(max_memory="64MiB")
+    for call in range(2):
+        rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in suffixes]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ref = _gen(stock, ids, mask, max_new_tokens=6, do_sample=False)
+        out = _gen(paged, ids, mask, max_new_tokens=6, do_sample=False, prefix_cache=prefix)
+        assert torch.equal(out.sequences, ref.sequences), (name, call)
+        stats = cache_of(out).memory_stats()
+        assert stats["tokens_prefilled"] == (96 if call == 0 else 0) + sum(suffixes), (name, call)
+        prompts = [r.tolist() for r in rows]
+    seen = []
+    results = hf_paged.generate_many(paged, prompts, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0, progress=seen.append)
+    assert seen[-1]["tokens_prefilled"] == 96 + sum(suffixes), name
+    for prompt, result in zip(prompts, results):
+        alone = torch.tensor([prompt])
+        expected = _gen(stock, alone, torch.ones_like(alone), max_new_tokens=6, do_sample=False).sequences
+        assert result.sequences[0] == expected[0, len(prompt):].tolist(), name
