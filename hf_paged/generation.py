@@ -238,30 +238,49 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
     (that is all generate reads of it), so they are gathered into one ``[len(rep), 1, vocab]``;
     one group gives its other outputs (hidden states) whole.
     """
-    batch, width = input_ids.shape
+    width = input_ids.shape[1]
     cache.add_rows(len(rep))
     merged = None
     outputs = None
     for group in groups:
         rows = [rep[d] for d in group]
-        rows_t = torch.tensor(rows, device=input_ids.device)
         w = max(1, max(lengths[r] for r in rows)) if trim else width
-        sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
-        for k in ("attention_mask", "position_ids", "token_type_ids"):
-            v = sub.get(k)
-            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
-                sub[k] = v[:, width - w:]
-        ids = input_ids.index_select(0, rows_t)[:, width - w:]
-        with cache.prefill_group(group):
-            cache.set_prefill_tokens(ids)
-            outputs = orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
-        logits = outputs["logits"][:, -1:, :]
-        if merged is None:
-            merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
-        merged[torch.tensor(group, device=logits.device)] = logits
+        outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
+                                   args, kwargs, rows, group, w)
+        merged = _gather_last_logits(merged, outputs, group, len(rep))
     cache.end_grouped_prefill(width, left_padded=trim)
     outputs["logits"] = merged
     return outputs
+
+
+def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_config, model_kwargs, is_first_iteration,
+                     args, kwargs, rows: list[int], cache_rows: list[int], w: int, attention_mask=None):
+    """One prefill forward over the batch rows ``rows`` (cache rows ``cache_rows``), trimmed to
+    their last ``w`` columns; ``attention_mask``: the forward's own mask (rows that already hold
+    tokens continue them), else the batch's, trimmed."""
+    batch, width = input_ids.shape
+    rows_t = torch.tensor(rows, device=input_ids.device)
+    sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
+    for k in ("attention_mask", "position_ids", "token_type_ids"):
+        v = sub.get(k)
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
+            sub[k] = v[:, width - w:]
+    if attention_mask is not None:
+        sub["attention_mask"] = attention_mask
+    ids = input_ids.index_select(0, rows_t)[:, width - w:]
+    with cache.prefill_group(cache_rows, continued=attention_mask is not None):
+        cache.set_prefill_tokens(ids)
+        return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
+
+
+def _gather_last_logits(merged: torch.Tensor | None, outputs, cache_rows: list[int], total: int) -> torch.Tensor:
+    """The last position's logits of a prefill forward over ``cache_rows`` into ``merged``
+    (``[total, 1, vocab]``, made at the first forward)."""
+    logits = outputs["logits"][:, -1:, :]
+    if merged is None:
+        merged = logits.new_empty((total,) + tuple(logits.shape[1:]))
+    merged[torch.tensor(cache_rows, device=logits.device)] = logits
+    return merged
 
 
 def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list[int]) -> list[np.ndarray]:
@@ -333,7 +352,7 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
     suffix, over those blocks as context, in length-sorted groups trimmed to their longest
     suffix. Cache row ``d`` holds prompt ``rep[d]``; the last positions' logits are gathered into
     one ``[len(rep), 1, vocab]`` (all that generate reads of the prompt step)."""
-    batch, width = input_ids.shape
+    width = input_ids.shape[1]
     cache.add_rows(len(rep))
     prompts = _prompt_tokens(input_ids, model_kwargs.get("attention_mask"), rep)
     merged = None
@@ -345,26 +364,15 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
             suffix[d] = n - cache.reuse_prefix(d, prompts[d], max_tokens=n - 1)
         for group in length_groups([suffix[d] for d in phase], cache.max_prefill_tokens):
             ds = [phase[i] for i in group]
-            rows_t = torch.tensor([rep[d] for d in ds], device=input_ids.device)
             w = max(1, max(suffix[d] for d in ds))
-            sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
-            for k in ("attention_mask", "position_ids", "token_type_ids"):
-                v = sub.get(k)
-                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
-                    sub[k] = v[:, width - w:]
             # each row's suffix is its last tokens; the columns before it (pads, or its reused
             # tokens) are padding of this forward
             cols = torch.arange(w, device=input_ids.device)
             starts = torch.tensor([w - suffix[d] for d in ds], device=input_ids.device)
-            sub["attention_mask"] = (cols[None, :] >= starts[:, None]).long()
-            ids = input_ids.index_select(0, rows_t)[:, width - w:]
-            with cache.prefill_group(ds, continued=True):
-                cache.set_prefill_tokens(ids)
-                outputs = orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
-            logits = outputs["logits"][:, -1:, :]
-            if merged is None:
-                merged = logits.new_empty((len(rep),) + tuple(logits.shape[1:]))
-            merged[torch.tensor(ds, device=logits.device)] = logits
+            mask = (cols[None, :] >= starts[:, None]).long()
+            outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs,
+                                       is_first_iteration, args, kwargs, [rep[d] for d in ds], ds, w, mask)
+            merged = _gather_last_logits(merged, outputs, ds, len(rep))
     cache.end_grouped_prefill(width, left_padded=True)
     outputs["logits"] = merged
     return outputs
