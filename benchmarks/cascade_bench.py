@@ -30,7 +30,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -198,18 +197,13 @@ def kernels() -> None:
 
 
 def e2e() -> None:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from bench_common import llama_config
+    from transformers import AutoModelForCausalLM
 
     import hf_paged  # noqa: F401  (registers attn_implementation="paged")
     from hf_paged import cache_of
 
-    if args.tiny:
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
-    else:
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                          rope_theta=500000.0)
+    cfg = llama_config(args.tiny)
     with torch.device(DEV):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPE, attn_implementation="sdpa")

@@ -20,15 +20,14 @@ Writes $OUT/dataset_bench.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
 import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from bench_common import Record, llama_config
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 import hf_paged
 from hf_paged.engine import Engine
@@ -43,38 +42,22 @@ args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-OUT = os.environ.get("OUT", ".")
-results: list[dict] = []
-
-
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-    results.append(kw)
-
-
-def sync():
-    if dev == "cuda":
-        torch.cuda.synchronize()
+record = Record(dev)
+emit, sync, results = record.emit, record.sync, record.results
 
 
 def want(name):
     return not args.only or name in args.only.split(",")
 
 
+cfg = llama_config(args.tiny)
 if args.tiny:
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     N_PROMPTS, LO, HI, MEDIAN, CLIP = 24, 8, 64, 12, (2, 40)
     args.stock_prompts = min(args.stock_prompts, 16)
 else:
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                      rope_theta=500000.0)
     N_PROMPTS, LO, HI, MEDIAN, CLIP = 256, 64, 1024, 128, (8, 512)
 
-emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
-     triton=getattr(__import__("triton"), "__version__", "?"), hf_paged=hf_paged.__version__,
-     gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"))
+record.versions()
 
 with torch.device(dev):
     torch.manual_seed(0)
@@ -223,8 +206,7 @@ if want("generate_batch"):
     except Exception as e:  # report, do not hide
         emit(what="hf_generate_batch", error=repr(e)[:300])
 
-with open(os.path.join(OUT, "dataset_bench.json"), "w") as f:
-    json.dump(results, f, indent=1)
+record.write("dataset_bench.json")
 
 print(f"\n{'path':<34} {'prompts':>7} {'seconds':>8} {'useful tok/s':>12} {'useful slots':>12}", file=sys.stderr)
 for r in results:

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+from bench_common import Record, llama_config
+from transformers import AutoModelForCausalLM, GenerationConfig
 
-import hf_paged
+import hf_paged  # noqa: F401 (registers attn_implementation="paged")
 from hf_paged import cache_of
 from hf_paged.testing import left_padded_batch
 
@@ -46,39 +46,22 @@ args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-OUT = os.environ.get("OUT", ".")
-results: list[dict] = []
-
-
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-    results.append(kw)
-
-
-def sync():
-    if dev == "cuda":
-        torch.cuda.synchronize()
+record = Record(dev)
+emit, sync, results = record.emit, record.sync, record.results
 
 
 def want(name):
     return not args.only or name in args.only.split(",")
 
 
+cfg = llama_config(args.tiny)
 if args.tiny:
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     S = dict(B=4, P=32, N=8, beams=2, nrs=2, cb_n=8, budget_new=4, budget_steps=[2, 4, 8])
 else:
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                      rope_theta=500000.0)
     S = dict(B=32, P=512, N=256, beams=4, nrs=8, cb_n=256, budget_new=64,
              budget_steps=[32, 64, 96, 128, 192, 256])
 
-emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
-     triton=getattr(__import__("triton"), "__version__", "?"), hf_paged=hf_paged.__version__,
-     gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu", date=time.strftime("%Y-%m-%d"),
-     gc_collect_before_each_run=args.gc_collect)
+record.versions(gc_collect_before_each_run=args.gc_collect)
 
 if dev == "cuda" and want("bw"):
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev)
@@ -268,8 +251,7 @@ if want("budget") and dev == "cuda":
             best = b
         emit(what="budget_largest_batch", impl=impl, budget_GB=budget, batch=best)
 
-with open(os.path.join(OUT, "generate_bench.json"), "w") as f:
-    json.dump(results, f, indent=1)
+record.write("generate_bench.json")
 
 print("\n{:<18} {:>10} {:>10} {:>8} {:>10} {:>10} {:>8} {:>8} {:>13} {:>13} {:>8}".format(
     "workload", "stock s", "paged s", "speedup", "stock GB", "paged GB", "peak x", "kv/ideal", "stock ms/step",

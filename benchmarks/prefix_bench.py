@@ -25,12 +25,12 @@ Prints one JSON line per measurement and a table at the end; writes $OUT/prefix_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
 
 import torch
+from bench_common import Record, llama_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged
@@ -48,34 +48,18 @@ args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-OUT = os.environ.get("OUT", ".")
-results: list[dict] = []
+record = Record(dev)
+emit, sync, results = record.emit, record.sync, record.results
 
 
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-    results.append(kw)
-
-
-def sync():
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
+cfg = llama_config(args.tiny)
 if args.tiny:
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     n_prompts, preamble_len, q_range, new, batch_size = args.prompts or 16, 64, (4, 24), 8, 8
 else:
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                      rope_theta=500000.0)
     n_prompts = args.prompts or (128 if args.quick else 256)
     preamble_len, q_range, new, batch_size = args.preamble, (32, 256), args.new, args.batch
 
-emit(what="versions", torch=torch.__version__, transformers=__import__("transformers").__version__,
-     hf_paged=hf_paged.__version__, gpu=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-     date=time.strftime("%Y-%m-%d"))
+record.versions()
 
 with torch.device(dev):
     torch.manual_seed(0)
@@ -194,6 +178,5 @@ for r in results:
 print(f"speedup (unshared / shared): {speedup:.2f}x; tokens equal on the check batch (within a call and "
       f"across calls): {sum(equal_rows)}/{len(equal_rows)} rows"
       + (f", fp32 2-layer model: {sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else ""))
-os.makedirs(OUT, exist_ok=True)
-with open(os.path.join(OUT, "prefix_bench.json"), "w") as f:
-    json.dump(results, f, indent=1)
+os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
+record.write("prefix_bench.json")
