@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import torch
@@ -17,3 +18,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# CUDA graphs on the CPU (tests/test_graphs.py, tests/test_engine.py): the capture is replaced by
+# a stand-in that runs the captured function again at each replay, so everything but the graph
+# itself is exercised; tests/test_cuda.py runs real graphs on the GPU.
+
+
+@pytest.fixture
+def replays_run_no_python(monkeypatch):
+    """The stand-ins replay by running the captured Python again; a real replay runs none, so
+    nothing the static step does to the cache's Python state may last: the stand-in undoes it
+    (here, the logical length its update() commits). Whatever the graph path needs must come
+    from outside the replay, as on the GPU."""
+    import hf_paged
+
+    real = hf_paged.PagedCache.replaying
+
+    @contextlib.contextmanager
+    def replaying(self, *args, **kwargs):
+        logical_len = self.tables.logical_len
+        with real(self, *args, **kwargs):
+            yield
+        self.tables.logical_len = logical_len
+
+    monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Graphs on CPU tensors too, captured by the stand-in."""
+    from hf_paged import graphs
+
+    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)

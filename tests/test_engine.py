@@ -1,6 +1,5 @@
 """generate_many: continuous batching over the paged cache (hf_paged/engine/)."""
 
-import contextlib
 import logging
 
 import pytest
@@ -218,28 +217,12 @@ def test_progress_reports_the_engine_counters():
 
 
 @pytest.fixture
-def fake_graphs(monkeypatch):
-    """The CUDA capture replaced by a stand-in that runs the captured step again at each replay
-    (as in test_graphs.py); the stand-in undoes what the static step's Python does to the cache,
-    which a real replay never runs."""
-    from hf_paged import graphs
-
-    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
-    real = hf_paged.PagedCache.replaying
-
-    @contextlib.contextmanager
-    def replaying(self, *args, **kwargs):
-        logical_len = self.tables.logical_len
-        with real(self, *args, **kwargs):
-            yield
-        self.tables.logical_len = logical_len
-
-    monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)
+def graphed(fake_graphs, replays_run_no_python):
+    """The engine's decode graphs on the CPU, through the capture stand-in of conftest.py."""
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen3", "gpt2"])
-def test_graphed_decode_steps_equal_generate_alone(family, fake_graphs, preemptions):
+def test_graphed_decode_steps_equal_generate_alone(family, graphed, preemptions):
     """Decode steps through the bucketed graphs: the batch shrinks as requests end (per-request
     limits), pad rows fill each bucket, a memory cap preempts; results equal generate's."""
     paged, stock = make_pair(family)
@@ -260,7 +243,7 @@ def test_graphed_decode_steps_equal_generate_alone(family, fake_graphs, preempti
         assert bool(preemptions) == (max_memory is not None)
 
 
-def test_graphed_sampling_equals_eager_sampling(fake_graphs, monkeypatch):
+def test_graphed_sampling_equals_eager_sampling(graphed, monkeypatch):
     """Forked rows (num_return_sequences) copy their shared tail block before the graph writes it;
     samples are those of the eager engine."""
     paged, _ = make_pair("qwen3")

@@ -6,7 +6,6 @@ positions from a device tensor, the check of the first replay against the eager 
 fallbacks). tests/test_cuda.py runs real graphs on the GPU.
 """
 
-import contextlib
 import logging
 import weakref
 
@@ -20,27 +19,8 @@ from hf_paged import graphs
 
 
 @pytest.fixture(autouse=True)
-def replays_run_no_python(monkeypatch):
-    """The stand-ins replay by running the captured Python again; a real replay runs none, so
-    nothing the static step does to the cache's Python state may last: the stand-in undoes it
-    (here, the logical length its update() commits). Whatever the graph path needs must come
-    from outside the replay, as on the GPU."""
-    real = hf_paged.PagedCache.replaying
-
-    @contextlib.contextmanager
-    def replaying(self, *args, **kwargs):
-        logical_len = self.tables.logical_len
-        with real(self, *args, **kwargs):
-            yield
-        self.tables.logical_len = logical_len
-
-    monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)
-
-
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
+def _replays_run_no_python(replays_run_no_python):
+    """Every test here: the stand-in replays undo the static step's Python effects (conftest.py)."""
 
 
 def _gen(model, ids, mask, **kw):
