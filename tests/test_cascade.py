@@ -23,22 +23,13 @@ import pytest  # noqa: E402
 
 import hf_paged.kernels as K  # noqa: E402
 from hf_paged.kernels import cascade, reference  # noqa: E402
-from hf_paged.kernels.checks import kernels_interpreted  # noqa: E402
+from hf_paged.kernels.checks import interpreter_usable  # noqa: E402
 
 NAN = float("nan")
 TOL = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 6e-2)}
 
 
-def _cpu_triton_usable() -> bool:
-    if not K.interpreter_enabled():
-        return False
-    try:
-        return kernels_interpreted()
-    except ImportError:
-        return False
-
-
-CPU_MARK = pytest.mark.skipif(not _cpu_triton_usable(), reason="needs Triton's interpreter")
+CPU_MARK = pytest.mark.skipif(not interpreter_usable(), reason="needs Triton's interpreter")
 
 
 def _on(device, *args):

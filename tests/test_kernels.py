@@ -26,21 +26,12 @@ import pytest  # noqa: E402
 
 import hf_paged.kernels as K  # noqa: E402
 from hf_paged.kernels import reference  # noqa: E402
-from hf_paged.kernels.checks import kernels_interpreted  # noqa: E402
+from hf_paged.kernels.checks import interpreter_usable  # noqa: E402
 
 NAN = float("nan")
 
 
-def _cpu_triton_usable() -> bool:
-    if not K.interpreter_enabled():
-        return False
-    try:
-        return kernels_interpreted()
-    except ImportError:
-        return False
-
-
-DEVICES = (["cpu"] if _cpu_triton_usable() else []) + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = (["cpu"] if interpreter_usable() else []) + (["cuda"] if torch.cuda.is_available() else [])
 if not DEVICES:
     pytest.skip("no device can run the Triton kernels (no CUDA, interpreter unavailable)", allow_module_level=True)
 

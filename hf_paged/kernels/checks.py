@@ -30,6 +30,17 @@ def kernels_interpreted() -> bool:
     return type(_store_kv_kernel).__name__ == "InterpretedFunction"
 
 
+def interpreter_usable() -> bool:
+    """True when the Triton kernels run on the CPU in this process: TRITON_INTERPRET is set and
+    the kernels were built interpreted (the tests' CPU device for the Triton path)."""
+    if not interpreter_enabled():
+        return False
+    try:
+        return kernels_interpreted()
+    except ImportError:  # no triton
+        return False
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Raise a clear error when Triton kernels are asked to run where they cannot."""
     device = tensors[0].device
