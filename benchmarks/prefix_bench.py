@@ -166,15 +166,13 @@ def timed_pass(path, prefix):
 
 
 timing = {}
-# "shared+cascade": the same, with the shared-prefix decode attention left to its planner
-# (HF_PAGED_CASCADE=auto, off by default), which reads the preamble once per step for the batch
+# "unshared" and "shared" decode with the plain kernel (HF_PAGED_CASCADE=0); "shared+cascade" is
+# "shared" with the shared-prefix decode attention left to its planner (HF_PAGED_CASCADE=auto, the
+# default), which reads the preamble once per step for the batch
 for path in ("unshared", "shared", "shared+cascade"):
-    if path == "shared+cascade":
-        os.environ["HF_PAGED_CASCADE"] = "auto"
-        path = "shared"
-        label = "shared+cascade"
-    else:
-        label = path
+    os.environ["HF_PAGED_CASCADE"] = "auto" if path == "shared+cascade" else "0"
+    label = path
+    path = "shared" if path == "shared+cascade" else path
     run(batches[-1][:4], path, PrefixCache(max_memory=args.prefix_memory) if path == "shared" else None, 4)  # warm-up
     # two passes over the data set, each with a new PrefixCache: the first is what a user's first
     # run in a fresh process meets (the Triton kernels compile for the prefill shapes the warm-up

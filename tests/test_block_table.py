@@ -166,8 +166,8 @@ def test_identical_prompt_blocks_are_stored_once_and_written_once():
 
 def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     """Forked rows (samples of one prompt) share its blocks: a decode step's plan groups them, uses
-    the shared-prefix attention when it pays (HF_PAGED_CASCADE=auto) or when forced, and never with
-    HF_PAGED_CASCADE=0 or unset (the default)."""
+    the shared-prefix attention when it pays (HF_PAGED_CASCADE=auto or unset, the default) or when
+    forced, and never with HF_PAGED_CASCADE=0."""
     tables = BlockTables(BlockPool(), 16)
     tables.add_rows(1)
     tables.plan_forward([0], np.ones((1, 4000), dtype=bool))
@@ -175,10 +175,7 @@ def test_decode_plans_group_rows_over_shared_blocks(monkeypatch):
     tables.add_rows(1)
     tables.plan_forward([4], np.ones((1, 50), dtype=bool))  # a row of its own
     decode = np.ones((5, 1), dtype=bool)
-    monkeypatch.delenv("HF_PAGED_CASCADE", raising=False)
-    plan = tables.plan_forward(list(range(5)), decode)
-    assert not plan.use_cascade and plan.shared_prefixes.num_chunks == 0  # off by default
-    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")
+    monkeypatch.delenv("HF_PAGED_CASCADE", raising=False)  # auto by default
     plan = tables.plan_forward(list(range(5)), decode)
     shared = plan.shared_prefixes
     # 4000 tokens = 250 full blocks; the tail (none: 4000 % 16 == 0) is not shared
@@ -203,7 +200,7 @@ def test_decode_groups_under_beam_reordering(seed, monkeypatch):
     """Beam search's pattern (rows reordered and forked every step, prompts of any length, blocks
     of 16): every decode plan's groups hold (same leading blocks, stored before every member's
     query, never written by the step) and rows that share blocks are grouped."""
-    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")  # plans groups (off by default: none planned)
+    monkeypatch.setenv("HF_PAGED_CASCADE", "auto")  # plans groups (the default; set in case the caller's is 0)
     rng = np.random.default_rng(seed)
     tables = BlockTables(BlockPool(), 16)
     tables.add_rows(2)

@@ -271,7 +271,7 @@ def test_plan_counts_the_reads_it_saves_and_pays_only_when_large():
 
 
 def test_setting_reads_the_environment(monkeypatch):
-    for value, want in (("1", True), ("0", False), ("", False), ("auto", None)):
+    for value, want in (("1", True), ("0", False), ("", None), ("auto", None)):
         monkeypatch.setenv(cascade.ENV_VAR, value)
         assert cascade.setting() is want
     monkeypatch.setenv(cascade.ENV_VAR, "sometimes")
