@@ -67,15 +67,23 @@ def paged_attention_forward(
     layer_idx = compat.kv_source_layer(module)
     k_pool, v_pool = fwd.pools.get(layer_idx)
     new = fwd.take_new_kv(layer_idx)  # None for a layer that reads another layer's K/V (Gemma3n)
+    meta = fwd.meta_for(layer_idx)
+    if meta is not fwd.meta and (layer.sliding_window is None or layer.sliding_window > fwd.window):
+        # its blocks are released out of the cache's window: a wider view would read released blocks
+        raise RuntimeError(
+            f"hf_paged: layer {layer_idx} attends with sliding_window={layer.sliding_window}, but the cache keeps "
+            f"its K/V for a window of {fwd.window} tokens (from the config's layer_types / sliding_window); "
+            f"please report this model, and set HF_PAGED_WINDOW_BLOCKS=0 to keep every block meanwhile")
     with device_guard(query.device):
         if compat.latent_expander(module) is not None:
             return latent_attention(module, query, fwd, k_pool, v_pool, new, layer), None
-        if new is not None and fwd.meta.pads_after_start:
+        if new is not None and meta.pads_after_start:
             # pad queries read the keys before them: store, then read every key from the pool
-            fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, fwd.meta.slot_mapping)
+            fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, meta.slot_mapping)
             new = None
-        out = fwd.backend.attend(query, k_pool, v_pool, fwd.meta, layer, new_key=None if new is None else new[0],
-                                 new_value=None if new is None else new[1], plans=fwd.plans)
+        plans = fwd.plans if meta is fwd.meta else fwd.window_plans
+        out = fwd.backend.attend(query, k_pool, v_pool, meta, layer, new_key=None if new is None else new[0],
+                                 new_value=None if new is None else new[1], plans=plans)
     return out, None
 
 

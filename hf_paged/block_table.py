@@ -13,6 +13,13 @@ Rows that share a prefix share its full blocks: forked rows (beams, samples) and
 prompts hash alike (identical full blocks from the row's first token on). A row about to write
 into a shared, partially filled block copies it first (copy-on-write): the plan lists the copies
 for the cache to run before the forward's writes.
+
+Sliding-window layers keep their K/V in a second set of tables over their own pool (``window``
+set): the same rows, the same operations in the same order (the cache calls both), but a block
+that has fallen out of the window of every query to come is released (its entry becomes
+``RELEASED``), so a long generation holds about one window per row there. Prefix reuse is planned
+once, by the first tables, and followed by the window tables (a stored prefix is reused only when
+both pools hold it).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import numpy as np
 from .block_pool import BlockPool, OutOfBlocksError
 from .kernels import cascade
 from .kernels.arith import cdiv
+
+RELEASED = -1  # a window table's entry whose block fell out of the window (read as block 0, never visited)
 
 
 def chain_hashes(tokens: np.ndarray, block_size: int, parent: bytes) -> list[bytes]:
@@ -80,11 +89,22 @@ class ForwardPlan:
 
 
 class BlockTables:
-    """Per-row block tables over a :class:`BlockPool`, with each row's stored length and pads."""
+    """Per-row block tables over a :class:`BlockPool`, with each row's stored length and pads.
 
-    def __init__(self, pool: BlockPool, block_size: int):
+    ``window``: these tables serve sliding-window layers of that window: blocks no query to come
+    can see are released (the first ``released[r]`` entries of row ``r``). ``window_margin``:
+    tokens kept before the window besides (a kernel's key tile starts at a multiple of its tile
+    size at or before the window's first key and reads the whole tile, masked after loading).
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int, window: int | None = None):
         self.pool = pool
         self.block_size = block_size
+        self.window = window
+        self.window_margin = 0
+        self.partner: BlockTables | None = None  # the other tables of the same rows (joint prefix lookups)
+        self.last_reuse: tuple[dict, dict] | None = None  # the last plan_forward's reuse, for the partner
+        self.released: list[int] = []  # per row: leading entries released (window tables)
         self.tables: list[list[int]] = []
         self.seq_lens: list[int] = []  # stored tokens per row
         self.left_pads: list[int] = []  # logical positions before the row's first token
@@ -103,7 +123,16 @@ class BlockTables:
     def num_rows(self) -> int:
         return len(self.tables)
 
+    def lookup(self, content_hash: bytes) -> int | None:
+        """The block of this pool holding ``content_hash``'s content, when the partner tables'
+        pool (the other layers' K/V of the same tokens) holds it too; else None."""
+        blk = self.pool.lookup_hash(content_hash)
+        if blk is not None and self.partner is not None and self.partner.pool.lookup_hash(content_hash) is None:
+            return None
+        return blk
+
     def add_rows(self, n: int) -> None:
+        self.released.extend([0] * n)
         self.tables.extend([] for _ in range(n))
         self.seq_lens.extend([0] * n)
         self.left_pads.extend([0] * n)
@@ -113,7 +142,8 @@ class BlockTables:
 
     # ------------------------------------------------------------------ one forward
     def plan_forward(self, rows: list[int], real: np.ndarray, tokens: np.ndarray | None = None,
-                     table_width: int = 0, leading_pads_are_padding: bool = False) -> ForwardPlan:
+                     table_width: int = 0, leading_pads_are_padding: bool = False,
+                     follow: BlockTables | None = None) -> ForwardPlan:
         """Allocate blocks for the new tokens of ``rows`` (``real[b, j]``: token ``j`` of batch row
         ``b`` is stored), all or nothing, and plan the forward. ``tokens`` (int ``[B, Q]``): the
         new tokens' ids (a prompt forward): full blocks are hashed, and rows that start here reuse
@@ -134,8 +164,16 @@ class BlockTables:
         pads_after_start = ~real & (query_pos >= 0)
         started_here = (seq_before == 0) & real.any(axis=1)
 
+        if self.window is not None:
+            # before allocating, so the released blocks serve this forward; the window pool has no
+            # cap, so nothing below can fail and leave them released for a forward that never ran
+            self._release_out_of_window(rows, seq_before)
         cow_rows, n_copies = self._copy_on_write(tables, seq_before, seq_after)
-        reuse, row_hashes = self._plan_prefix_reuse(rows, real, started_here, tokens)
+        if follow is not None:
+            reuse, row_hashes = self._follow_reuse(*follow.last_reuse)
+        else:
+            reuse, row_hashes = self._plan_prefix_reuse(rows, real, started_here, tokens)
+        self.last_reuse = (reuse, row_hashes)
         blocks_after = cdiv(seq_after, bs)
         need = int(sum(blocks_after[b] - len(tables[b]) for b in range(batch)))
         # blocks found in the pool are taken before allocating: the allocation must not evict them
@@ -200,11 +238,15 @@ class BlockTables:
         block_table = np.zeros((batch, width), dtype=np.int32)
         for b, table in enumerate(tables):
             block_table[b, : len(table)] = table
+        if self.window is not None:
+            np.maximum(block_table, 0, out=block_table)  # released entries: never read, any valid id
         safe_pos = np.maximum(query_pos, 0)
         slot = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64) * bs + safe_pos % bs
         slot = np.where(real & (query_pos >= written_from[:, None]), slot, -1)
         shared, use_cascade = None, False
-        if q_len == 1:
+        if q_len == 1 and self.window is not None:
+            shared = cascade.empty_plan(batch)  # window layers read one window: the plain decode kernel
+        elif q_len == 1:
             # Groups of rows over the same leading blocks (after this forward's copy-on-write):
             # planned once per forward, read by every layer's decode attention.
             forced = cascade.setting()
@@ -238,6 +280,41 @@ class BlockTables:
         for b in rows:
             writers[tables[b][-1]] = writers.get(tables[b][-1], 0) + 1
         return rows, sum(min(k, self.pool.ref_count(blk) - 1) for blk, k in writers.items())
+
+    def _release_out_of_window(self, rows: list[int], seq_before: np.ndarray) -> None:
+        """Window tables: release the blocks of ``rows`` that no query of this forward or a later
+        one can see (the first query is the row's next stored token, at ``seq_before``)."""
+        bs = self.block_size
+        for b, r in enumerate(rows):
+            first_visible = int(seq_before[b]) - self.window + 1 - self.window_margin
+            upto = max(0, first_visible) // bs
+            table = self.tables[r]
+            if upto <= self.released[r]:
+                continue
+            gone = [blk for blk in table[self.released[r]:upto] if blk != RELEASED]
+            table[self.released[r]:upto] = [RELEASED] * (upto - self.released[r])
+            self.released[r] = upto
+            self.pool.decref(gone)
+
+    def _follow_reuse(self, reuse: dict, row_hashes: dict) -> tuple[dict, dict]:
+        """The partner's prefix reuse in this pool: a block it took from its pool is taken here by
+        the same hash (both pools hold it: :meth:`lookup`); a block shared within the forward is
+        shared here too."""
+        mine = {}
+        for b, refs in reuse.items():
+            hashes = row_hashes[b]
+            out = []
+            for i, ref in enumerate(refs):
+                if isinstance(ref, int):
+                    blk = self.pool.lookup_hash(hashes[i][1])
+                    if blk is None:
+                        raise RuntimeError("hf_paged: a reused prefix block is missing from the window layers' pool "
+                                           "(bookkeeping bug)")
+                    out.append(blk)
+                else:
+                    out.append(ref)
+            mine[b] = out
+        return mine, row_hashes
 
     def _add_inner_pad(self, row: int, at: int) -> None:
         runs = self.inner_pads[row]
@@ -276,7 +353,7 @@ class BlockTables:
                 continue
             refs: list = []
             for h in hashes:
-                hit = self.pool.lookup_hash(h)
+                hit = self.lookup(h)
                 if hit is None:
                     hit = first_seen.get(h)
                 if hit is None:
@@ -298,7 +375,7 @@ class BlockTables:
         n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         blocks = []
         for h in chain_hashes(tokens[: n - n % self.block_size], self.block_size, self.salt):
-            blk = self.pool.lookup_hash(h)
+            blk = self.lookup(h)
             if blk is None:
                 break
             blocks.append(blk)
@@ -344,11 +421,12 @@ class BlockTables:
         new = [old[i] if keep else list(old[src]) for i, (src, keep) in enumerate(zip(idx, kept))]
         for table, keep in zip(new, kept):
             if not keep:
-                self.pool.incref(table)
+                self.pool.incref(_held(table))
         for i, table in enumerate(old):
             if not (i < len(kept) and kept[i]):
-                self.pool.decref(table)
+                self.pool.decref(_held(table))
         self.tables = new
+        self.released = [self.released[i] for i in idx]
         self.seq_lens = [self.seq_lens[i] for i in idx]
         self.left_pads = [self.left_pads[i] for i in idx]
         self.inner_pads = [list(self.inner_pads[i]) for i in idx]
@@ -364,9 +442,10 @@ class BlockTables:
         if any(r < 0 or r >= self.num_rows for r in gone):
             raise IndexError(f"hf_paged: row index out of range for a cache of {self.num_rows} rows: {rows}")
         for r in gone:
-            self.pool.decref(self.tables[r])
+            self.pool.decref(_held(self.tables[r]))
         keep = [i for i in range(self.num_rows) if i not in gone]
         self.tables = [self.tables[i] for i in keep]
+        self.released = [self.released[i] for i in keep]
         self.seq_lens = [self.seq_lens[i] for i in keep]
         self.left_pads = [self.left_pads[i] for i in keep]
         self.inner_pads = [self.inner_pads[i] for i in keep]
@@ -375,18 +454,28 @@ class BlockTables:
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` logical positions of every row; blocks no longer
-        referenced return to the pool."""
+        referenced return to the pool. Window tables refuse (changing nothing) a crop back past
+        blocks they have released."""
         bs = self.block_size
-        for b, table in enumerate(self.tables):
+        keep = []
+        for b in range(self.num_rows):
             # stored tokens among the first max_length logical positions: all but the pads there
             runs = [(at, min(n, max_length - at)) for at, n in self.inner_pads[b] if at < max_length]
-            self.inner_pads[b] = runs
             unstored = min(self.left_pads[b], max_length) + sum(n for _, n in runs)
             keep_tokens = max(0, min(self.seq_lens[b], max_length - unstored))
+            if self.window is not None and keep_tokens and \
+                    self.released[b] > max(0, keep_tokens - self.window + 1 - self.window_margin) // bs:
+                raise RuntimeError(
+                    f"hf_paged: cannot crop back to {max_length} positions: the sliding-window layers have released "
+                    f"the blocks that position's window needs (crop back by fewer tokens, or call reset())")
+            keep.append((runs, keep_tokens))
+        for b, (table, (runs, keep_tokens)) in enumerate(zip(self.tables, keep)):
+            self.inner_pads[b] = runs
             keep_blocks = cdiv(keep_tokens, bs)
             dropped = table[keep_blocks:]
             del table[keep_blocks:]
-            self.pool.decref(dropped)
+            self.pool.decref(_held(dropped))
+            self.released[b] = min(self.released[b], keep_blocks)
             if keep_tokens % bs and self.pool.ref_count(table[-1]) == 1:
                 self.pool.forget_hash(table[-1])  # it becomes partial and will be written again
             self.seq_lens[b] = keep_tokens
@@ -402,9 +491,10 @@ class BlockTables:
         findable; else the whole pool is reset."""
         if keep_cached:
             for table in self.tables:
-                self.pool.decref(table)
+                self.pool.decref(_held(table))
         else:
             self.pool.reset()
+        self.released = []
         self.tables, self.seq_lens, self.left_pads, self.inner_pads = [], [], [], []
         self.row_tokens, self.row_hashes, self.registered = [], [], []
         self.logical_len = 0
@@ -415,16 +505,25 @@ class BlockTables:
         ``prompt_lengths[d]`` real tokens is stored once and continued by ``copies[d]`` rows (beams,
         samples), each generating ``max_new_tokens``. A row then owns at most the blocks of its new
         tokens (the last generated token is never fed back) plus, when its prompt is shared, a copy
-        of the prompt's partial tail."""
+        of the prompt's partial tail. Window tables: a row holds at most :meth:`window_blocks`
+        blocks past its prompt."""
         bs = self.block_size
         blocks = 0
         for length, n in zip(prompt_lengths, copies):
             blocks += cdiv(length, bs)
             if max_new_tokens > 0:
                 shared_prefix = cdiv(length, bs) if n == 1 else length // bs
-                blocks += n * (cdiv(length + max_new_tokens - 1, bs) - shared_prefix)
+                per_row = cdiv(length + max_new_tokens - 1, bs) - shared_prefix
+                if self.window is not None:
+                    per_row = min(per_row, self.window_blocks())
+                blocks += n * per_row
         longest = max((cdiv(length + max_new_tokens - 1, bs) for length in prompt_lengths), default=0)
         return blocks, longest
+
+    def window_blocks(self, q_len: int = 1) -> int:
+        """Window tables: the most blocks a row holds after a forward of ``q_len`` tokens (the
+        window, the margin before it, the forward's tokens, and block rounding at both ends)."""
+        return cdiv(self.window + self.window_margin + q_len - 1, self.block_size) + 1
 
     def stored_positions(self, row: int) -> np.ndarray:
         """The logical positions of ``row``'s stored tokens, in order."""
@@ -441,7 +540,8 @@ class BlockTables:
         filled: dict[int, int] = {}
         for table, n in zip(self.tables, self.seq_lens):
             for i, blk in enumerate(table):
-                filled[blk] = max(filled.get(blk, 0), min(bs, n - i * bs))
+                if blk != RELEASED:
+                    filled[blk] = max(filled.get(blk, 0), min(bs, n - i * bs))
         return {
             "blocks_used": len(filled),
             "blocks_shared": sum(1 for b in filled if self.pool.ref_count(b) > 1),
@@ -450,7 +550,12 @@ class BlockTables:
 
     def check_consistency(self) -> None:
         """Assert the pool's counts match the tables and every table covers its row's tokens."""
-        self.pool.check_consistency(self.tables)
+        self.pool.check_consistency([_held(t) for t in self.tables])
         for b, (table, n) in enumerate(zip(self.tables, self.seq_lens)):
             if len(table) != cdiv(n, self.block_size):
                 raise AssertionError(f"row {b} stores {n} tokens in {len(table)} blocks")
+
+
+def _held(table: list[int]) -> list[int]:
+    """The blocks a table references (a window table's released entries left out)."""
+    return [blk for blk in table if blk != RELEASED] if table and table[0] == RELEASED else table

@@ -18,6 +18,7 @@ One forward over a :class:`PagedCache` (``docs/how-it-works.md`` draws it):
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import numpy as np
@@ -29,6 +30,7 @@ from .block_pool import BlockPool
 from .block_table import BlockTables
 from .forward import ForwardMetadata, PagedForward, real_new_tokens
 from .kernels import backend_for
+from .kernels.tuning import WINDOW_READ_MARGIN
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
 from .paged_layer import PagedLayer, dense_kv
@@ -36,13 +38,32 @@ from .prefix_cache import model_key
 
 
 DEFAULT_BLOCK_SIZE = 16
+WINDOW_ENV_VAR = "HF_PAGED_WINDOW_BLOCKS"
 
 
-def _release_rows(tables: BlockTables) -> None:
-    """A cache over a prefix cache is gone: its rows' blocks go back to the shared pool (hashes
+def _release_rows(cache_tables: list) -> None:
+    """A cache over a prefix cache is gone: its rows' blocks go back to the shared pools (hashes
     registered by a forward that never completed are dropped first)."""
-    tables.forget_registered()
-    tables.clear(keep_cached=True)
+    for tables in cache_tables:
+        tables.forget_registered()
+        tables.clear(keep_cached=True)
+
+
+def _window_layers(config) -> tuple[int | None, frozenset]:
+    """The sliding window of the config's windowed layers and their indices (``layer_types``, or
+    every layer when the config has a ``sliding_window`` and no layer types, as Mistral's); (None,
+    empty) without them, or with ``HF_PAGED_WINDOW_BLOCKS=0`` (every layer keeps every block)."""
+    if os.environ.get(WINDOW_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None, frozenset()
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None, frozenset()
+    types = compat.layer_types(config)
+    if types:
+        layers = frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    else:
+        layers = frozenset(range(int(getattr(config, "num_hidden_layers", 0) or 0)))
+    return (window, layers) if layers else (None, frozenset())
 
 
 class CacheStateError(RuntimeError):
@@ -56,7 +77,10 @@ class PagedCache(Cache):
     one block table per row (shared by all layers) maps each row's stored token ``i`` to block
     ``table[i // block_size]``, offset ``i % block_size``. Pads are never stored; rows that share
     a prefix (beams, ``num_return_sequences`` copies, identical prompt blocks) share blocks,
-    copy-on-write. Memory grows a block at a time as sequences grow.
+    copy-on-write. Memory grows a block at a time as sequences grow. Sliding-window layers
+    (Mistral, and those of Gemma 2/3, gpt-oss, Qwen2 that ``layer_types`` marks) keep their blocks
+    in a second pool with its own tables (``window_tables``), where blocks that have left the
+    window are freed: a long generation holds about one window per row there.
 
     Use it through ``attn_implementation="paged"`` (``generate`` then creates one), or pass
     ``past_key_values=PagedCache(config=model.config, block_size=..., max_memory="4GiB")`` to
@@ -104,14 +128,19 @@ class PagedCache(Cache):
             self.pools = prefix_cache.pools
             self.tables = BlockTables(self.pool, self.block_size)
             self.tables.salt = None
-            # the rows' blocks go back to the shared pool with this cache
-            weakref.finalize(self, _release_rows, self.tables)
+            self._all_tables = [self.tables]  # the rows' blocks go back to the shared pools with this cache
+            weakref.finalize(self, _release_rows, self._all_tables)
         else:
             self.block_size = block_size
             self.max_memory = parse_memory(max_memory) if max_memory is not None else None
             self.pool = BlockPool(max_blocks=max_blocks)
             self.tables = BlockTables(self.pool, block_size)
             self.pools = LayerPools(block_size)
+            self._all_tables = [self.tables]
+        # sliding-window layers: their window, their indices and their tables (None: none kept apart)
+        self.window: int | None = None
+        self.window_layers: frozenset = frozenset()
+        self.window_tables: BlockTables | None = None
         self.share_prefixes = share_prefixes
         self.tokens_prefilled = 0  # prompt tokens run through the model
         self.tokens_reused = 0  # prompt tokens whose K/V came from stored blocks, without compute
@@ -127,6 +156,8 @@ class PagedCache(Cache):
         self._seq_length: torch.Tensor | None = None  # get_seq_length() inside a captured decode step
         self._model_config = None  # weakref to the config of the model whose K/V the rows hold
         self._layers_per_forward = 0  # layers a complete forward updates (known after the first one)
+        if self.config is not None:
+            self._setup_window_tables()
 
     # ================================================================ transformers contract
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -217,12 +248,20 @@ class PagedCache(Cache):
         tokens = tokens.to("cpu").numpy() if tokens is not None and self.share_prefixes else None
         plan = self.tables.plan_forward(rows, real, tokens, table_width,
                                         leading_pads_are_padding=self._pads_are_padding).padded(pad_rows_to)
+        window_plan = None
+        if self.window_tables is not None:
+            window_plan = self.window_tables.plan_forward(
+                rows, real, tokens, table_width, leading_pads_are_padding=self._pads_are_padding,
+                follow=self.tables).padded(pad_rows_to)
+            if not np.array_equal(window_plan.seq_lens, plan.seq_lens):
+                raise RuntimeError("hf_paged: the window layers' tables disagree with the others' (bookkeeping bug)")
         if self._prompt_forward:
             self.tokens_prefilled += int(real.sum())
             self._prompt_forward = False
-        meta = ForwardMetadata.from_plan(plan, device, max_seq_len=table_width * self.block_size)
+        meta = ForwardMetadata.from_plan(plan, device, max_seq_len=table_width * self.block_size,
+                                         window_plan=window_plan)
         self.forwards += 1
-        self._forward = PagedForward(meta, self.pools, self.tables.logical_len + q_len)
+        self._forward = self._new_forward(meta, self.tables.logical_len + q_len)
         return self._forward
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -241,7 +280,7 @@ class PagedCache(Cache):
                 "attn_implementation='paged'."
             )
         if not fwd.updated:  # the forward is happening: commit its logical length
-            self.tables.logical_len = fwd.new_logical_len
+            self._set_logical_len(fwd.new_logical_len)
         fwd.updated.add(layer_idx)
         if key_states.shape[0] != fwd.meta.batch or key_states.shape[2] != fwd.meta.q_len:
             raise ValueError(
@@ -252,7 +291,7 @@ class PagedCache(Cache):
             self._check_layer_against_cap(layer_idx, key_states.shape[1], key_states.shape[3], value_states.shape[3])
             while len(self.layers) <= layer_idx:
                 self.layers.append(PagedLayer(self, len(self.layers)))
-        self.pools.ensure(layer_idx, key_states, value_states, self.pool.num_blocks)
+        self.pools.ensure(layer_idx, key_states, value_states, self._pool_of(layer_idx).num_blocks)
         fwd.copy_blocks(self.pools, [layer_idx])  # copy-on-write before anything writes the copied blocks
         fwd.new_kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
@@ -264,13 +303,14 @@ class PagedCache(Cache):
         fwd, self._forward = self._forward, None
         if fwd is not None:
             if replayed:
-                self.tables.logical_len = fwd.new_logical_len
+                self._set_logical_len(fwd.new_logical_len)
             complete = bool(fwd.updated) and len(fwd.updated) >= self._layers_per_forward
             if fwd.updated:
                 self._layers_per_forward = max(self._layers_per_forward, len(fwd.updated))
             fwd.write_new_kv()
             if complete:
-                self.tables.registered = []  # every layer wrote the blocks hashed for this forward
+                for tables in self._all_tables:
+                    tables.registered = []  # every layer wrote the blocks hashed for this forward
 
     def set_prefill_tokens(self, input_ids: torch.Tensor | None) -> None:
         """The next forward runs prompt tokens (counted in ``tokens_prefilled``); ``input_ids``: their
@@ -283,7 +323,8 @@ class PagedCache(Cache):
         """Key the prefix hashes on ``model`` (weights, dtype, adapters) in a pool shared with other
         calls (a prefix cache); a cache with its own pool needs no key (``reset()`` forgets it)."""
         if self.prefix_cache is not None:
-            self.tables.salt = model_key(model)
+            for tables in self._all_tables:
+                tables.salt = model_key(model)
 
     def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
         """Give the empty row ``row`` the stored blocks (held or cached) holding the leading full
@@ -292,6 +333,8 @@ class PagedCache(Cache):
         if not self.share_prefixes:
             return 0
         n = self.tables.reuse_prefix(row, tokens, max_tokens)
+        if self.window_tables is not None and self.window_tables.reuse_prefix(row, tokens, n) != n:
+            raise RuntimeError("hf_paged: the window layers' pool lacks a reused prefix block (bookkeeping bug)")
         self.tokens_reused += n
         return n
 
@@ -300,7 +343,7 @@ class PagedCache(Cache):
         """Run a forward over prebuilt metadata (the static buffers of a CUDA graph, for the step
         that ends at ``new_logical_len``), with ``get_seq_length()`` a device tensor: what a
         captured decode step reads."""
-        begun, self._forward = self._forward, PagedForward(meta, self.pools, new_logical_len)
+        begun, self._forward = self._forward, self._new_forward(meta, new_logical_len)
         self._seq_length = seq_length
         try:
             yield
@@ -308,6 +351,46 @@ class PagedCache(Cache):
         finally:
             self._forward = begun  # the step's own forward, which the caller ends
             self._seq_length = None
+
+    # ================================================================ sliding-window layers
+    def _setup_window_tables(self) -> None:
+        """Give the config's sliding-window layers their own tables and pool (once, before any
+        row holds a block: the tables then follow every row operation from the start)."""
+        if self.window_tables is not None or self.config is None:
+            return
+        window, layers = _window_layers(self.config)
+        if window is None or self.pool.num_used or any(self.tables.tables):
+            return
+        if self.prefix_cache is not None:
+            pool = self.prefix_cache.window_pool(window)
+        else:
+            pool = BlockPool()  # at most about a window per row: bounded without a cap
+        tables = BlockTables(pool, self.block_size, window=window)
+        tables.window_margin = WINDOW_READ_MARGIN
+        tables.salt = self.tables.salt
+        tables.add_rows(self.tables.num_rows)
+        tables.logical_len = self.tables.logical_len
+        tables.left_pads = list(self.tables.left_pads)
+        tables.partner, self.tables.partner = self.tables, tables
+        self.window, self.window_layers, self.window_tables = window, layers, tables
+        self._all_tables.append(tables)
+
+    def _drop_window_tables(self) -> None:
+        """Forget the window tables (their rows are gone): every layer in the first tables again."""
+        if self.window_tables is not None:
+            self._all_tables.remove(self.window_tables)
+            self.tables.partner = None
+            self.window, self.window_layers, self.window_tables = None, frozenset(), None
+
+    def _set_logical_len(self, n: int) -> None:
+        for tables in self._all_tables:
+            tables.logical_len = n
+
+    def _pool_of(self, layer_idx: int) -> BlockPool:
+        return self.window_tables.pool if layer_idx in self.window_layers and self.window_tables else self.pool
+
+    def _new_forward(self, meta: ForwardMetadata, new_logical_len: int) -> PagedForward:
+        return PagedForward(meta, self.pools, new_logical_len, window_layers=self.window_layers, window=self.window)
 
     # ================================================================ forwards over some rows
     @contextlib.contextmanager
@@ -334,7 +417,7 @@ class PagedCache(Cache):
         already hold a prefix of their prompt (reused blocks); the leading pads of the forward only
         pad the batch."""
         with self.row_subset(rows, continued):
-            self.tables.logical_len = 0
+            self._set_logical_len(0)
             yield
 
     @property
@@ -343,14 +426,16 @@ class PagedCache(Cache):
 
     def add_rows(self, n: int) -> None:
         """``n`` empty rows (the distinct prompts a grouped prefill fills)."""
-        self.tables.add_rows(n)
+        for tables in self._all_tables:
+            tables.add_rows(n)
 
     def end_grouped_prefill(self, width: int, left_padded: bool) -> None:
         """Every row is logically ``width`` long; a trimmed (left-padded) group's pads come first."""
-        self.tables.logical_len = width
+        self._set_logical_len(width)
         if left_padded:
-            for r in range(self.tables.num_rows):
-                self.tables.left_pads[r] = width - self.tables.seq_lens[r]
+            for tables in self._all_tables:
+                for r in range(tables.num_rows):
+                    tables.left_pads[r] = width - tables.seq_lens[r]
 
     def _forward_rows(self, batch_size: int) -> list[int]:
         """The cache rows this forward's batch rows are (all rows, or a prefill group's rows)."""
@@ -360,7 +445,7 @@ class PagedCache(Cache):
                                  f"got a batch of {batch_size}")
             return self._group_rows
         if not self.tables.num_rows:
-            self.tables.add_rows(batch_size)
+            self.add_rows(batch_size)
         elif batch_size != self.tables.num_rows:
             raise ValueError(
                 f"hf_paged: this forward has batch size {batch_size} but the cache holds {self.tables.num_rows} "
@@ -424,8 +509,11 @@ class PagedCache(Cache):
             # a new pool (the rows are empty): a cap in bytes is sized again for this model
             self.pool = BlockPool(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
             self.tables = BlockTables(self.pool, self.block_size)
+            self._all_tables[:] = [self.tables]
+            self.window_tables, self.window, self.window_layers = None, None, frozenset()
         self.config = config
         self._model_config = weakref.ref(config)
+        self._setup_window_tables()
 
     # ================================================================ sizing
     def reserve_for_generation(self, prompt_lengths: list[int], copies: list[int], max_new_tokens: int) -> None:
@@ -439,11 +527,26 @@ class PagedCache(Cache):
             # the prompts are in the cache: what is left to allocate is the decode's part
             blocks -= self.tables.reservation(prompt_lengths, copies, 0)[0]
         self.pool.reserve(blocks)
+        if self.window_tables is not None:
+            blocks = self.window_tables.reservation(prompt_lengths, copies, max_new_tokens)[0]
+            if max_new_tokens > 0:
+                blocks -= self.window_tables.reservation(prompt_lengths, copies, 0)[0]
+            self.window_tables.pool.reserve(blocks)
+
+    def reserve_window_blocks(self, rows: int, prefill_tokens: int, bound: int) -> None:
+        """Make room in the window layers' pool for ``rows`` decoding rows and a prefill of
+        ``prefill_tokens`` tokens, at most ``bound`` blocks (the engine's run; nothing without
+        window tables)."""
+        if self.window_tables is not None:
+            need = rows * self.window_tables.window_blocks() + -(-prefill_tokens // self.block_size)
+            self.window_tables.pool.reserve(min(bound, need))
 
     def grow_layer_pools(self) -> None:
         """Enlarge every layer's tensors to the block pool's size now (a CUDA graph must not see a
         reallocation)."""
-        self.pools.grow(self.pool.num_blocks)
+        self.pools.grow(self.pool.num_blocks, [i for i in range(len(self.pools)) if i not in self.window_layers])
+        if self.window_tables is not None:
+            self.pools.grow(self.window_tables.pool.num_blocks, self.window_layers)
 
     def resolve_memory_cap(self, dtype: torch.dtype | None) -> None:
         """Turn ``max_memory`` into a number of blocks (once, from the pools or the config)."""
@@ -480,14 +583,16 @@ class PagedCache(Cache):
         """Row ``i`` becomes old row ``idx[i]``; rows taken more than once share blocks, copy-on-write."""
         if self.tables.num_rows:
             self.end_forward()
-            self.tables.select_rows(idx)
+            for tables in self._all_tables:
+                tables.select_rows(idx)
 
     def drop_rows(self, rows: list[int]) -> None:
         """Remove the cache rows ``rows`` (the others keep their order); blocks no other row
         references return to the pool."""
         if rows:
             self.end_forward()
-            self.tables.drop_rows(rows)
+            for tables in self._all_tables:
+                tables.drop_rows(rows)
 
     def crop(self, max_length) -> None:
         """Keep the first logical positions (see :func:`compat.crop_length` for the convention);
@@ -495,6 +600,8 @@ class PagedCache(Cache):
         length = compat.crop_length(self.tables.logical_len, max_length)
         if length is not None:
             self.end_forward()
+            if self.window_tables is not None:
+                self.window_tables.crop(length)  # first: it refuses a crop back past a released window
             self.tables.crop(length)
 
     def reset(self) -> None:
@@ -502,15 +609,18 @@ class PagedCache(Cache):
         a prefix cache, the rows' hashed blocks stay findable there (unless an exception may have
         left them unwritten)."""
         if self._forward is not None or self.interrupted is not None:
-            self.tables.forget_registered()  # their forward may not have written them
+            for tables in self._all_tables:
+                tables.forget_registered()  # their forward may not have written them
         self._forward = None  # its unwritten K/V belonged to rows that are gone
         self.max_row_blocks = None
-        self.tables.clear(keep_cached=self.prefix_cache is not None)
+        for tables in self._all_tables:
+            tables.clear(keep_cached=self.prefix_cache is not None)
         self._prefill_tokens = None
         self._group_rows = None
         self._model_config = None
         if not self._config_given:
             self.config = None
+            self._drop_window_tables()  # the next model's config decides its windows
         self._layers_per_forward = 0
         self.interrupted = None
 
@@ -520,7 +630,8 @@ class PagedCache(Cache):
         this at the end of a call whose cache it created. ``failed``: an exception ended the call:
         the blocks hashed by a forward not known complete are not trusted."""
         if failed:
-            self.tables.forget_registered()
+            for tables in self._all_tables:
+                tables.forget_registered()
             self._forward = None
         else:
             self.end_forward()
@@ -530,7 +641,8 @@ class PagedCache(Cache):
     def dense_layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Layer ``layer_idx``'s K/V as a DynamicCache holds them (see :func:`dense_kv`)."""
         self.end_forward()
-        return dense_kv(self.pools, self.tables, layer_idx)
+        tables = self.window_tables if layer_idx in self.window_layers and self.window_tables else self.tables
+        return dense_kv(self.pools, tables, layer_idx)
 
     def memory_stats(self) -> dict:
         """What the cache holds and uses, and what a DynamicCache would hold for the same rows.
@@ -542,12 +654,25 @@ class PagedCache(Cache):
         ``bytes_per_token``, ``bytes_reserved`` (pool tensors), ``bytes_used``, ``bytes_dense``,
         ``saving`` (bytes_dense / bytes_used), ``tokens_prefilled`` (prompt tokens run through the
         model, over the cache's life), ``tokens_reused`` (prompt tokens whose K/V came from stored
-        blocks without compute).
+        blocks without compute). With sliding-window layers kept apart: ``window``,
+        ``window_layers`` (how many), ``window_blocks_total`` / ``window_blocks_used`` and
+        ``window_tokens_stored`` (their pool; ``blocks_*`` count the other layers' pool, and
+        ``bytes_used`` both).
         """
         usage = self.tables.usage()
         per_token = self.pools.bytes_per_token()
         rows, width = self.tables.num_rows, self.tables.logical_len
         bytes_used = usage["blocks_used"] * self.block_size * per_token
+        window = {}
+        if self.window_tables is not None:
+            # the window layers' bytes live in their own pool
+            w_usage = self.window_tables.usage()
+            w_per_token = self.pools.bytes_per_token(self.window_layers)
+            bytes_used = (usage["blocks_used"] * (per_token - w_per_token)
+                          + w_usage["blocks_used"] * w_per_token) * self.block_size
+            window = {"window": self.window, "window_layers": len(self.window_layers),
+                      "window_blocks_total": self.window_tables.pool.num_blocks,
+                      "window_blocks_used": w_usage["blocks_used"], "window_tokens_stored": w_usage["tokens_stored"]}
         bytes_dense = rows * width * per_token
         return {
             "block_size": self.block_size,
@@ -565,4 +690,5 @@ class PagedCache(Cache):
             "saving": (bytes_dense / bytes_used) if bytes_used else 0.0,
             "tokens_prefilled": self.tokens_prefilled,
             "tokens_reused": self.tokens_reused,
+            **window,
         }

@@ -55,11 +55,14 @@ class ForwardMetadata:
     A decode forward (``q_len == 1``) also packs its shared-prefix arrays (``kernels/cascade.py``)
     after the slot mapping; ``cascade`` views them when the attention reads shared prefixes once
     per group of rows (None: the plain decode kernel).
+    ``window``: the sliding-window layers' view when they keep their own tables (their block table
+    and slot mapping packed last, the same lengths and positions, their own copies; no cascade).
     """
 
     q_len: int
-    packed: torch.Tensor  # int32 [B*W + B + 2*B*Q (+ the cascade arrays when Q == 1)]: block_table |
-    # seq_lens | query_pos | slot_mapping (| chunks | members | own_start)
+    packed: torch.Tensor  # int32 [B*W + B + 2*B*Q (+ the cascade arrays when Q == 1) (+ B*W + B*Q)]:
+    # block_table | seq_lens | query_pos | slot_mapping (| chunks | members | own_start)
+    # (| the window layers' block_table | slot_mapping)
     block_table: torch.Tensor
     seq_lens: torch.Tensor
     query_pos: torch.Tensor
@@ -70,37 +73,52 @@ class ForwardMetadata:
     copy_src: torch.Tensor | None = None
     copy_dst: torch.Tensor | None = None
     cascade: CascadeBatch | None = None
+    window: ForwardMetadata | None = None
 
     @classmethod
-    def from_plan(cls, plan: ForwardPlan, device: torch.device, max_seq_len: int | None = None) -> ForwardMetadata:
-        """The plan's arrays on ``device`` in one transfer (pinned, asynchronous on CUDA)."""
+    def from_plan(cls, plan: ForwardPlan, device: torch.device, max_seq_len: int | None = None,
+                  window_plan: ForwardPlan | None = None) -> ForwardMetadata:
+        """The plan's arrays (and the window layers' plan's) on ``device`` in one transfer (pinned,
+        asynchronous on CUDA)."""
         batch, width = plan.block_table.shape
-        copies = np.asarray([c[0] for c in plan.copies] + [c[1] for c in plan.copies], np.int32)
+        plans = [plan] if window_plan is None else [plan, window_plan]
+        copies = np.asarray([c[i] for p in plans for i in (0, 1) for c in p.copies], np.int32)
         shared = plan.shared_prefixes
         if (shared is not None) != (plan.query_pos.shape[1] == 1):
             raise AssertionError("a decode forward's plan carries its shared prefixes, and only a decode forward's")
+        if window_plan is not None and window_plan.block_table.shape != plan.block_table.shape:
+            raise AssertionError("the window layers' block table has the shape of the others'")
         host = torch.from_numpy(np.concatenate([
             plan.block_table.ravel(), plan.seq_lens, plan.query_pos.ravel(), plan.slot_mapping.ravel(),
-            *(shared.arrays() if shared is not None else ()), copies,
+            *(shared.arrays() if shared is not None else ()),
+            *((window_plan.block_table.ravel(), window_plan.slot_mapping.ravel()) if window_plan is not None else ()),
+            copies,
         ]))
         dev = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
         n_meta = dev.numel() - copies.size
-        n_copies = len(plan.copies)
+        copy_views = []
+        at = n_meta
+        for p in plans:
+            n = len(p.copies)
+            copy_views.append((dev[at:at + n].long(), dev[at + n:at + 2 * n].long()) if n else (None, None))
+            at += 2 * n
         return cls.over(
             dev[:n_meta], batch, width, plan.query_pos.shape[1],
             max_seq_len=max_seq_len or plan.max_seq_len, max_context_len=plan.max_context_len,
             pads_after_start=plan.pads_after_start, cascade_sizes=shared.sizes() if plan.use_cascade else None,
-            copy_src=dev[n_meta:n_meta + n_copies].long() if n_copies else None,
-            copy_dst=dev[n_meta + n_copies:].long() if n_copies else None,
+            copy_src=copy_views[0][0], copy_dst=copy_views[0][1],
+            window_copies=copy_views[1] if window_plan is not None else None,
         )
 
     @classmethod
     def over(cls, packed: torch.Tensor, batch: int, width: int, q_len: int, *, max_seq_len: int,
              max_context_len: int | None, pads_after_start: bool, copy_src=None, copy_dst=None,
-             cascade_sizes: tuple | None = None) -> ForwardMetadata:
+             cascade_sizes: tuple | None = None, window_copies: tuple | None = None) -> ForwardMetadata:
         """The metadata whose tensors are views of ``packed`` (a forward's own transfer, or the
         static buffer a CUDA graph replays). ``cascade_sizes``: the host bounds of the shared-prefix
-        plan when the attention uses it (``SharedPrefixPlan.sizes()``), else None."""
+        plan when the attention uses it (``SharedPrefixPlan.sizes()``), else None.
+        ``window_copies``: ``(copy_src, copy_dst)`` of the window layers when ``packed`` carries
+        their tables (None: it does not)."""
         a = batch * width
         b = a + batch
         c = b + batch * q_len
@@ -108,12 +126,16 @@ class ForwardMetadata:
         cascade = None
         if cascade_sizes is not None:
             cascade = CascadeBatch.over(packed[d:d + SharedPrefixPlan.size(batch)], batch, cascade_sizes)
-        return cls(
-            q_len=q_len, packed=packed, block_table=packed[:a].view(batch, width), seq_lens=packed[a:b],
-            query_pos=packed[b:c].view(batch, q_len), slot_mapping=packed[c:d].view(batch, q_len),
-            max_seq_len=max_seq_len, max_context_len=max_context_len, pads_after_start=pads_after_start,
-            copy_src=copy_src, copy_dst=copy_dst, cascade=cascade,
-        )
+        common = dict(q_len=q_len, packed=packed, seq_lens=packed[a:b], query_pos=packed[b:c].view(batch, q_len),
+                      max_seq_len=max_seq_len, max_context_len=max_context_len, pads_after_start=pads_after_start)
+        window = None
+        if window_copies is not None:
+            e = d + (SharedPrefixPlan.size(batch) if q_len == 1 else 0)
+            window = cls(block_table=packed[e:e + a].view(batch, width),
+                         slot_mapping=packed[e + a:e + a + batch * q_len].view(batch, q_len),
+                         copy_src=window_copies[0], copy_dst=window_copies[1], **common)
+        return cls(block_table=packed[:a].view(batch, width), slot_mapping=packed[c:d].view(batch, q_len),
+                   copy_src=copy_src, copy_dst=copy_dst, cascade=cascade, window=window, **common)
 
     @property
     def cascade_sizes(self) -> tuple | None:
@@ -128,14 +150,21 @@ class ForwardMetadata:
     def width(self) -> int:
         return self.block_table.shape[1]
 
+    @property
+    def window_copies(self) -> tuple | None:
+        w = self.window
+        return None if w is None else (w.copy_src, w.copy_dst)
+
     def to(self, device: torch.device) -> ForwardMetadata:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
+        window_copies = self.window_copies
         return ForwardMetadata.over(
             move(self.packed), self.batch, self.width, self.q_len, max_seq_len=self.max_seq_len,
             max_context_len=self.max_context_len, pads_after_start=self.pads_after_start,
             copy_src=move(self.copy_src), copy_dst=move(self.copy_dst), cascade_sizes=self.cascade_sizes,
+            window_copies=None if window_copies is None else tuple(move(t) for t in window_copies),
         )
 
 
@@ -148,8 +177,13 @@ class PagedForward:
     objects of :meth:`on` (``device_map`` across GPUs) share it.
     """
 
-    def __init__(self, meta: ForwardMetadata, pools: LayerPools, new_logical_len: int, new_kv: dict | None = None):
+    def __init__(self, meta: ForwardMetadata, pools: LayerPools, new_logical_len: int, new_kv: dict | None = None,
+                 window_layers: frozenset = frozenset(), window: int | None = None):
         self.meta = meta
+        # the sliding-window layers that keep their own tables (meta.window), and their window
+        self.window_layers = window_layers if meta.window is not None else frozenset()
+        self.window = window
+        self.window_plans: dict = {}  # their kernel launch plans (another block table than plans')
         self.pools = pools
         self.backend = backend_for(meta.packed.device)
         self.new_logical_len = new_logical_len  # the padded length once this forward is done
@@ -170,22 +204,29 @@ class PagedForward:
         moved = self._on_device.get(device)
         if moved is None:
             moved = self._on_device[device] = PagedForward(self.meta.to(device), self.pools, self.new_logical_len,
-                                                           self.new_kv)
+                                                           self.new_kv, self.window_layers, self.window)
             moved.updated, moved.copied = self.updated, self.copied
         return moved
+
+    def meta_for(self, layer_idx: int) -> ForwardMetadata:
+        """The metadata layer ``layer_idx``'s K/V is written and read with (its own tables for a
+        sliding-window layer whose blocks are released out of its window)."""
+        return self.meta.window if layer_idx in self.window_layers else self.meta
 
     def copy_blocks(self, pools: LayerPools, layers=None) -> None:
         """Run the forward's copy-on-write block copies in ``layers`` (default: every layer with
         tensors), once per layer, each on its layer's device, before anything writes them."""
-        if self.meta.copy_src is None:
+        if self.meta.copy_src is None and self.meta.window_copies in (None, (None, None)):
             return
         for layer_idx in range(len(pools)) if layers is None else layers:
             k_pool, v_pool = pools.get(layer_idx)
             if k_pool is None or layer_idx in self.copied:
                 continue
             here = self.on(k_pool.device)
-            with device_guard(k_pool.device):
-                here.backend.copy_blocks(k_pool, v_pool, here.meta.copy_src, here.meta.copy_dst)
+            meta = here.meta_for(layer_idx)
+            if meta.copy_src is not None:
+                with device_guard(k_pool.device):
+                    here.backend.copy_blocks(k_pool, v_pool, meta.copy_src, meta.copy_dst)
             self.copied.add(layer_idx)
 
     def take_new_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -199,4 +240,4 @@ class PagedForward:
             here = self.on(key.device)
             k_pool, v_pool = self.pools.get(layer_idx)
             with device_guard(key.device):
-                here.backend.store_kv(key, value, k_pool, v_pool, here.meta.slot_mapping)
+                here.backend.store_kv(key, value, k_pool, v_pool, here.meta_for(layer_idx).slot_mapping)

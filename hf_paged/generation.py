@@ -306,14 +306,14 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhase
     Rows of one round cannot compute the same block: their hash chains differ at their first
     block not stored, so at every later block too. A prompt keeps its last token to compute (its
     logits start generation)."""
-    bs, salt, pool = cache.block_size, cache.tables.salt, cache.pool
+    bs, salt, tables = cache.block_size, cache.tables.salt, cache.tables
     if salt is None:
         return None
     hashes = [chain_hashes(p[: max(0, len(p) - 1) // bs * bs], bs, salt) for p in prompts]
     known: set[bytes] = set()
 
     def stored(h: bytes) -> bool:
-        return h in known or pool.lookup_hash(h) is not None
+        return h in known or tables.lookup(h) is not None
 
     phases = PrefillPhases()
     remaining = list(range(len(prompts)))
@@ -339,7 +339,7 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhase
             known.update(hashes[d])
         phases.append(phase)
         remaining = wait
-    stored_before = {h for hs in hashes for h in hs if pool.lookup_hash(h) is not None}
+    stored_before = {h for hs in hashes for h in hs if tables.lookup(h) is not None}
     phases.new_blocks = len({h for hs in hashes for h in hs} - stored_before) + sum(
         -(-len(p) // bs) - len(hs) for p, hs in zip(prompts, hashes))
     return phases if reused or len(phases) > 1 else None

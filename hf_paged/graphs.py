@@ -144,7 +144,8 @@ class _DecodeGraph:
         # the batch only, so any later step's groups replay correctly)
         self.meta = ForwardMetadata.over(torch.empty_like(meta.packed), meta.batch, meta.width, 1,
                                          max_seq_len=meta.max_seq_len, max_context_len=meta.max_context_len,
-                                         pads_after_start=False, cascade_sizes=meta.cascade_sizes)
+                                         pads_after_start=False, cascade_sizes=meta.cascade_sizes,
+                                         window_copies=None if meta.window is None else (None, None))
         self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
         self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
         self.step = [0]  # the logical length the step ends at (read by the static step in Python)

@@ -50,10 +50,12 @@ class LayerPools:
             self._enlarge(layer_idx, num_blocks)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def grow(self, num_blocks: int) -> None:
-        """Enlarge every existing layer's tensors to ``num_blocks`` blocks now (a CUDA graph must
-        not see a reallocation)."""
+    def grow(self, num_blocks: int, layers=None) -> None:
+        """Enlarge every existing layer's tensors (or those of ``layers``) to ``num_blocks`` blocks
+        now (a CUDA graph must not see a reallocation)."""
         for layer_idx, k_pool in enumerate(self.keys):
+            if layers is not None and layer_idx not in layers:
+                continue
             if k_pool is not None and k_pool.shape[0] < num_blocks:
                 self._enlarge(layer_idx, num_blocks)
 
@@ -65,12 +67,13 @@ class LayerPools:
             pools[layer_idx] = new
         self.version += 1
 
-    def bytes_per_token(self) -> int:
-        """K+V bytes of one token over all layers (0 until every layer has its tensors)."""
+    def bytes_per_token(self, layers=None) -> int:
+        """K+V bytes of one token over all layers, or over ``layers`` (0 until every layer has its
+        tensors)."""
         if not self.keys or any(k is None for k in self.keys):
             return 0
         return sum(k[0, 0].numel() * k.element_size() + v[0, 0].numel() * v.element_size()
-                   for k, v in zip(self.keys, self.values))
+                   for i, (k, v) in enumerate(zip(self.keys, self.values)) if layers is None or i in layers)
 
     def bytes_reserved(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size()

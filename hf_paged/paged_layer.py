@@ -49,7 +49,8 @@ class PagedLayer:
 
 def dense_kv(pools: LayerPools, tables: BlockTables, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Layer ``layer_idx``'s K/V as a DynamicCache holds them: ``[rows, kv_heads, padded length,
-    dim]``, each stored token at its logical position, zeros at pads (a copy)."""
+    dim]``, each stored token at its logical position, zeros at pads and at tokens a sliding-window
+    layer has released (a copy)."""
     if not pools.has(layer_idx):
         return None, None
     bs = tables.block_size
@@ -57,9 +58,11 @@ def dense_kv(pools: LayerPools, tables: BlockTables, layer_idx: int) -> tuple[to
     for b, table in enumerate(tables.tables):
         positions = tables.stored_positions(b)
         index = np.arange(len(positions))
-        rows.append(np.full(len(positions), b))
-        cols.append(positions)
-        slots.append(np.asarray(table, dtype=np.int64)[index // bs] * bs + index % bs)
+        blocks = np.asarray(table, dtype=np.int64)[index // bs]
+        kept = blocks >= 0  # a sliding-window layer's released blocks: zeros, like pads
+        rows.append(np.full(int(kept.sum()), b))
+        cols.append(positions[kept])
+        slots.append((blocks * bs + index % bs)[kept])
     out = []
     for pool in pools.get(layer_idx):
         dense = pool.new_zeros((tables.num_rows, tables.logical_len) + tuple(pool.shape[2:]))

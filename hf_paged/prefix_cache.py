@@ -50,6 +50,15 @@ class PrefixCache:
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.pool = BlockPool(max_blocks=check_count(max_blocks, "max_blocks"))
         self.pools = LayerPools(self.block_size)
+        # sliding-window layers' pools, by window (they release blocks out of the window: no cap)
+        self.window_pools: dict[int, BlockPool] = {}
+
+    def window_pool(self, window: int) -> BlockPool:
+        """The block pool of the sliding-window layers of that window (created on first use)."""
+        pool = self.window_pools.get(window)
+        if pool is None:
+            pool = self.window_pools[window] = BlockPool()
+        return pool
 
     def __repr__(self) -> str:
         return (f"PrefixCache(block_size={self.block_size}, blocks={self.pool.num_blocks}, "
@@ -72,18 +81,25 @@ class PrefixCache:
     def stats(self) -> dict:
         """``blocks_total`` (in the pool), ``blocks_held`` (referenced by some live cache's rows),
         ``blocks_cached`` (free, findable by content), ``evictions`` (cached blocks handed out for
-        other content), ``max_blocks`` (the cap, once known), ``bytes_reserved`` (the tensors)."""
+        other content), ``max_blocks`` (the cap, once known), ``bytes_reserved`` (the tensors); with
+        sliding-window layers, ``window_blocks_total`` / ``_held`` / ``_cached`` (their own pool)."""
         return {"blocks_total": self.pool.num_blocks, "blocks_held": self.pool.num_used,
                 "blocks_cached": self.pool.num_cached, "evictions": self.pool.evictions,
-                "max_blocks": self.pool.max_blocks, "bytes_reserved": self.pools.bytes_reserved()}
+                "max_blocks": self.pool.max_blocks, "bytes_reserved": self.pools.bytes_reserved(),
+                **({"window_blocks_total": sum(p.num_blocks for p in self.window_pools.values()),
+                    "window_blocks_held": sum(p.num_used for p in self.window_pools.values()),
+                    "window_blocks_cached": sum(p.num_cached for p in self.window_pools.values())}
+                   if self.window_pools else {})}
 
     def clear(self) -> None:
         """Forget every cached block and free the tensors (no live cache may hold rows in it)."""
-        if self.pool.num_used:
+        if self.pool.num_used or any(p.num_used for p in self.window_pools.values()):
             raise RuntimeError(f"hf_paged: PrefixCache.clear() while {self.pool.num_used} block(s) are held by a "
                                f"live PagedCache; reset() or drop that cache first")
         # in place: the caches built over this prefix cache keep the same objects
         self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
+        for pool in self.window_pools.values():
+            pool.__init__()
         self.pools.clear()
 
 

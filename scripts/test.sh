@@ -11,6 +11,10 @@ PY=${PYTHON:-python3}
 # 2. the generate equality suite again with every attention/store/copy through the Triton kernels
 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_generate_equality.py tests/test_prefix_sharing.py
+#    and sliding-window layers releasing blocks under the kernels' key tiles (about 20 CPU-seconds;
+#    the whole of test_window_blocks.py on the interpreter takes about 10 CPU-minutes)
+HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_window_blocks.py -k "tiles or without_a_model"
 # 2b. the shared-prefix (cascade) decode forced on the same kernels: beams, samples and common
 #     preambles (test_prefix_sharing.py), with windows and soft-capping (Mistral, Gemma 2); about
 #     2 CPU-minutes (the whole equality suite forced passes too: 71 tests, about 9 CPU-minutes)

@@ -783,3 +783,30 @@ def test_triton_without_interpreter_subprocess():
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "TRITON_INTERPRET=1" in res.stdout and "HF_PAGED_BACKEND=torch" in res.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len,block_n", [(1, None), (1, 128), (5, None), (5, 128)])
+def test_window_reads_no_block_before_the_margin(device, q_len, block_n):
+    """A sliding-window layer's cache releases the blocks wholly before its first query's window
+    less ``WINDOW_READ_MARGIN`` keys (block_table.py), and they may then hold anything: poisoned
+    with NaN here, the kernels' output stays finite and equal to the reference (decode and
+    multi-token, at the default tile and at the widest, 128)."""
+    from hf_paged.kernels.tuning import WINDOW_READ_MARGIN
+
+    window, block_size, dtype = 40, 16, torch.float32
+    case = PagedCase(11, [300, 230], 2, 32, block_size, dtype, device)
+    qpos = _tail_positions(case.seq_lens, q_len, 0)
+    for b in range(2):
+        first_kept = max(0, int(qpos[b].min()) - window + 1 - WINDOW_READ_MARGIN) // block_size
+        assert first_kept >= 2
+        released = case.block_table[b, :first_kept].long()
+        case.key_cache[released] = NAN
+        case.value_cache[released] = NAN
+    query = _query(case.g, 2, 4, q_len, 32, dtype, device)
+    kw = dict(sliding_window=window, block_n=block_n)
+    out = _tri().paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                 32 ** -0.5, **kw)
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    32 ** -0.5, sliding_window=window)
+    _check_close(out, ref, dtype)

@@ -109,6 +109,8 @@ class Engine:
         # The pools' size for the whole run, at once (within the cap): pools that grow would be
         # reallocated, and every CUDA graph captured over them captured again.
         self.cache.pool.reserve(self.bound_blocks)
+        sequences = sum(seq.request.num_sequences for seq in self.waiting)
+        self.cache.reserve_window_blocks(sequences, self.max_batch_tokens, self.bound_blocks)
         while self.busy:
             finished: list[EngineRequest] = []
             progress = self._prefill(finished) + self._decode(finished)

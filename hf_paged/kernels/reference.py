@@ -144,6 +144,13 @@ def paged_attention(
     values = gather_context(value_cache, block_table, seq_lens, context).float()
 
     qpos = query_pos.to(device=device, dtype=torch.long)  # [B, Q]
+    if sliding_window is not None:
+        # Keys before every query's window may sit in blocks the cache has released (their table
+        # entries point anywhere, possibly at NaN): zero them as the keys past seq_lens are.
+        first_query = torch.where(qpos >= 0, qpos, torch.iinfo(torch.long).max).min(dim=1).values
+        seen = key_index[None, :] > first_query[:, None] - sliding_window
+        keys = torch.where(seen[:, None, :, None], keys, 0.0)
+        values = torch.where(seen[:, None, :, None], values, 0.0)
     if sinks is not None:
         sink_logits = sinks.to(device=device, dtype=torch.float32).reshape(1, num_kv_heads, group, 1, 1)
 

@@ -13,6 +13,12 @@ except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
 
+# Keys a kernel may load before a sliding window's first key: its key tiles start at a multiple of
+# BLOCK_N (at most 128 in every table below) at or before that key, and a tile is loaded whole,
+# masked after loading. The cache keeps the blocks of those keys (block_table.py).
+WINDOW_READ_MARGIN = 128
+
+
 # Keyed on padded head_dim and dtype width; tuned for H100/H200 (figures in docs/performance.md).
 def decode_config(block_d: int, elem_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_N, warps, stages) of the decode kernel."""
