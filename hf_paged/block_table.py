@@ -105,6 +105,7 @@ class BlockTables:
         self.partner: BlockTables | None = None  # the other tables of the same rows (joint prefix lookups)
         self.last_reuse: tuple[dict, dict] | None = None  # the last plan_forward's reuse, for the partner
         self.released: list[int] = []  # per row: leading entries released (window tables)
+        self.serves_attention = True  # False: no layer reads through these tables (every layer windowed)
         self.tables: list[list[int]] = []
         self.seq_lens: list[int] = []  # stored tokens per row
         self.left_pads: list[int] = []  # logical positions before the row's first token
@@ -236,15 +237,18 @@ class BlockTables:
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
         width = max(1, max(len(t) for t in tables), table_width)
         block_table = np.zeros((batch, width), dtype=np.int32)
-        for b, table in enumerate(tables):
-            block_table[b, : len(table)] = table
-        if self.window is not None:
-            np.maximum(block_table, 0, out=block_table)  # released entries: never read, any valid id
+        if self.window is None:
+            for b, table in enumerate(tables):
+                block_table[b, : len(table)] = table
+        else:  # released entries stay 0: never read, any valid id
+            for b, (table, r) in enumerate(zip(tables, rows)):
+                done = self.released[r]
+                block_table[b, done: len(table)] = table[done:]
         safe_pos = np.maximum(query_pos, 0)
         slot = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64) * bs + safe_pos % bs
         slot = np.where(real & (query_pos >= written_from[:, None]), slot, -1)
         shared, use_cascade = None, False
-        if q_len == 1 and self.window is not None:
+        if q_len == 1 and (self.window is not None or not self.serves_attention):
             shared = cascade.empty_plan(batch)  # window layers read one window: the plain decode kernel
         elif q_len == 1:
             # Groups of rows over the same leading blocks (after this forward's copy-on-write):
@@ -285,12 +289,11 @@ class BlockTables:
         """Window tables: release the blocks of ``rows`` that no query of this forward or a later
         one can see (the first query is the row's next stored token, at ``seq_before``)."""
         bs = self.block_size
-        for b, r in enumerate(rows):
-            first_visible = int(seq_before[b]) - self.window + 1 - self.window_margin
-            upto = max(0, first_visible) // bs
+        upto_all = np.maximum(seq_before - (self.window - 1 + self.window_margin), 0) // bs
+        released = np.fromiter((self.released[r] for r in rows), dtype=np.int64, count=len(rows))
+        for b in np.flatnonzero(upto_all > released):  # about one row in block_size per decode step
+            r, upto = rows[b], int(upto_all[b])
             table = self.tables[r]
-            if upto <= self.released[r]:
-                continue
             gone = [blk for blk in table[self.released[r]:upto] if blk != RELEASED]
             table[self.released[r]:upto] = [RELEASED] * (upto - self.released[r])
             self.released[r] = upto

@@ -372,6 +372,8 @@ class PagedCache(Cache):
         tables.logical_len = self.tables.logical_len
         tables.left_pads = list(self.tables.left_pads)
         tables.partner, self.tables.partner = self.tables, tables
+        # every layer windowed (Mistral): the first tables only keep the rows' bookkeeping
+        self.tables.serves_attention = len(layers) < int(getattr(self.config, "num_hidden_layers", 0) or 0)
         self.window, self.window_layers, self.window_tables = window, layers, tables
         self._all_tables.append(tables)
 
@@ -380,6 +382,7 @@ class PagedCache(Cache):
         if self.window_tables is not None:
             self._all_tables.remove(self.window_tables)
             self.tables.partner = None
+            self.tables.serves_attention = True
             self.window, self.window_layers, self.window_tables = None, frozenset(), None
 
     def _set_logical_len(self, n: int) -> None:

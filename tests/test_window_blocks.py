@@ -60,6 +60,8 @@ def test_long_generation_holds_a_window_per_row_in_windowed_layers(family):
     cache = cache_of(out)
     cache.window_tables.check_consistency()
     assert all(t[0] == RELEASED for t in cache.window_tables.tables)
+    # Mistral's every layer is windowed: the first tables keep the rows' bookkeeping, no plan for attention
+    assert cache.tables.serves_attention == (family == "gemma2")
     # the windowed layer 0 as a DynamicCache would hold it: stock's sliding layer keeps the last
     # window - 1 positions; ours has those, and zeros where blocks were released
     keys = cache.layers[0].keys
