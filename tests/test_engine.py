@@ -308,3 +308,28 @@ def test_a_prefix_cache_carries_a_preamble_to_the_next_call():
             assert reused == 64 * len(prompts)
             assert seen[-1]["tokens_prefilled"] == sum(len(p) - 64 for p in prompts)
     assert prefix.stats()["blocks_held"] == 0 and prefix.stats()["blocks_cached"] > 0
+
+
+def test_chunked_prompts_hash_only_their_new_blocks(monkeypatch):
+    """Long prompts prefilled chunk after chunk (max_batch_tokens 24): the hashes of each chunk's
+    blocks, chained on the row's stored hashes, are those of hashing its whole prompt again; two
+    prompts sharing a preamble still compute it once, and the results equal generate's."""
+    paged, stock = make_pair("llama")
+    g = torch.Generator().manual_seed(4)
+    preamble = torch.randint(3, 256, (80,), generator=g).tolist()
+    prompts = [preamble + torch.randint(3, 256, (n,), generator=g).tolist() for n in (30, 7)]
+    checked = []
+    chained = Engine._chunk_block_hashes
+
+    def compare(self, row, seq, n):
+        got = chained(self, row, seq, n)
+        assert got == self._block_hashes(seq.tokens[:seq.stored + n])[seq.stored // self.cache.block_size:]
+        checked.append(len(got))
+        return got
+
+    monkeypatch.setattr(Engine, "_chunk_block_hashes", compare)
+    seen = []
+    results = _many(paged, prompts, max_new_tokens=5, max_batch_tokens=24, progress=seen.append)
+    assert [r.sequences[0] for r in results] == [_alone(stock, p, max_new_tokens=5) for p in prompts]
+    assert len(checked) >= 3 and sum(checked) > 0
+    assert seen[-1]["tokens_prefilled"] == sum(len(p) for p in prompts) - 80

@@ -151,7 +151,7 @@ class Engine:
                 if need > free:
                     break
                 chunks.append((seq, n))
-                computing.update(self._block_hashes(seq.tokens[:seq.stored + n])[seq.stored // self.cache.block_size:])
+                computing.update(self._chunk_block_hashes(row, seq, n))
                 budget, free = budget - n, free - need
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -180,6 +180,18 @@ class Engine:
             computing.update(hashes[len(hit):])
             budget -= n
         return chunks
+
+    def _chunk_block_hashes(self, row: int, seq: Sequence, n: int) -> list[bytes]:
+        """The chained hashes of the blocks a chunk of ``n`` more prompt tokens of cache row ``row``
+        fills (its partial last block's included), chained on the row's stored hashes: a long
+        prompt prefilled chunk after chunk is not hashed again from its start at every step."""
+        tables, bs = self.cache.tables, self.cache.block_size
+        known = tables.row_hashes[row]
+        if tables.salt is None or not self.cache.share_prefixes or tables.row_tokens[row] is None \
+                or len(known) != seq.stored // bs:
+            return self._block_hashes(seq.tokens[:seq.stored + n])[seq.stored // bs:]
+        parent = known[-1] if known else tables.salt
+        return chain_hashes(np.asarray(seq.tokens[len(known) * bs:seq.stored + n], dtype=np.int64), bs, parent)
 
     def _block_hashes(self, tokens: list[int]) -> list[bytes]:
         """The chained hashes of the full blocks of ``tokens`` (as the cache's tables hash them)."""
