@@ -359,6 +359,18 @@ class PagedCache(Cache):
         if self.window_tables is not None or self.config is None:
             return
         window, layers = _window_layers(self.config)
+        if self.prefix_cache is not None:
+            # its layers' tensors are addressed by one pool per layer: every model must split them alike
+            split = (window, layers)
+            if self.prefix_cache.layer_split is None:
+                self.prefix_cache.layer_split = split
+            elif self.prefix_cache.layer_split != split:
+                def describe(w, ls):
+                    return f"layers {sorted(ls)} windowed ({w} tokens)" if w else "no layer windowed"
+                raise ValueError(
+                    f"hf_paged: this PrefixCache holds K/V of a model with {describe(*self.prefix_cache.layer_split)}, "
+                    f"but this model has {describe(*split)} (or HF_PAGED_WINDOW_BLOCKS changed): give each model "
+                    f"its own PrefixCache, or call PrefixCache.clear() first.")
         if window is None or self.pool.num_used or any(self.tables.tables):
             return
         if self.prefix_cache is not None:

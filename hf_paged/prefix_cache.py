@@ -52,6 +52,9 @@ class PrefixCache:
         self.pools = LayerPools(self.block_size)
         # sliding-window layers' pools, by window (they release blocks out of the window: no cap)
         self.window_pools: dict[int, BlockPool] = {}
+        # (window, windowed layer indices) of the models using it: a layer's tensors belong to one
+        # pool, so every model must split its layers alike (None: no model yet)
+        self.layer_split: tuple | None = None
 
     def window_pool(self, window: int) -> BlockPool:
         """The block pool of the sliding-window layers of that window (created on first use)."""
@@ -101,6 +104,7 @@ class PrefixCache:
         for pool in self.window_pools.values():
             pool.__init__()
         self.pools.clear()
+        self.layer_split = None
 
 
 def model_key(model) -> bytes:

@@ -203,3 +203,22 @@ def test_engine_preempts_and_readmits_rows_with_released_blocks(monkeypatch):
         ref = stock.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
         assert result.sequences[0] == ref[0, len(prompt):].tolist()
+
+
+def test_a_prefix_cache_refuses_a_model_that_splits_its_layers_otherwise(monkeypatch):
+    """A PrefixCache's layer tensors are addressed by one pool per layer: a model whose windowed
+    layers differ from those of the models before it (or the switch turned) would write them
+    through another pool's block ids; it is refused, until clear()."""
+    windowed, _ = _pair("mistral")
+    plain, _ = make_pair("llama", seed=3)  # the same K/V shapes, no window
+    ids, mask = left_padded_batch([20, 9])
+    prefix = PrefixCache(max_blocks=256)
+    _generate(windowed, ids, mask, max_new_tokens=4, prefix_cache=prefix)
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] windowed \(32 tokens\).*no layer windowed"):
+        _generate(plain, ids, mask, max_new_tokens=4, prefix_cache=prefix)
+    monkeypatch.setenv("HF_PAGED_WINDOW_BLOCKS", "0")
+    with pytest.raises(ValueError, match="HF_PAGED_WINDOW_BLOCKS changed"):
+        _generate(windowed, ids, mask, max_new_tokens=4, prefix_cache=prefix)
+    prefix.clear()
+    out = _generate(plain, ids, mask, max_new_tokens=4, prefix_cache=prefix)
+    assert out.sequences.shape[1] == ids.shape[1] + 4
