@@ -17,6 +17,7 @@
 
     python benchmarks/cascade_bench.py                 # everything
     python benchmarks/cascade_bench.py --only kernels  # or --only e2e
+    python benchmarks/cascade_bench.py --only e2e --profile  # and where a decode step's GPU time goes
     TRITON_INTERPRET=1 python benchmarks/cascade_bench.py --tiny   # a CPU smoke run of the script itself
 
 Prints a table; writes $OUT/cascade_bench.json (or ./cascade_bench.json).
@@ -44,6 +45,7 @@ from hf_paged.kernels import cascade, get_backend, reference  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--only", default="", help="kernels or e2e")
 p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): tiny shapes, no timing")
+p.add_argument("--profile", action="store_true", help="end to end: also a torch.profiler table per mode (top kernels)")
 args = p.parse_args()
 
 DEV = "cpu" if args.tiny else "cuda"
@@ -268,8 +270,29 @@ def e2e() -> None:
             results.setdefault("e2e_graphs", {})[mode] = None if state is None else dict(
                 captures=state.captures, replays=state.replays, disabled=state.disabled)
     off, on = min(times["0"]), min(times["1"])
+    # the same calls with one new token: their prefill (and the rest is decode)
+    prefill = {}
+    for mode in ("0", "1"):
+        torch.manual_seed(5)
+        prefill[mode] = min(generate(mode, prompts, 1, **kw)[1] for _ in range(2))
     emit(f"e2e_{SAMPLES}_samples_x2_prompts_{PROMPT}_{NEW}_new", off_s=off, cascade_s=on, speedup=off / on,
-         off_runs=times["0"], cascade_runs=times["1"], graphs=results.get("e2e_graphs"))
+         off_runs=times["0"], cascade_runs=times["1"], graphs=results.get("e2e_graphs"),
+         prefill_s={m: prefill[m] for m in prefill},
+         decode_ms_per_step={m: (t - prefill[m]) / (NEW - 1) * 1e3 for m, t in (("0", off), ("1", on))},
+         decode_speedup=(off - prefill["0"]) / max(on - prefill["1"], 1e-9))
+    if args.profile:  # where a decode step's GPU time goes, per kernel, in both modes
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+        for mode in ("0", "1"):
+            torch.manual_seed(5)
+            with profile(activities=activities) as prof:
+                generate(mode, prompts, 16, **kw)
+            table = prof.key_averages().table(
+                sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=20)
+            print(f"--- profile, HF_PAGED_CASCADE={mode}, 16 new tokens ---\n{table}", flush=True)
+            with open(os.path.join(OUT, f"cascade_profile_{mode}.txt"), "w") as f:
+                f.write(table)
 
     # no sharing: distinct prompts, auto (the planner runs every step and finds nothing) vs off
     distinct = torch.randint(1, cfg.vocab_size, (NOSHARE_ROWS, NOSHARE_PROMPT), generator=g).to(DEV)
