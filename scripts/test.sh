@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 #    transformers this Python has (setup.sh installs the newest release the package allows)
 "$PY" -m pytest -q -p no:cacheprovider
 # 2. the generate equality suite again with every attention/store/copy through the Triton kernels
-HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
+#    (the plain decode kernel: the shared-prefix one, which auto mode would pick for beams and
+#    samples, has its own stage, 2b; interpreted, it triples this stage's time)
+HF_PAGED_CASCADE=0 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_generate_equality.py tests/test_prefix_sharing.py
 #    and sliding-window layers releasing blocks under the kernels' key tiles (about 20 CPU-seconds;
 #    the whole of test_window_blocks.py on the interpreter takes about 10 CPU-minutes)
