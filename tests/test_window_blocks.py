@@ -1,7 +1,8 @@
 """Sliding-window layers free the blocks that leave their window: their own tables and pool
 (``PagedCache.window_tables``), the same tokens as stock, a bounded number of blocks however long
-the generation. CI runs this file on the PyTorch reference and again on the Triton kernels
-(interpreted), whose key tiles read up to ``WINDOW_READ_MARGIN`` keys before a window."""
+the generation. CI runs this file on the PyTorch reference, and its tile-margin test again on the
+interpreted Triton kernels, whose key tiles read up to ``WINDOW_READ_MARGIN`` keys before a window
+(tests/test_cuda.py runs the long generations on the GPU's)."""
 
 import numpy as np
 import pytest
