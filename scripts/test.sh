@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 "$PY" -m pytest -q -p no:cacheprovider
 # 2. the generate equality suite again with every attention/store/copy through the Triton kernels
 #    (the plain decode kernel: the shared-prefix one, which auto mode would pick for beams and
-#    samples, has its own stage, 2b; interpreted, it triples this stage's time)
+#    samples, has its own stage, 2b; this stage takes about 8 minutes on a quiet 2-core machine
+#    either way)
 HF_PAGED_CASCADE=0 HF_PAGED_BACKEND=triton TRITON_INTERPRET=${TRITON_INTERPRET:-1} \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_generate_equality.py tests/test_prefix_sharing.py
 #    and sliding-window layers releasing blocks under the kernels' key tiles (about 20 CPU-seconds;
