@@ -137,8 +137,7 @@ class PagedCache(Cache):
             self.tables = BlockTables(self.pool, block_size)
             self.pools = LayerPools(block_size)
             self._all_tables = [self.tables]
-        # sliding-window layers: their window, their indices and their tables (None: none kept apart)
-        self.window: int | None = None
+        # sliding-window layers: their indices and their tables (None: none kept apart)
         self.window_layers: frozenset = frozenset()
         self.window_tables: BlockTables | None = None
         self.share_prefixes = share_prefixes
@@ -291,7 +290,7 @@ class PagedCache(Cache):
             self._check_layer_against_cap(layer_idx, key_states.shape[1], key_states.shape[3], value_states.shape[3])
             while len(self.layers) <= layer_idx:
                 self.layers.append(PagedLayer(self, len(self.layers)))
-        self.pools.ensure(layer_idx, key_states, value_states, self._pool_of(layer_idx).num_blocks)
+        self.pools.ensure(layer_idx, key_states, value_states, self._tables_of(layer_idx).pool.num_blocks)
         fwd.copy_blocks(self.pools, [layer_idx])  # copy-on-write before anything writes the copied blocks
         fwd.new_kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
@@ -386,7 +385,7 @@ class PagedCache(Cache):
         tables.partner, self.tables.partner = self.tables, tables
         # every layer windowed (Mistral): the first tables only keep the rows' bookkeeping
         self.tables.serves_attention = len(layers) < int(getattr(self.config, "num_hidden_layers", 0) or 0)
-        self.window, self.window_layers, self.window_tables = window, layers, tables
+        self.window_layers, self.window_tables = layers, tables
         self._all_tables.append(tables)
 
     def _drop_window_tables(self) -> None:
@@ -395,14 +394,20 @@ class PagedCache(Cache):
             self._all_tables.remove(self.window_tables)
             self.tables.partner = None
             self.tables.serves_attention = True
-            self.window, self.window_layers, self.window_tables = None, frozenset(), None
+            self.window_layers, self.window_tables = frozenset(), None
+
+    @property
+    def window(self) -> int | None:
+        """The sliding window of the layers kept in ``window_tables`` (None: none kept apart)."""
+        return self.window_tables.window if self.window_tables is not None else None
 
     def _set_logical_len(self, n: int) -> None:
         for tables in self._all_tables:
             tables.logical_len = n
 
-    def _pool_of(self, layer_idx: int) -> BlockPool:
-        return self.window_tables.pool if layer_idx in self.window_layers and self.window_tables else self.pool
+    def _tables_of(self, layer_idx: int) -> BlockTables:
+        """The tables (and so the pool) that address layer ``layer_idx``'s K/V tensors."""
+        return self.window_tables if layer_idx in self.window_layers and self.window_tables else self.tables
 
     def _new_forward(self, meta: ForwardMetadata, new_logical_len: int) -> PagedForward:
         return PagedForward(meta, self.pools, new_logical_len, window_layers=self.window_layers, window=self.window)
@@ -522,10 +527,10 @@ class PagedCache(Cache):
             self.pools.clear()
             self.layers = []
             # a new pool (the rows are empty): a cap in bytes is sized again for this model
+            self._drop_window_tables()
             self.pool = BlockPool(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
             self.tables = BlockTables(self.pool, self.block_size)
             self._all_tables[:] = [self.tables]
-            self.window_tables, self.window, self.window_layers = None, None, frozenset()
         self.config = config
         self._model_config = weakref.ref(config)
         self._setup_window_tables()
@@ -536,17 +541,14 @@ class PagedCache(Cache):
         :meth:`BlockTables.reservation`). generate calls this with ``max_new_tokens=0`` before the
         prefill (so the prefill's activations do not sit on top of the decode's reservation) and
         with the real value after it."""
-        blocks, longest = self.tables.reservation(prompt_lengths, copies, max_new_tokens)
-        if max_new_tokens > 0:
-            self.max_row_blocks = longest or None
-            # the prompts are in the cache: what is left to allocate is the decode's part
-            blocks -= self.tables.reservation(prompt_lengths, copies, 0)[0]
-        self.pool.reserve(blocks)
-        if self.window_tables is not None:
-            blocks = self.window_tables.reservation(prompt_lengths, copies, max_new_tokens)[0]
+        for tables in self._all_tables:  # each pool: the window tables' bound their rows by the window
+            blocks, longest = tables.reservation(prompt_lengths, copies, max_new_tokens)
             if max_new_tokens > 0:
-                blocks -= self.window_tables.reservation(prompt_lengths, copies, 0)[0]
-            self.window_tables.pool.reserve(blocks)
+                if tables is self.tables:
+                    self.max_row_blocks = longest or None
+                # the prompts are in the cache: what is left to allocate is the decode's part
+                blocks -= tables.reservation(prompt_lengths, copies, 0)[0]
+            tables.pool.reserve(blocks)
 
     def reserve_window_blocks(self, rows: int, prefill_tokens: int, bound: int) -> None:
         """Make room in the window layers' pool for ``rows`` decoding rows and a prefill of
@@ -559,9 +561,8 @@ class PagedCache(Cache):
     def grow_layer_pools(self) -> None:
         """Enlarge every layer's tensors to the block pool's size now (a CUDA graph must not see a
         reallocation)."""
-        self.pools.grow(self.pool.num_blocks, [i for i in range(len(self.pools)) if i not in self.window_layers])
-        if self.window_tables is not None:
-            self.pools.grow(self.window_tables.pool.num_blocks, self.window_layers)
+        for tables in self._all_tables:
+            self.pools.grow(tables.pool.num_blocks, [i for i in range(len(self.pools)) if self._tables_of(i) is tables])
 
     def resolve_memory_cap(self, dtype: torch.dtype | None) -> None:
         """Turn ``max_memory`` into a number of blocks (once, from the pools or the config)."""
@@ -656,8 +657,7 @@ class PagedCache(Cache):
     def dense_layer(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Layer ``layer_idx``'s K/V as a DynamicCache holds them (see :func:`dense_kv`)."""
         self.end_forward()
-        tables = self.window_tables if layer_idx in self.window_layers and self.window_tables else self.tables
-        return dense_kv(self.pools, tables, layer_idx)
+        return dense_kv(self.pools, self._tables_of(layer_idx), layer_idx)
 
     def memory_stats(self) -> dict:
         """What the cache holds and uses, and what a DynamicCache would hold for the same rows.
