@@ -52,3 +52,19 @@ def fake_graphs(monkeypatch):
 
     monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
     monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
+
+
+@pytest.fixture
+def preemptions(monkeypatch):
+    """The request indices of the sequences the engine preempts (in order), while the test runs."""
+    from hf_paged.engine import Engine
+
+    calls = []
+    original = Engine._preempt
+
+    def counting(self, seq):
+        calls.append(seq.request.index)
+        return original(self, seq)
+
+    monkeypatch.setattr(Engine, "_preempt", counting)
+    return calls

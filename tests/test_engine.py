@@ -33,19 +33,6 @@ def _many(model, prompts, **kw):
     return hf_paged.generate_many(model, prompts, **kw)
 
 
-@pytest.fixture
-def preemptions(monkeypatch):
-    calls = []
-    original = Engine._preempt
-
-    def counting(self, seq):
-        calls.append(seq.request.index)
-        return original(self, seq)
-
-    monkeypatch.setattr(Engine, "_preempt", counting)
-    return calls
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_results_equal_generate_alone(family, preemptions):
     """Mixed prompt lengths, prompts prefilled in chunks between decode steps, per-request limits

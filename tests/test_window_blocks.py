@@ -177,29 +177,20 @@ def test_kernel_tiles_before_the_window_read_only_kept_blocks():
     assert all(r >= (n + 40 - 1 - 16 - WINDOW_READ_MARGIN) // 16 > 0 for r, n in zip(released, mask.sum(1).tolist()))
 
 
-def test_engine_preempts_and_readmits_rows_with_released_blocks(monkeypatch):
+def test_engine_preempts_and_readmits_rows_with_released_blocks(preemptions):
     """A memory cap that forces preemption while rows run past their window: preempted rows give
     back the blocks of both tables, are recomputed from their tokens, and every result equals
     model.generate on its prompt alone."""
-    from hf_paged.engine import Engine
     from hf_paged.memory import config_bytes_per_token
 
     paged, stock = _pair("gemma2")
-    calls = []
-    original = Engine._preempt
-
-    def counting(self, seq):
-        calls.append(seq.request.index)
-        return original(self, seq)
-
-    monkeypatch.setattr(Engine, "_preempt", counting)
     g = torch.Generator().manual_seed(9)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (60, 9, 33, 150)]
     new = 5 * WINDOW
     block_bytes = config_bytes_per_token(paged.config, torch.float32) * 16
     results = hf_paged.generate_many(paged, prompts, max_new_tokens=new, do_sample=False, eos_token_id=None,
                                      pad_token_id=0, max_batch_tokens=64, max_memory=40 * block_bytes)
-    assert calls, "the cap was meant to force preemption"
+    assert preemptions, "the cap was meant to force preemption"
     for prompt, result in zip(prompts, results):
         ref = stock.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
