@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 import hf_paged  # noqa: F401  (registers "paged")
 from hf_paged import cache_of
+from hf_paged.memory import config_bytes_per_token
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true")
@@ -57,8 +58,7 @@ else:
                         sliding_window=4096, max_position_embeddings=131072, rope_theta=1e6)
     total, prompt_len, stock_total = args.tokens, args.prompt, args.short_tokens
 window = cfg.sliding_window
-per_layer_token = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * (
-    2 if dtype == torch.bfloat16 else 4)  # K+V bytes of one token in one layer
+per_layer_token = config_bytes_per_token(cfg, dtype) // cfg.num_hidden_layers  # K+V bytes of a token in one layer
 
 with torch.device(dev):
     torch.manual_seed(0)
