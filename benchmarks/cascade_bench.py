@@ -106,14 +106,14 @@ def decode_batch(rows: int, prefix: int, own: int, share: bool, seed: int = 0):
     nv = torch.randn_like(nk)
     pos = qpos[:, 0].long()
     slots = (bt.long().gather(1, (pos // BS)[:, None])[:, 0] * BS + pos % BS).to(torch.int32)[:, None].contiguous()
-    return dict(q=q, kc=kc, vc=vc, bt=bt, seq=seq, qpos=qpos, nk=nk, nv=nv, slots=slots)
+    return dict(q=q, kc=kc, vc=vc, bt=bt, seq=seq, qpos=qpos, nk=nk, nv=nv, slots=slots, max_seq=prefix + own)
 
 
 def run_kernel(b, cascade_batch=None, plans=None, out=None):
     return get_backend("triton").paged_attention(
         b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
         new_value=b["nv"], slot_mapping=b["slots"], plans=plans, cascade=cascade_batch,
-        max_seq_len=int(b["seq"].max()))
+        max_seq_len=b["max_seq"])
 
 
 def plan_of(b):
@@ -141,6 +141,63 @@ def kernel_checks() -> None:
         worst = max(worst, rel_err(out, ref))
     emit("kernel_check_small", worst_rel_err=worst, ok=worst < 2e-2)
     assert worst < 2e-2, worst
+
+
+GRAPH_LAYERS = 2  # (tiny) or 8: the layers of one captured step, each with its own pool
+
+
+def in_graph(b, modes: dict) -> dict:
+    """Decode attention as a decode step runs it: one call per layer, each layer over its own pool
+    (cold in L2, as a model's next layer is), captured in one CUDA graph (no host time between
+    launches, as generate replays it). ``modes``: name -> CascadeBatch or None (the plain kernel).
+    The modes' replays are interleaved, five rounds of 20; returns per mode the median ms per layer
+    and, from a torch.profiler pass over replays, each kernel's ms per layer."""
+    layers = 8 if DEV == "cuda" else GRAPH_LAYERS
+    stack = [b] + [dict(b, kc=torch.randn_like(b["kc"]), vc=torch.randn_like(b["vc"]), q=torch.randn_like(b["q"]),
+                        nk=torch.randn_like(b["nk"]), nv=torch.randn_like(b["nv"])) for _ in range(layers - 1)]
+    outs = [torch.empty(b["q"].shape[0], 1, HQ, D, device=DEV, dtype=DTYPE) for _ in range(layers)]
+    if DEV != "cuda":  # smoke run: the calls once each
+        for name, cb in modes.items():
+            for lb, o in zip(stack, outs):
+                run_kernel(lb, cb, {}, o)
+        return {name: {"ms_per_layer": None} for name in modes}
+    graphs = {}
+    for name, cb in modes.items():
+        plans: dict = {}
+        for lb, o in zip(stack, outs):  # plans the launch, compiles
+            run_kernel(lb, cb, plans, o)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for lb, o in zip(stack, outs):
+                run_kernel(lb, cb, plans, o)
+        g.replay()
+        graphs[name] = g
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(5):
+        for name, g in graphs.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                g.replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / (20 * layers))
+    result = {}
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, g in graphs.items():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                g.replay()
+            torch.cuda.synchronize()
+        per_kernel = {e.key[:60]: e.device_time_total / 1e3 / (10 * layers) for e in prof.key_averages()
+                      if e.device_time_total > 0}
+        ms = sorted(times[name])
+        result[name] = {"ms_per_layer": ms[len(ms) // 2], "rounds": ms, "kernels_ms_per_layer": per_kernel}
+    del graphs, stack
+    return result
 
 
 def kernels() -> None:
@@ -188,7 +245,13 @@ def kernels() -> None:
             tuning.shared_prefix_config = default
         kv_bytes = 2 * HKV * D * 2 * (int(b["seq"].sum()) if not share else prefix + rows * own)
         name = f"shared_{rows}x{prefix}_own{own}" if share else f"unshared_{rows}x{prefix}_plus{own}"
-        emit(name, **errs, chunks=plan.num_chunks, pays=plan.pays(), today_ms=t_plain, cascade_ms=t_casc,
+        graphed = in_graph(b, {"today": None, "cascade": cb, "auto": auto})
+        g_ratio = {f"{m}_over_today": (graphed[m]["ms_per_layer"] / graphed["today"]["ms_per_layer"]
+                                       if graphed["today"]["ms_per_layer"] else None) for m in ("cascade", "auto")}
+        emit(name, **errs, chunks=plan.num_chunks, pays=plan.pays(),
+             graphed_today_ms=graphed["today"]["ms_per_layer"], graphed_cascade_ms=graphed["cascade"]["ms_per_layer"],
+             graphed_auto_ms=graphed["auto"]["ms_per_layer"], **{f"graphed_{k}": v for k, v in g_ratio.items()},
+             graphed=graphed, today_ms=t_plain, cascade_ms=t_casc,
              auto_ms=t_auto, cascade_over_today=t_casc / t_plain, auto_over_today=t_auto / t_plain,
              planner_host_us=host_us, distinct_kv_GB=kv_bytes / 1e9, shared_splits_sweep_ms=sweep,
              shared_config_sweep_ms=config_sweep)
@@ -196,6 +259,40 @@ def kernels() -> None:
 
 
 # ------------------------------------------------------------------------------------ end to end
+
+
+def decode_profile(generate, mode: str, prompts, kw) -> dict:
+    """GPU time of one decode step by kernel (torch.profiler): the same call with 33 and with 65 new
+    tokens, the difference over 32 steps, so the prefill and the first steps drop out. Run with
+    CUDA graphs off: the same kernels, each one visible to the profiler; the graphed step's wall
+    time is the timed runs'."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if DEV == "cuda" else [ProfilerActivity.CPU]  # kernels only
+    short, long = (2, 3) if args.tiny else (33, 65)
+    totals = {}
+    os.environ["HF_PAGED_CUDA_GRAPHS"] = "0"
+    try:
+        for new in (short, long):
+            torch.manual_seed(5)
+            with profile(activities=activities) as prof:
+                generate(mode, prompts, new, **kw)
+            totals[new] = {e.key: (e.device_time_total if DEV == "cuda" else e.cpu_time_total, e.count)
+                           for e in prof.key_averages()}
+    finally:
+        os.environ.pop("HF_PAGED_CUDA_GRAPHS")
+    steps = long - short
+    per_step = {}
+    for key, (t, n) in totals[long].items():
+        t0, n0 = totals[short].get(key, (0.0, 0))
+        if t - t0 > 0:
+            per_step[key[:70]] = {"us": (t - t0) / steps, "calls": (n - n0) / steps}
+    top = dict(sorted(per_step.items(), key=lambda kv: -kv[1]["us"])[:30])
+    gpu_ms = sum(v["us"] for v in per_step.values()) if DEV == "cuda" else 0.0
+    print(f"--- decode step, HF_PAGED_CASCADE={mode}: kernels' time per step (us), top 30 ---", flush=True)
+    for key, v in top.items():
+        print(f"{v['us']:10.1f} us {v['calls']:7.1f} calls  {key}", flush=True)
+    return {"kernel_us_per_step_top30": top, "kernels": len(per_step), "gpu_ms_per_step_all_kernels": gpu_ms / 1e3}
 
 
 def e2e() -> None:
@@ -281,18 +378,7 @@ def e2e() -> None:
          decode_ms_per_step={m: (t - prefill[m]) / (NEW - 1) * 1e3 for m, t in (("0", off), ("1", on))},
          decode_speedup=(off - prefill["0"]) / max(on - prefill["1"], 1e-9))
     if args.profile:  # where a decode step's GPU time goes, per kernel, in both modes
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-        for mode in ("0", "1"):
-            torch.manual_seed(5)
-            with profile(activities=activities) as prof:
-                generate(mode, prompts, 16, **kw)
-            table = prof.key_averages().table(
-                sort_by="cuda_time_total" if DEV == "cuda" else "cpu_time_total", row_limit=20)
-            print(f"--- profile, HF_PAGED_CASCADE={mode}, 16 new tokens ---\n{table}", flush=True)
-            with open(os.path.join(OUT, f"cascade_profile_{mode}.txt"), "w") as f:
-                f.write(table)
+        results["decode_step_profile"] = {mode: decode_profile(generate, mode, prompts, kw) for mode in ("0", "1")}
 
     # no sharing: distinct prompts, auto (the planner runs every step and finds nothing) vs off
     distinct = torch.randint(1, cfg.vocab_size, (NOSHARE_ROWS, NOSHARE_PROMPT), generator=g).to(DEV)

@@ -45,13 +45,18 @@ class BlockPool:
     served raises :class:`OutOfBlocksError` and changes nothing.
     """
 
-    def __init__(self, num_blocks: int = 0, max_blocks: int | None = None, growth: float = 1.5):
+    def __init__(self, num_blocks: int = 0, max_blocks: int | None = None, growth: float = 1.5,
+                 reserve_growth: float = 1.0):
         if max_blocks is not None and max_blocks < 1:
             raise ValueError(f"max_blocks must be a positive number of blocks, got {max_blocks}")
         if max_blocks is not None:
             num_blocks = min(num_blocks, max_blocks)
         self.max_blocks = max_blocks
         self.growth = growth
+        # reserve() grows to at least this factor of the pool: 1 for a pool that serves one call
+        # (sized once for it), more for a pool that serves many (a prefix cache's: its tensors,
+        # and the CUDA graphs that address them, then change a few times rather than every call)
+        self.reserve_growth = reserve_growth
         self.num_blocks = 0
         self.ref_counts: list[int] = []
         self._free: list[int] = []  # free blocks without a hash; a stack: the most recently freed is reused first
@@ -99,7 +104,7 @@ class BlockPool:
         short = num_blocks - len(self._free)
         if short <= 0:
             return
-        target = self.num_blocks + short
+        target = max(self.num_blocks + short, int(self.num_blocks * self.reserve_growth))
         if self.max_blocks is not None:
             target = min(target, self.max_blocks)
         self._grow_to(target)

@@ -62,26 +62,27 @@ def graphs_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _cuda_capture(run, pool):
+def _cuda_capture(run, pool, precheck: bool = True):
     """Capture ``run()`` into a CUDA graph; returns ``replay() -> the outputs of run()``, whose
     tensors are overwritten by the next replay.
 
-    ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward that reads a
-    device value on the host (which a capture cannot hold) fails here, before any capture. Should
-    a capture fail anyway, the default CUDA generator, which every capture enrols, gets back its
-    state from before it (else every later sampling step would fail with "Offset increment
-    outside graph capture").
+    ``precheck``: ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward
+    that reads a device value on the host (which a capture cannot hold) fails here, before any
+    capture (skipped for a model whose graphs have passed before). Should a capture fail anyway,
+    the default CUDA generator, which every capture enrols, gets back its state from before it
+    (else every later sampling step would fail with "Offset increment outside graph capture").
     """
-    previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        run()  # a decode step is idempotent: the same K/V again at the same slots
-    except RuntimeError as exc:
-        if "synchronizing" in str(exc):
-            raise NotCapturable(f"the model's forward reads a device value on the host: {exc}") from exc
-        raise
-    finally:
-        torch.cuda.set_sync_debug_mode(previous)
+    if precheck:
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()  # a decode step is idempotent: the same K/V again at the same slots
+        except RuntimeError as exc:
+            if "synchronizing" in str(exc):
+                raise NotCapturable(f"the model's forward reads a device value on the host: {exc}") from exc
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     saved = generator.clone_state() if hasattr(generator, "clone_state") else None
     graph = torch.cuda.CUDAGraph()
@@ -113,15 +114,61 @@ class NotCapturable(RuntimeError):
 STATS = {"captures": 0, "replays": 0, "disabled": 0}
 
 
-class _GraphState:
-    """A cache's captured decode graphs (at most one live: a new width or new pools replace it)."""
+# Graphs a PrefixCache keeps for the calls that borrow its pools (each holds its static buffers
+# and the activations of one decode step in the store's memory pool).
+SHARED_GRAPHS_LIMIT = 4
 
-    def __init__(self):
-        self.graphs: dict = {}
-        self.pool = None  # memory pool shared by this cache's graphs
+
+class GraphStore:
+    """Captured decode graphs and the memory pool they share, keyed by what a replay depends on.
+
+    A cache's own store holds at most one graph (a new width or new pools replace it) and dies
+    with the cache. A :class:`~hf_paged.prefix_cache.PrefixCache`'s store (``shared``) outlives
+    the calls: its pools stay at the same addresses, so the next ``generate`` over them replays the
+    graphs an earlier call captured, instead of capturing its own (about 0.1 s per call for an 8B
+    model). Its keys carry the model's key (weights, dtype, adapters) and the pools' version, and
+    it keeps the ``SHARED_GRAPHS_LIMIT`` most recently used.
+    """
+
+    def __init__(self, shared: bool = False):
+        self.shared = shared
+        self.graphs: dict = {}  # insertion order = least recently used first
+        self.pool = None  # CUDA memory pool shared by the graphs (they never run at once)
+
+    def get(self, key):
+        graph = self.graphs.pop(key, None)
+        if graph is not None:
+            self.graphs[key] = graph  # most recently used last
+        return graph
+
+    def add(self, key, graph, pools_version: int) -> None:
+        if not self.shared:
+            self.graphs = {key: graph}  # older graphs held an older width or older pools
+            return
+        # a graph over reallocated pools would write freed memory: never kept
+        self.graphs = {k: g for k, g in self.graphs.items() if k[2] == pools_version}
+        self.graphs[key] = graph
+        while len(self.graphs) > SHARED_GRAPHS_LIMIT:
+            del self.graphs[next(iter(self.graphs))]
+
+    def clear(self) -> None:
+        self.graphs = {}
+        self.pool = None
+
+
+class _GraphState:
+    """A cache's decode graphs: where they are kept (its own store, or its prefix cache's), and
+    what happened to them in this cache's life."""
+
+    def __init__(self, store: GraphStore):
+        self.store = store
         self.disabled: str | None = None  # why graphs are off for this cache
         self.replays = 0  # steps served by a replay (tests and benchmarks read it)
         self.captures = 0
+
+    @property
+    def graphs(self) -> dict:
+        return self.store.graphs
 
 
 class _DecodeGraph:
@@ -151,6 +198,7 @@ class _DecodeGraph:
         self.step = [0]  # the logical length the step ends at (read by the static step in Python)
         self.replay = None  # () -> (output class, output fields without the cache)
         self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
+        self.cache_ref: list = [None]  # [weakref to the cache of the step]: see bind()
         self.verified = False
 
     @property
@@ -165,17 +213,22 @@ class _DecodeGraph:
         self.seq_length.fill_(fwd.new_logical_len - 1)
         self.step[0] = fwd.new_logical_len
 
+    def bind(self, cache: PagedCache) -> None:
+        """The cache whose step runs next (a graph kept by a prefix cache serves later calls'
+        caches: what the static step's Python would see, were it run again)."""
+        self.cache_ref[0] = weakref.ref(cache)
+
     def static_step(self, forward, cache: PagedCache, kwargs: dict):
         """The step over the static buffers (what is captured), as a closure that refers to the
         cache only weakly and to the buffers, not to this object."""
-        cache_ref = weakref.ref(cache)
+        cache_ref = self.cache_ref = [weakref.ref(cache)]
         cache_keys = [k for k in compat.CACHE_KEYS if k in kwargs]
         plain = {k: v for k, v in kwargs.items() if k not in cache_keys and k not in self.inputs}
         plain["attention_mask"] = None
         meta, inputs, seq_length, step = self.meta, self.inputs, self.seq_length, self.step
 
         def run():
-            cache = cache_ref()
+            cache = cache_ref[0]()
             with cache.replaying(meta, seq_length, new_logical_len=step[0]):
                 outputs = forward(**plain, **{k: cache for k in cache_keys}, **inputs)
             return type(outputs), {k: v for k, v in outputs.items() if v is not cache}
@@ -228,13 +281,33 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _table_width(cache: PagedCache) -> int:
+def _table_width(cache: PagedCache, shared: bool = False) -> int:
     """Block table width of this step's graph: the generate call's bound when known (one graph per
-    generate), else the next power of two over the longest row after this step."""
+    generate), else the next power of two over the longest row after this step. ``shared``: the
+    graph may serve later calls (a prefix cache's store): the bound is rounded up (by at most an
+    eighth of its power of two), so that calls of similar lengths get the same width."""
     need = max(cdiv(n + 1, cache.block_size) for n in cache.seq_lens)
     if cache.max_row_blocks is not None and cache.max_row_blocks >= need:
-        return cache.max_row_blocks
+        width = cache.max_row_blocks
+        if shared:
+            step = max(16, next_pow2(width) // 8)
+            width = cdiv(width, step) * step
+        return width
     return max(16, next_pow2(need))
+
+
+def _state_of(cache: PagedCache) -> _GraphState:
+    state = cache.graph_state
+    if state is None:
+        prefix = cache.prefix_cache
+        if prefix is None:
+            store = GraphStore()
+        else:
+            store = prefix.graph_store
+            if store is None:
+                store = prefix.graph_store = GraphStore(shared=True)
+        state = cache.graph_state = _GraphState(store)
+    return state
 
 
 class GraphedForward:
@@ -257,13 +330,12 @@ class GraphedForward:
 
 
 def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
-    state = cache.graph_state
-    if state is None:
-        state = cache.graph_state = _GraphState()
+    state = _state_of(cache)
+    store = state.store
     input_ids = kwargs["input_ids"]
     device = input_ids.device
     batch = input_ids.shape[0]
-    width = _table_width(cache)
+    width = _table_width(cache, shared=store.shared)
     # one launch configuration (the table's width) for the eager and the replayed steps
     fwd = cache.begin_forward(kwargs.get("attention_mask"), q_len=1, batch_size=batch, device=device,
                               dtype=model.dtype, table_width=width, config=model.config)
@@ -273,17 +345,26 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         inputs = {k: kwargs[k] for k in _STATIC_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
         key = (batch, width, cache.pools.version,
                tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
-               tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS))
-        graph = state.graphs.get(key)
+               tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS),
+               # a store shared across calls: the model whose forward is captured (its weights'
+               # addresses and versions, dtype, adapters), and the pools' layout
+               (cache.tables.salt, tuple(sorted(cache.window_layers))) if store.shared else None)
+        graph = store.get(key)
         if graph is None:
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
-            # then the same step is captured over the static buffers.
+            # then the same step is captured over the static buffers. A model whose graphs have
+            # passed the checks before (no host sync, the replay equal to the eager step) is not
+            # checked again: the checks find properties of its forward's code.
+            trusted = bool(model.__dict__.get("_hf_paged_graphs_verified"))
             outputs = forward(**kwargs)
             graph = _DecodeGraph(fwd, inputs, device)
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
+            graph.verified = trusted
             try:
-                graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(state, device))
+                run = graph.static_step(forward, cache, kwargs)
+                pool = _graph_pool(store, device)
+                graph.replay = _CAPTURE(run, pool, precheck=False) if trusted else _CAPTURE(run, pool)
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
                 _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
                 return outputs
@@ -291,11 +372,12 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
                 _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
                          for_model=False)
                 return outputs
-            state.graphs = {key: graph}  # older graphs held an older width or older pools
+            store.add(key, graph, cache.pools.version)
             state.captures += 1
             STATS["captures"] += 1
             return outputs
         graph.refresh(fwd, inputs)
+        graph.bind(cache)
         if not graph.verified:
             # First replay: checked against the eager step with the model's real inputs. Both
             # write the same K/V to the same slots, so running both leaves the cache as one would.
@@ -308,7 +390,9 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             # kept from the capture step moves the logits far more than this).
             if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
                 graph.verified = True
+                model.__dict__["_hf_paged_graphs_verified"] = True
             else:
+                store.graphs.pop(key, None)
                 _disable(model, state, for_model=True,
                          reason=f"the replayed decode step gave logits up to {diff:.3g} away from the eager step's "
                                 f"(the model's forward depends on a host-side value or on the 2D attention mask)")
@@ -322,17 +406,18 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         cache.end_forward()
 
 
-def _graph_pool(state: _GraphState, device: torch.device):
-    if state.pool is None and device.type == "cuda":
-        state.pool = torch.cuda.graph_pool_handle()
-    return state.pool
+def _graph_pool(store: GraphStore, device: torch.device):
+    if store.pool is None and device.type == "cuda":
+        store.pool = torch.cuda.graph_pool_handle()
+    return store.pool
 
 
 def _disable(model, state: _GraphState, reason: str, for_model: bool) -> None:
     """Graphs off for this cache and, when the cause is the model's forward (it will not change),
     for every later generate of this model."""
     state.disabled = reason
-    state.graphs = {}
+    if not state.store.shared:
+        state.store.clear()
     STATS["disabled"] += 1
     if for_model:
         model._hf_paged_graphs_off = reason

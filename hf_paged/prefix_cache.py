@@ -29,6 +29,10 @@ from .layer_pools import LayerPools
 from .memory import check_count, parse_memory
 
 DEFAULT_BLOCK_SIZE = 16
+# A call that needs more blocks than are free doubles the pool (up to the cap) rather than adding
+# what it lacks: the pool serves many calls, and each reallocation of its tensors also costs the
+# CUDA graphs of the decode step kept over them (graphs.py), which the next calls would replay.
+RESERVE_GROWTH = 2.0
 
 
 class PrefixCache:
@@ -48,13 +52,15 @@ class PrefixCache:
                              "not both")
         self.block_size = check_count(block_size, "block_size")
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
-        self.pool = BlockPool(max_blocks=check_count(max_blocks, "max_blocks"))
+        self.pool = BlockPool(max_blocks=check_count(max_blocks, "max_blocks"), reserve_growth=RESERVE_GROWTH)
         self.pools = LayerPools(self.block_size)
         # sliding-window layers' pools, by window (they release blocks out of the window: no cap)
         self.window_pools: dict[int, BlockPool] = {}
         # (window, windowed layer indices) of the models using it: a layer's tensors belong to one
         # pool, so every model must split its layers alike (None: no model yet)
         self.layer_split: tuple | None = None
+        # CUDA graphs of the decode step over these pools, replayed by later calls (graphs.py)
+        self.graph_store = None
 
     def window_pool(self, window: int) -> BlockPool:
         """The block pool of the sliding-window layers of that window (created on first use)."""
@@ -100,11 +106,13 @@ class PrefixCache:
             raise RuntimeError(f"hf_paged: PrefixCache.clear() while {self.pool.num_used} block(s) are held by a "
                                f"live PagedCache; reset() or drop that cache first")
         # in place: the caches built over this prefix cache keep the same objects
-        self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None)
+        self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None,
+                           reserve_growth=RESERVE_GROWTH)
         for pool in self.window_pools.values():
             pool.__init__()
         self.pools.clear()
         self.layer_split = None
+        self.graph_store = None  # its graphs address the freed tensors
 
 
 def model_key(model) -> bytes:

@@ -69,6 +69,30 @@ def test_reserve_grows_before_counting_cached_blocks():
     assert pool.num_blocks == 6 and pool.available() == 3
 
 
+def test_reserve_of_a_pool_serving_many_calls_grows_geometrically():
+    """A prefix cache's pool (reserve_growth=2) doubles when a call lacks blocks, up to the cap:
+    its tensors, and the CUDA graphs over them, change a few times rather than at every call."""
+    pool = BlockPool(reserve_growth=2.0, max_blocks=100)
+    pool.reserve(10)
+    assert pool.num_blocks == 10  # an empty pool: what was asked
+    pool.allocate(10)
+    pool.reserve(3)
+    assert pool.num_blocks == 20  # doubled, not 13
+    pool.allocate(10)
+    pool.reserve(1)
+    assert pool.num_blocks == 40
+    pool.reserve(30)
+    assert pool.num_blocks == 80
+    pool.allocate(60)
+    pool.reserve(5)
+    assert pool.num_blocks == 100  # capped
+    plain = BlockPool()
+    plain.reserve(10)
+    plain.allocate(10)
+    plain.reserve(3)
+    assert plain.num_blocks == 13  # a pool for one call: exactly what it lacks
+
+
 # ------------------------------------------------------------------ pool alone, random ops
 ops = st.lists(
     st.tuples(st.sampled_from(["alloc", "fork", "append", "cow", "reorder", "free", "reset", "hash", "hit"]),

@@ -42,7 +42,8 @@ def test_graphed_decode_equals_stock(pair, fake_graphs):
         dict(max_new_tokens=10, num_beams=3, num_return_sequences=2, do_sample=False),
         dict(max_new_tokens=10, do_sample=True, top_k=0, num_return_sequences=3),
     ]
-    for kw in cases:
+    paged.__dict__.pop("_hf_paged_graphs_verified", None)  # the module's model: as if new
+    for i, kw in enumerate(cases):
         torch.manual_seed(7)
         ref = _gen(stock, ids, mask, **kw)
         torch.manual_seed(7)
@@ -51,10 +52,11 @@ def test_graphed_decode_equals_stock(pair, fake_graphs):
         assert_logits_close(out, ref, kw)
         state = cache_of(out).graph_state
         # one graph for the whole generate (the table width is the reservation's bound), checked
-        # once against the eager step, then replayed for every later step
+        # against the eager step in the model's first call only, then replayed for every later step
         assert state.disabled is None, (name, state.disabled)
         assert state.captures == 1
-        assert state.replays == kw["max_new_tokens"] - 3  # prefill, capture step, checked step
+        checked = 1 if i == 0 else 0
+        assert state.replays == kw["max_new_tokens"] - 2 - checked  # prefill, capture step(, checked step)
     assert "forward" not in paged.__dict__  # the stand-in forward lives for one generate call
 
 
@@ -70,7 +72,7 @@ def test_graphs_off_by_env(fake_graphs, monkeypatch):
 def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     """A graph whose replay gives other logits than the eager step (what a host value kept from
     the capture step would do) is dropped with a warning; decoding continues eagerly, exactly."""
-    def bad_capture(run, pool):
+    def bad_capture(run, pool, precheck=True):
         def replay():
             cls, fields = run()
             fields["logits"] = fields["logits"] + 1.0
@@ -93,7 +95,7 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
 def test_capture_failure_falls_back(monkeypatch, caplog):
     attempts = []
 
-    def failing_capture(run, pool):
+    def failing_capture(run, pool, precheck=True):
         attempts.append(1)
         raise graphs.NotCapturable("the model's forward reads a device value on the host")
 
@@ -120,7 +122,7 @@ def test_transient_capture_failure_is_tried_again(monkeypatch, caplog):
     generate call only."""
     attempts = []
 
-    def flaky_capture(run, pool):
+    def flaky_capture(run, pool, precheck=True):
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("CUDA error: out of memory")
@@ -205,8 +207,11 @@ def test_graphed_steps_between_crops_of_assisted_decoding(family, fake_graphs):
 
 def test_graphed_decode_over_a_prefix_cache(fake_graphs):
     """Calls over one PrefixCache: the pool is shared and outlives each call's cache; every call's
-    decode is still replayed (the reservation leaves nothing to grow inside a graph)."""
+    decode is replayed (the reservation leaves nothing to grow inside a graph), and the second call
+    replays the graph the first one captured (the prefix cache keeps it with its pools): no capture,
+    no eager step, every decode step a replay."""
     paged, stock = make_pair("llama")
+    paged.__dict__.pop("_hf_paged_graphs_verified", None)  # the module's model: as if new
     prefix = hf_paged.PrefixCache(max_memory="16MiB")
     g = torch.Generator().manual_seed(3)
     preamble = torch.randint(3, 256, (48,), generator=g)
@@ -222,8 +227,20 @@ def test_graphed_decode_over_a_prefix_cache(fake_graphs):
         out = _gen(paged, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
         assert torch.equal(out.sequences, ref.sequences), seed
         state = cache_of(out).graph_state
-        assert state.disabled is None and state.replays == 10 - 3, seed  # one graph for the call
+        assert state.disabled is None, seed
+        if seed == 1:  # one graph for the call: a capture step, a checked step, then replays
+            assert (state.captures, state.replays) == (1, 10 - 3)
+        else:  # the first call's graph: every decode step replayed
+            assert (state.captures, state.replays) == (0, 10 - 1)
+        assert len(prefix.graph_store.graphs) == 1
     assert cache_of(out).memory_stats()["tokens_reused"] == 3 * 48
+    # another model (other weights) over the same pools never replays the first one's graph
+    other, other_stock = make_pair("llama", seed=5)
+    out = _gen(other, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
+    assert torch.equal(out.sequences, _gen(other_stock, ids, mask, max_new_tokens=10, do_sample=False).sequences)
+    assert cache_of(out).graph_state.captures == 1 and len(prefix.graph_store.graphs) == 2
+    prefix.clear()  # its tensors are freed: the graphs that address them go too
+    assert prefix.graph_store is None
 
 
 def test_graphed_shared_prefix_decode_replays_any_plan(fake_graphs, monkeypatch):
