@@ -85,18 +85,20 @@ def want(name):
 # ------------------------------------------------------------------------------------ kernels
 
 
-def decode_batch(rows: int, prefix: int, own: int, share: bool, seed: int = 0):
+def decode_batch(rows: int, prefix: int, own: int, share: bool, seed: int = 0, groups: int = 1):
     """A pool and block tables: every row holds prefix + own tokens (its query the last one); with
-    ``share`` the prefix's blocks are one set every row's table starts with."""
+    ``share`` the prefix's blocks are one set that the rows of each of ``groups`` equal groups start
+    with (one set per group)."""
     g = torch.Generator(device=DEV).manual_seed(seed)  # noqa: F841
     p_blocks, o_blocks = prefix // BS, -(-own // BS)  # the prefix is whole blocks
-    n_blocks = (p_blocks + rows * o_blocks) if share else rows * (p_blocks + o_blocks)
+    n_blocks = (groups * p_blocks + rows * o_blocks) if share else rows * (p_blocks + o_blocks)
     kc = torch.randn(n_blocks + 8, BS, HKV, D, device=DEV, dtype=DTYPE, generator=g)
     vc = torch.randn_like(kc)
     perm = torch.randperm(n_blocks, device=DEV, generator=g).to(torch.int32)
     if share:
-        own_ids = perm[p_blocks:].view(rows, o_blocks)
-        bt = torch.cat([perm[:p_blocks].expand(rows, p_blocks), own_ids], 1).contiguous()
+        own_ids = perm[groups * p_blocks:].view(rows, o_blocks)
+        prefixes = perm[:groups * p_blocks].view(groups, p_blocks).repeat_interleave(rows // groups, 0)
+        bt = torch.cat([prefixes, own_ids], 1).contiguous()
     else:
         bt = perm.view(rows, p_blocks + o_blocks).contiguous()
     seq = torch.full((rows,), prefix + own, dtype=torch.int32, device=DEV)
@@ -109,11 +111,11 @@ def decode_batch(rows: int, prefix: int, own: int, share: bool, seed: int = 0):
     return dict(q=q, kc=kc, vc=vc, bt=bt, seq=seq, qpos=qpos, nk=nk, nv=nv, slots=slots, max_seq=prefix + own)
 
 
-def run_kernel(b, cascade_batch=None, plans=None, out=None):
+def run_kernel(b, cascade_batch=None, plans=None, out=None, **kw):
     return get_backend("triton").paged_attention(
         b["q"], b["kc"], b["vc"], b["bt"], b["seq"], b["qpos"], D ** -0.5, out=out, new_key=b["nk"],
         new_value=b["nv"], slot_mapping=b["slots"], plans=plans, cascade=cascade_batch,
-        max_seq_len=b["max_seq"])
+        max_seq_len=b["max_seq"], **kw)
 
 
 def plan_of(b):
@@ -156,21 +158,22 @@ def in_graph(b, modes: dict) -> dict:
     stack = [b] + [dict(b, kc=torch.randn_like(b["kc"]), vc=torch.randn_like(b["vc"]), q=torch.randn_like(b["q"]),
                         nk=torch.randn_like(b["nk"]), nv=torch.randn_like(b["nv"])) for _ in range(layers - 1)]
     outs = [torch.empty(b["q"].shape[0], 1, HQ, D, device=DEV, dtype=DTYPE) for _ in range(layers)]
+    modes = {name: m if isinstance(m, tuple) else (m, {}) for name, m in modes.items()}
     if DEV != "cuda":  # smoke run: the calls once each
-        for name, cb in modes.items():
+        for name, (cb, kw) in modes.items():
             for lb, o in zip(stack, outs):
-                run_kernel(lb, cb, {}, o)
+                run_kernel(lb, cb, {}, o, **kw)
         return {name: {"ms_per_layer": None} for name in modes}
     graphs = {}
-    for name, cb in modes.items():
+    for name, (cb, kw) in modes.items():
         plans: dict = {}
         for lb, o in zip(stack, outs):  # plans the launch, compiles
-            run_kernel(lb, cb, plans, o)
+            run_kernel(lb, cb, plans, o, **kw)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for lb, o in zip(stack, outs):
-                run_kernel(lb, cb, plans, o)
+                run_kernel(lb, cb, plans, o, **kw)
         g.replay()
         graphs[name] = g
     torch.cuda.synchronize()
@@ -200,9 +203,28 @@ def in_graph(b, modes: dict) -> dict:
     return result
 
 
+def split_sweep(rows: int, prefix: int, own: int, groups: int) -> None:
+    """In a CUDA graph: the shared-prefix kernel's split count against the default's choice, for
+    ``groups`` groups of rows sharing ``prefix`` tokens each (the end-to-end run's shape: 2 x 16)."""
+    b = decode_batch(rows, prefix, own, True, groups=groups)
+    plan = plan_of(b)
+    cb = cascade.CascadeBatch.from_plan(plan, DEV)
+    ref = reference.paged_attention(b["q"], b["kc"].clone(), b["vc"].clone(), b["bt"], b["seq"], b["qpos"],
+                                    D ** -0.5, new_key=b["nk"], new_value=b["nv"], slot_mapping=b["slots"])
+    err = rel_err(run_kernel(b, cb), ref)
+    assert err < 2e-2, err
+    modes = {"today": None, "cascade": cb, **{f"splits_{n}": (cb, {"num_shared_splits": n}) for n in (4, 8, 16, 32)}}
+    graphed = in_graph(b, modes)
+    emit(f"graphed_split_sweep_{rows}x{prefix}_{groups}_groups_own{own}", chunks=plan.num_chunks, cascade_rel_err=err,
+         **{f"{m}_ms": graphed[m]["ms_per_layer"] for m in modes}, graphed=graphed)
+
+
 def kernels() -> None:
     kernel_checks()
     rows, prefix, own = ROWS, PREFIX, OWN
+    split_sweep(rows // 2, prefix, own, 2)  # the end-to-end run's groups
+    split_sweep(rows, prefix, own, 1)
+    split_sweep(rows // 2, prefix // 8, own // 2, 1)  # prefix_bench's: 32 rows over a 1k preamble
     for share in (True, False):
         b = decode_batch(rows, prefix, own, share)
         plan = plan_of(b)

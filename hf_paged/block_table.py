@@ -97,6 +97,10 @@ class BlockTables:
     size at or before the window's first key and reads the whole tile, masked after loading).
     """
 
+    # Tests set this: every forward's dense table is also built afresh and compared (a row
+    # operation that forgot to bump ``_row_ops`` would leave a stale table).
+    check_dense = False
+
     def __init__(self, pool: BlockPool, block_size: int, window: int | None = None):
         self.pool = pool
         self.block_size = block_size
@@ -119,6 +123,13 @@ class BlockTables:
         self.row_tokens: list[list[int] | None] = []
         self.row_hashes: list[list[bytes]] = []
         self.registered: list[int] = []
+        # The dense block table of the last forward's rows, kept so that the next forward writes
+        # only the entries it changed (a decode step of 32 rows x 8k tokens would otherwise copy
+        # 16k list entries into numpy every step). Valid while no row operation ran since
+        # (``_row_ops``, bumped by each of them) and the forward has the same rows.
+        self._row_ops = 0
+        self._dense: np.ndarray | None = None
+        self._dense_key: tuple | None = None
 
     @property
     def num_rows(self) -> int:
@@ -133,6 +144,7 @@ class BlockTables:
         return blk
 
     def add_rows(self, n: int) -> None:
+        self._row_ops += 1
         self.released.extend([0] * n)
         self.tables.extend([] for _ in range(n))
         self.seq_lens.extend([0] * n)
@@ -154,6 +166,8 @@ class BlockTables:
         bs = self.block_size
         batch, q_len = real.shape
         tables = [self.tables[r] for r in rows]  # the same list objects: edits land in place
+        lens_before = [len(t) for t in tables]
+        released_before = [self.released[r] for r in rows] if self.window is not None else None
         seq_before = np.asarray([self.seq_lens[r] for r in rows], dtype=np.int64)
         seq_after = seq_before + real.sum(axis=1)
         # a real token's stored index is the next one of its row; a pad reads up to the last real
@@ -185,6 +199,7 @@ class BlockTables:
             fresh = self.pool.allocate(need + n_copies - sum(len(r) for r in reuse.values()))
         except OutOfBlocksError as e:
             self.pool.decref(taken)
+            self._row_ops += 1  # window entries may have been released above: the kept table is stale
             raise OutOfBlocksError(
                 e.needed, e.available, e.max_blocks,
                 hint=f"(block_size={bs}; rows={batch}; longest row would hold {int(seq_after.max())} tokens)",
@@ -236,14 +251,7 @@ class BlockTables:
 
         # --- metadata, vectorised (no per-token Python loops) ------------------------------
         width = max(1, max(len(t) for t in tables), table_width)
-        block_table = np.zeros((batch, width), dtype=np.int32)
-        if self.window is None:
-            for b, table in enumerate(tables):
-                block_table[b, : len(table)] = table
-        else:  # released entries stay 0: never read, any valid id
-            for b, (table, r) in enumerate(zip(tables, rows)):
-                done = self.released[r]
-                block_table[b, done: len(table)] = table[done:]
+        block_table = self._dense_table(rows, tables, width, lens_before, released_before)
         safe_pos = np.maximum(query_pos, 0)
         slot = np.take_along_axis(block_table, safe_pos // bs, axis=1).astype(np.int64) * bs + safe_pos % bs
         slot = np.where(real & (query_pos >= written_from[:, None]), slot, -1)
@@ -263,6 +271,38 @@ class BlockTables:
             max_context_len=int(seq_before.max()) if batch else 0, pads_after_start=any_pad_after_start,
             shared_prefixes=shared, use_cascade=use_cascade,
         )
+
+    def _fresh_dense(self, rows: list[int], tables: list[list[int]], columns: int) -> np.ndarray:
+        """The rows' block table, ``columns`` wide, padded with 0 (released entries 0 too: never
+        read, any valid id)."""
+        dense = np.zeros((len(tables), columns), dtype=np.int32)
+        for b, (table, r) in enumerate(zip(tables, rows)):
+            done = self.released[r] if self.window is not None else 0
+            dense[b, done: len(table)] = table[done:]
+        return dense
+
+    def _dense_table(self, rows: list[int], tables: list[list[int]], width: int, lens_before: list[int],
+                     released_before: list[int] | None) -> np.ndarray:
+        """The forward's block table [B, width] (a copy), from the kept one when it is valid: only
+        the entries this forward changed are written (its new blocks, a copied-on-write tail, the
+        entries released out of the window)."""
+        key = (tuple(rows), self._row_ops)
+        dense = self._dense
+        if dense is None or self._dense_key != key or dense.shape[1] < width:
+            dense = self._dense = self._fresh_dense(rows, tables, width + 16)  # room to grow a little
+            self._dense_key = key
+        else:
+            for b, table in enumerate(tables):
+                if released_before is not None and self.released[rows[b]] > released_before[b]:
+                    dense[b, released_before[b]:self.released[rows[b]]] = 0
+                n = len(table)
+                if n != lens_before[b] or (n and dense[b, n - 1] != table[n - 1]):
+                    start = max(lens_before[b] - 1, 0)  # a copy-on-write replaces the old tail
+                    dense[b, start:n] = table[start:n]
+        out = dense[:, :width].copy()
+        if self.check_dense and not np.array_equal(out, fresh := self._fresh_dense(rows, tables, width)):
+            raise AssertionError(f"hf_paged: the kept block table went stale (rows {np.flatnonzero((out != fresh).any(1))})")
+        return out
 
     def blocks_needed(self, rows: list[int], n_new: list[int]) -> int:
         """The blocks a forward appending ``n_new[i]`` real tokens to row ``rows[i]`` would take:
@@ -390,6 +430,7 @@ class BlockTables:
         without running the model. Returns how many tokens the row now holds."""
         if self.tables[row] or self.seq_lens[row]:
             raise RuntimeError(f"hf_paged: reuse_prefix on row {row}, which already holds tokens (bookkeeping bug)")
+        self._row_ops += 1
         blocks = self.cached_prefix(tokens, max_tokens)
         if not blocks:
             return 0
@@ -414,6 +455,7 @@ class BlockTables:
     def select_rows(self, idx: list[int]) -> None:
         """Row ``i`` becomes old row ``idx[i]`` (beam reordering, forks with repetition, batch
         selection). Tables move, blocks are shared: no K/V is copied."""
+        self._row_ops += 1
         old = self.tables
         if any(i < 0 or i >= len(old) for i in idx):
             raise IndexError(f"hf_paged: row index out of range for a cache of {len(old)} rows: {idx}")
@@ -441,6 +483,7 @@ class BlockTables:
     def drop_rows(self, rows: list[int]) -> None:
         """Remove rows ``rows``; the others keep their tables and order (rows that finished:
         only their own references are dropped, unlike a :meth:`select_rows` that renumbers)."""
+        self._row_ops += 1
         gone = set(rows)
         if any(r < 0 or r >= self.num_rows for r in gone):
             raise IndexError(f"hf_paged: row index out of range for a cache of {self.num_rows} rows: {rows}")
@@ -459,6 +502,7 @@ class BlockTables:
         """Keep the first ``max_length`` logical positions of every row; blocks no longer
         referenced return to the pool. Window tables refuse (changing nothing) a crop back past
         blocks they have released."""
+        self._row_ops += 1
         bs = self.block_size
         keep = []
         for b in range(self.num_rows):
@@ -492,6 +536,7 @@ class BlockTables:
         """Forget every row; every block returns to the pool. ``keep_cached``: the pool is shared
         (a prefix cache): only this table's references are dropped, and hashed blocks stay
         findable; else the whole pool is reset."""
+        self._row_ops += 1
         if keep_cached:
             for table in self.tables:
                 self.pool.decref(_held(table))

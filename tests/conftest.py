@@ -10,6 +10,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from hf_paged.block_table import BlockTables  # noqa: E402
+
+# Every forward of every test also builds its block table afresh and compares it with the one
+# kept and patched from the last forward (a row operation that forgot to invalidate it fails here).
+BlockTables.check_dense = True
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

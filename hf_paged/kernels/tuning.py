@@ -39,15 +39,16 @@ def shared_prefix_config(block_d: int, elem_bytes: int) -> tuple[int, int, int, 
 
 
 def choose_shared_splits(tiles: int, num_kv_heads: int, max_shared_len: int, block_n: int, num_sms: int) -> int:
-    """Split-KV factor of the shared-prefix kernel (host shapes only): enough programs for every
-    SM, but each split keeps >= 8 KV tiles, since every split writes a partial for each of its
-    tile's rows (members x heads) that the merge reads back: 16 rows of 4 heads write 32 KB per
-    512 prefix tokens read (256 KB of K/V at D = 128, bf16)."""
+    """Split-KV factor of the shared-prefix kernel (host shapes only): the largest power of two
+    that keeps the programs within one wave (two per SM) and gives each split >= 2 KV tiles. More
+    splits mean more partials written and merged (a split writes one for each of its tile's
+    rows: 16 members x 4 heads x D floats = 32 KB at D = 128) and a second wave.
+    H200, 64 rows in 4 chunks over one 8k-token prefix (32 programs before splitting):
+    8 splits 0.085 ms, 16 0.092, 4 0.104, 32 0.111 (docs/performance.md)."""
     programs = max(tiles, 1) * num_kv_heads
     if programs >= num_sms:
         return 1
-    want = next_pow2(cdiv(4 * num_sms, programs))
-    splits = max(1, min(want, max_shared_len // (8 * block_n), 64))
+    splits = max(1, min(cdiv(2 * num_sms, programs), max_shared_len // (2 * block_n), 64))
     return 1 << (splits.bit_length() - 1)
 
 
