@@ -380,7 +380,7 @@ def e2e() -> None:
     times: dict[str, list[float]] = {"0": [], "1": []}
     for mode in ("0", "1"):
         generate(mode, prompts, 16, **kw)  # compile, capture
-    for _ in range(1 if args.tiny else 2):
+    for _ in range(1 if args.tiny else 3):
         for mode in ("0", "1"):
             torch.manual_seed(5)
             out, dt = generate(mode, prompts, NEW, **kw)

@@ -129,27 +129,35 @@ def plan_shared_prefixes(block_table: np.ndarray, seq_lens: np.ndarray, query_po
     firsts = block_table[candidates, 0]
     order = np.argsort(firsts, kind="stable")
     sorted_rows, sorted_firsts = candidates[order], firsts[order]
-    bounds = np.flatnonzero(np.diff(sorted_firsts)) + 1
+    # group boundaries in the sorted rows (plain ints: a decode step has few groups)
+    starts = [0, *(np.flatnonzero(sorted_firsts[1:] != sorted_firsts[:-1]) + 1).tolist(), len(sorted_rows)]
     chunks, members, own_start = plan.chunks, plan.members, plan.own_start
     n_chunks = n_members = saved = max_shared = max_rows = 0
-    for rows in np.split(sorted_rows, bounds):
-        if len(rows) < 2:
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        n = hi - lo
+        if n < 2:
             continue
+        rows = sorted_rows[lo:hi]
         # common leading blocks of every member with the first one, then capped by the queries
-        held = cdiv(int(pos[rows].min()), block_size)  # blocks that hold tokens before every query
+        first_query = int(pos[rows].min())
+        held = cdiv(first_query, block_size)  # blocks that hold tokens before every query
         same = (block_table[rows, :held] == block_table[rows[0], :held]).all(axis=0)
         common = held if same.all() else int(np.argmin(same))
-        shared = min(common * block_size, int(pos[rows].min()))
+        shared = min(common * block_size, first_query)
         if shared <= 0:
             continue
-        k = cdiv(len(rows), MAX_CHUNK_ROWS)
-        for part in np.array_split(rows, k):  # near-equal parts of >= 2 rows each
-            chunks[n_chunks] = (shared, n_members, len(part))
-            members[n_members:n_members + len(part)] = part
+        k = cdiv(n, MAX_CHUNK_ROWS)
+        # near-equal parts of >= 2 rows each, the first n % k one row longer (as np.array_split)
+        at = 0
+        for i in range(k):
+            size = n // k + (1 if i < n % k else 0)
+            chunks[n_chunks] = (shared, n_members, size)
+            members[n_members:n_members + size] = rows[at:at + size]
             n_chunks += 1
-            n_members += len(part)
-            saved += (len(part) - 1) * shared
-            max_rows = max(max_rows, len(part))
+            n_members += size
+            at += size
+            saved += (size - 1) * shared
+            max_rows = max(max_rows, size)
         own_start[rows] = shared
         max_shared = max(max_shared, shared)
     own = np.minimum(seq, pos + 1) - own_start
