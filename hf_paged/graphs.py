@@ -62,27 +62,27 @@ def graphs_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _cuda_capture(run, pool, precheck: bool = True):
+def _cuda_capture(run, pool):
     """Capture ``run()`` into a CUDA graph; returns ``replay() -> the outputs of run()``, whose
     tensors are overwritten by the next replay.
 
-    ``precheck``: ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward
-    that reads a device value on the host (which a capture cannot hold) fails here, before any
-    capture (skipped for a model whose graphs have passed before). Should a capture fail anyway,
-    the default CUDA generator, which every capture enrols, gets back its state from before it
-    (else every later sampling step would fail with "Offset increment outside graph capture").
+    ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward that reads a
+    device value on the host (which a capture cannot hold) fails here, before any capture. It runs
+    at every capture, even for a model whose graphs passed before: some forwards synchronise only
+    on some inputs (DeepSeek's MoE routing). Should a capture fail anyway, the default CUDA
+    generator, which every capture enrols, gets back its state from before it (else every later
+    sampling step would fail with "Offset increment outside graph capture").
     """
-    if precheck:
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            run()  # a decode step is idempotent: the same K/V again at the same slots
-        except RuntimeError as exc:
-            if "synchronizing" in str(exc):
-                raise NotCapturable(f"the model's forward reads a device value on the host: {exc}") from exc
-            raise
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()  # a decode step is idempotent: the same K/V again at the same slots
+    except RuntimeError as exc:
+        if "synchronizing" in str(exc):
+            raise NotCapturable(f"the model's forward reads a device value on the host: {exc}") from exc
+        raise
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     saved = generator.clone_state() if hasattr(generator, "clone_state") else None
     graph = torch.cuda.CUDAGraph()
@@ -352,19 +352,17 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         graph = store.get(key)
         if graph is None:
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
-            # then the same step is captured over the static buffers. A model whose graphs have
-            # passed the checks before (no host sync, the replay equal to the eager step) is not
-            # checked again: the checks find properties of its forward's code.
-            trusted = bool(model.__dict__.get("_hf_paged_graphs_verified"))
+            # then the same step is captured over the static buffers. The first replay of a model's
+            # first graph is checked against the eager step (below); a model whose replay has
+            # agreed once is not checked again (a host value kept from the capture step is a
+            # property of its forward's code, the same in every call).
             outputs = forward(**kwargs)
             graph = _DecodeGraph(fwd, inputs, device)
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
-            graph.verified = trusted
+            graph.verified = bool(model.__dict__.get("_hf_paged_graphs_verified"))
             try:
-                run = graph.static_step(forward, cache, kwargs)
-                pool = _graph_pool(store, device)
-                graph.replay = _CAPTURE(run, pool, precheck=False) if trusted else _CAPTURE(run, pool)
+                graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(store, device))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
                 _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
                 return outputs

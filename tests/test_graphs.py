@@ -72,7 +72,7 @@ def test_graphs_off_by_env(fake_graphs, monkeypatch):
 def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     """A graph whose replay gives other logits than the eager step (what a host value kept from
     the capture step would do) is dropped with a warning; decoding continues eagerly, exactly."""
-    def bad_capture(run, pool, precheck=True):
+    def bad_capture(run, pool):
         def replay():
             cls, fields = run()
             fields["logits"] = fields["logits"] + 1.0
@@ -95,7 +95,7 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
 def test_capture_failure_falls_back(monkeypatch, caplog):
     attempts = []
 
-    def failing_capture(run, pool, precheck=True):
+    def failing_capture(run, pool):
         attempts.append(1)
         raise graphs.NotCapturable("the model's forward reads a device value on the host")
 
@@ -122,7 +122,7 @@ def test_transient_capture_failure_is_tried_again(monkeypatch, caplog):
     generate call only."""
     attempts = []
 
-    def flaky_capture(run, pool, precheck=True):
+    def flaky_capture(run, pool):
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("CUDA error: out of memory")
