@@ -1,0 +1,143 @@
+"""Where a graphed decode step's wall time goes: a torch.profiler trace (CPU annotations on
+generate's and hf-paged's host functions, and every GPU kernel) of 32 replayed decode steps,
+parsed into GPU busy time, idle gaps, and what the host was doing during the gaps; and the same
+call's ms per step without the profiler (difference of two lengths). Llama-3.1-8B shape, bf16,
+random weights, 32 rows: 2 prompts of 8k x 16 samples (cascade off / on) and 32 prompts of a
+1,024-token preamble + 160 own tokens, greedy (cascade off / auto).
+
+    PYTHONPATH=$PWD python benchmarks/step_trace.py        # about 1 minute on an H200
+    python benchmarks/step_trace.py --tiny                 # a CPU smoke run of the script itself
+
+Writes $OUT/step_trace.json (or ./step_trace.json)."""
+import json, os, sys, time, collections
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")); sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+TINY = "--tiny" in sys.argv
+if TINY:
+    os.environ.setdefault("TRITON_INTERPRET", "1"); os.environ.setdefault("HF_PAGED_BACKEND", "triton")
+import torch
+from torch.profiler import profile, ProfilerActivity, record_function
+from bench_common import llama_config
+from transformers import AutoModelForCausalLM
+from transformers.generation import logits_process, stopping_criteria
+import hf_paged
+from hf_paged import graphs, cache as cache_mod, forward as fwd_mod, block_table as bt_mod
+from hf_paged.kernels import cascade
+
+DEV = "cpu" if TINY else "cuda"
+OUT = os.environ.get("OUT", ".")
+if TINY:
+    graphs._DEVICE_TYPES = ("cuda", "cpu")
+    graphs._CAPTURE = lambda run, pool: run
+
+def label(obj, attr, name):
+    orig = getattr(obj, attr)
+    import functools
+    @functools.wraps(orig)
+    def wrapped(*a, **k):
+        with record_function(name):
+            return orig(*a, **k)
+    setattr(obj, attr, wrapped)
+
+label(graphs.GraphedForward, "__call__", "hfp.forward")
+label(cache_mod.PagedCache, "begin_forward", "hfp.begin_forward")
+label(cache_mod.PagedCache, "end_forward", "hfp.end_forward")
+label(cascade, "plan_shared_prefixes", "hfp.plan_cascade")
+label(bt_mod.BlockTables, "plan_forward", "hfp.plan_forward")
+label(fwd_mod.ForwardMetadata, "from_plan", "hfp.from_plan")
+label(graphs._DecodeGraph, "refresh", "hfp.refresh")
+label(graphs._DecodeGraph, "outputs", "hfp.outputs")
+label(logits_process.LogitsProcessorList, "__call__", "hf.logits_processors")
+label(stopping_criteria.StoppingCriteriaList, "__call__", "hf.stopping")
+
+cfg = llama_config(TINY)
+with torch.device(DEV):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if TINY else torch.bfloat16, attn_implementation="sdpa")
+model.set_attn_implementation("paged")
+model.eval()
+model.generation_config.eos_token_id = None
+model.generation_config.pad_token_id = 0
+label(type(model), "prepare_inputs_for_generation", "hf.prepare_inputs")
+label(type(model), "_update_model_kwargs_for_generation", "hf.update_kwargs")
+g = torch.Generator().manual_seed(1)
+P = 64 if TINY else 8192
+sample_prompts = torch.randint(1, cfg.vocab_size, (2, P), generator=g).to(DEV)
+greedy_prompts = torch.cat([torch.randint(1, cfg.vocab_size, (1, 64 if TINY else 1024), generator=g).expand(32, -1),
+                            torch.randint(1, cfg.vocab_size, (32, 16 if TINY else 160), generator=g)], 1).to(DEV)
+
+def gen(workload, new):
+    ids = sample_prompts if workload == "sample" else greedy_prompts
+    kw = dict(do_sample=True, num_return_sequences=16) if workload == "sample" else dict(do_sample=False)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kw)
+
+def sync():
+    if DEV == "cuda": torch.cuda.synchronize()
+
+def wall(workload, new):
+    sync(); t = time.perf_counter(); gen(workload, new); sync(); return time.perf_counter() - t
+
+def analyse(trace_path, steps_wanted):
+    ev = json.load(open(trace_path))["traceEvents"]
+    ev = [e for e in ev if e.get("ph") == "X"]
+    gpu = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")], key=lambda e: e["ts"])
+    ann = [e for e in ev if e.get("cat") == "user_annotation"]
+    rt = [e for e in ev if e.get("cat") == "cuda_runtime"]
+    fw = sorted([e for e in ann if e["name"] == "hfp.forward"], key=lambda e: e["ts"])
+    fw = fw[-(steps_wanted + 1):]
+    t0, t1 = fw[0]["ts"], fw[-1]["ts"]
+    n = len(fw) - 1
+    win = [e for e in gpu if t0 <= e["ts"] < t1]
+    busy = sum(e["dur"] for e in win)
+    gaps = collections.Counter(); gap_list = []
+    end = t0
+    for e in win:
+        if e["ts"] > end:
+            gap = e["ts"] - end
+            b = "<3us" if gap < 3 else "3-20us" if gap < 20 else "20-200us" if gap < 200 else ">200us"
+            gaps[b] += gap
+            gaps[b + " n"] += 1
+            if gap >= 20:
+                gap_list.append((end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+    if t1 > end:
+        gap_list.append((end, t1)); gaps["tail"] += t1 - end
+    def overlap(events):
+        c = collections.Counter()
+        for e in events:
+            s, f = e["ts"], e["ts"] + e["dur"]
+            if f < t0 or s > t1: continue
+            for a, b in gap_list:
+                o = min(f, b) - max(s, a)
+                if o > 0: c[e["name"][:50]] += o
+        return {k: round(v / n, 1) for k, v in c.most_common(20)}
+    host_incl = collections.Counter()
+    for e in ann + rt:
+        if t0 <= e["ts"] < t1: host_incl[e["name"][:50]] += e["dur"]
+    kern = collections.Counter()
+    for e in win: kern[e["name"][:50]] += e["dur"]
+    return dict(steps=n, wall_ms_per_step=round((t1 - t0) / n / 1e3, 3), gpu_busy_ms_per_step=round(busy / n / 1e3, 3),
+                gpu_events_per_step=round(len(win) / n, 1),
+                gaps_us_per_step={k: round(v / n, 1) for k, v in sorted(gaps.items())},
+                host_during_gaps_us_per_step=overlap(ann + rt),
+                host_inclusive_us_per_step={k: round(v / n, 1) for k, v in host_incl.most_common(25)},
+                top_kernels_us_per_step={k: round(v / n, 1) for k, v in kern.most_common(12)})
+
+res = {}
+cases = [("sample", "0"), ("sample", "1"), ("greedy", "0"), ("greedy", "auto")]
+for workload, mode in cases:
+    os.environ["HF_PAGED_CASCADE"] = mode
+    gen(workload, 8)
+    short, long = (3, 6) if TINY else (17, 81)
+    ws = min(wall(workload, short) for _ in range(2)); wl = min(wall(workload, long) for _ in range(2))
+    per_step = (wl - ws) / (long - short) * 1e3
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+        gen(workload, 6 if TINY else 40)
+    path = os.path.join(OUT, f"trace_{workload}_{mode}.json")
+    prof.export_chrome_trace(path)
+    r = analyse(path, 3 if TINY else 32)
+    r["unprofiled_wall_ms_per_step"] = round(per_step, 3)
+    res[f"{workload}_cascade{mode}"] = r
+    print(json.dumps({f"{workload}_cascade{mode}": r}, indent=1), flush=True)
+    if not TINY: os.remove(path)
+json.dump(res, open(os.path.join(OUT, "step_trace.json"), "w"), indent=1)
