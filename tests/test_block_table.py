@@ -142,6 +142,26 @@ def test_block_tables_random_operations_keep_counts_exact(seq, block_size):
     assert tables.pool.num_free == tables.pool.num_blocks
 
 
+def test_kept_block_table_is_patched_and_a_stale_one_is_caught():
+    """A decode step writes only the entries it changed into the block table kept from the last
+    forward (new blocks, a copied-on-write tail); any row operation invalidates it. The tests run
+    with ``check_dense`` (conftest.py): a table changed behind the tables' back is caught."""
+    assert BlockTables.check_dense  # every test's forwards compare the kept table with a fresh one
+    tables = BlockTables(BlockPool(), 4)
+    tables.add_rows(2)
+    tables.plan_forward([0, 1], np.ones((2, 6), dtype=bool))
+    tables.select_rows([0, 0, 1])  # row 0 forked: its tail block is shared
+    first = tables.plan_forward([0, 1, 2], np.ones((3, 1), dtype=bool))  # copy-on-write of row 1's tail
+    kept = tables._dense
+    second = tables.plan_forward([0, 1, 2], np.ones((3, 1), dtype=bool))  # row 0 and 1 cross a block
+    assert tables._dense is kept  # patched in place, not rebuilt
+    assert first.block_table[1, 1] != first.block_table[0, 1]  # the copied tail
+    assert second.block_table.tolist() == [t + [0] * (second.block_table.shape[1] - len(t)) for t in tables.tables]
+    tables.tables[2][0], tables.tables[2][1] = tables.tables[2][1], tables.tables[2][0]  # behind its back
+    with pytest.raises(AssertionError, match="kept block table went stale"):
+        tables.plan_forward([0, 1, 2], np.ones((3, 1), dtype=bool))
+
+
 def test_out_of_blocks_changes_nothing():
     tables = BlockTables(BlockPool(max_blocks=3), 16)
     tables.add_rows(2)
