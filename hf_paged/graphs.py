@@ -145,7 +145,8 @@ class GraphStore:
         if not self.shared:
             self.graphs = {key: graph}  # older graphs held an older width or older pools
             return
-        # a graph over reallocated pools would write freed memory: never kept
+        # a graph over reallocated pools would write freed memory: never kept (a key's third
+        # item is the pools' version: _graphed_step)
         self.graphs = {k: g for k, g in self.graphs.items() if k[2] == pools_version}
         self.graphs[key] = graph
         while len(self.graphs) > SHARED_GRAPHS_LIMIT:
@@ -297,10 +298,12 @@ def _table_width(cache: PagedCache, shared: bool = False) -> int:
 
 
 def _state_of(cache: PagedCache) -> _GraphState:
+    """The cache's graph state, over its prefix cache's store when it has one and knows its model's
+    key (generate's prefill sets it), else over a store of its own."""
     state = cache.graph_state
     if state is None:
         prefix = cache.prefix_cache
-        if prefix is None:
+        if prefix is None or cache.tables.salt is None:
             store = GraphStore()
         else:
             store = prefix.graph_store
