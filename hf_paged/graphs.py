@@ -19,10 +19,12 @@ One decode step (``input_ids`` of shape ``[B, 1]``) through :class:`GraphedForwa
 The first step of a graph runs eagerly, with the model's real inputs (it is the step's result, and
 it compiles the kernels); then the same step runs over the static buffers with synchronising CUDA
 calls made errors (a forward that reads a device value on the host cannot be captured), and is
-captured. The first replay is checked against an eager run of the same step (a decode step is
-idempotent: it writes the same K/V to the same slots), so a model whose forward keeps a host value
-between steps is caught. A forward that synchronises or disagrees turns graphs off for that model
-(one warning naming the cause); any other capture failure, for that generate call only. What is not
+captured. The first replay of a model's first graph is checked against an eager run of the same
+step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
+forward keeps a host value between steps is caught. A forward that synchronises or disagrees turns
+graphs off for that model (one warning naming the cause); any other capture failure, for that
+generate call only. Graphs live with their cache, or with its ``PrefixCache``, whose tensors outlive
+the call: later calls replay them (:class:`GraphStore`). What is not
 a plain single-device decode step (prefill, ``inputs_embeds``, attentions or hidden states
 requested, ``device_map`` over several devices, tensor parallelism, the PyTorch backend) runs
 eagerly.
