@@ -165,6 +165,8 @@ class BlockTables:
         pad the batch (a prompt continued over a reused prefix), they are no positions of the row."""
         bs = self.block_size
         batch, q_len = real.shape
+        # read before any row changes: a bad HF_PAGED_CASCADE raises with the rows untouched
+        forced = cascade.setting() if q_len == 1 else None
         tables = [self.tables[r] for r in rows]  # the same list objects: edits land in place
         lens_before = [len(t) for t in tables]
         released_before = [self.released[r] for r in rows] if self.window is not None else None
@@ -261,7 +263,6 @@ class BlockTables:
         elif q_len == 1:
             # Groups of rows over the same leading blocks (after this forward's copy-on-write):
             # planned once per forward, read by every layer's decode attention.
-            forced = cascade.setting()
             shared = (cascade.empty_plan(batch) if forced is False
                       else cascade.plan_shared_prefixes(block_table, seq_after, query_pos[:, 0], bs))
             use_cascade = bool(forced) if forced is not None else shared.pays()

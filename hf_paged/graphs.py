@@ -19,8 +19,8 @@ One decode step (``input_ids`` of shape ``[B, 1]``) through :class:`GraphedForwa
 The first step of a graph runs eagerly, with the model's real inputs (it is the step's result, and
 it compiles the kernels); then the same step runs over the static buffers with synchronising CUDA
 calls made errors (a forward that reads a device value on the host cannot be captured), and is
-captured. The first replay of a model's first graph is checked against an eager run of the same
-step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
+captured. The first replay of a model's first graph (and of its first over padded rows) is
+checked against an eager run of the same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
 forward keeps a host value between steps is caught. A forward that synchronises or disagrees turns
 graphs off for that model (one warning naming the cause); any other capture failure, for that
 generate call only. Graphs live with their cache, or with its ``PrefixCache``, whose tensors outlive
@@ -44,6 +44,7 @@ from . import compat
 from .cache import PagedCache
 from .forward import ForwardMetadata, PagedForward
 from .kernels import backend_name, cdiv, next_pow2
+from .prefix_cache import model_key
 
 logger = logging.getLogger("hf_paged")
 
@@ -153,6 +154,11 @@ class GraphStore:
         self.graphs[key] = graph
         while len(self.graphs) > SHARED_GRAPHS_LIMIT:
             del self.graphs[next(iter(self.graphs))]
+
+    def drop_model(self, model_id: bytes) -> None:
+        """Forget the graphs of a model whose graphs are off (a key's last item starts with the
+        model's key: _graphed_step)."""
+        self.graphs = {k: g for k, g in self.graphs.items() if k[-1][0] != model_id}
 
     def clear(self) -> None:
         self.graphs = {}
@@ -300,12 +306,12 @@ def _table_width(cache: PagedCache, shared: bool = False) -> int:
 
 
 def _state_of(cache: PagedCache) -> _GraphState:
-    """The cache's graph state, over its prefix cache's store when it has one and knows its model's
-    key (generate's prefill sets it), else over a store of its own."""
+    """The cache's graph state, over its prefix cache's store when it has one, else over a store
+    of its own."""
     state = cache.graph_state
     if state is None:
         prefix = cache.prefix_cache
-        if prefix is None or cache.tables.salt is None:
+        if prefix is None:
             store = GraphStore()
         else:
             store = prefix.graph_store
@@ -325,16 +331,19 @@ class GraphedForward:
         # generate reads forward's signature to decide which inputs to pass (position_ids, ...)
         self.__signature__ = inspect.signature(self.forward)
         self.__doc__ = self.forward.__doc__
+        self.model_key: bytes | None = None  # the model's key (prefix_cache.model_key), at its first decode step
 
     def __call__(self, *args, **kwargs):
         model = self.model_ref()
         cache = None if args else _decode_step_cache(model, kwargs)
         if cache is None:
             return self.forward(*args, **kwargs)
-        return _graphed_step(model, self.forward, cache, kwargs)
+        if self.model_key is None:  # once per call: the weights do not change inside generate
+            self.model_key = model_key(model)
+        return _graphed_step(model, self.forward, cache, kwargs, self.model_key)
 
 
-def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
+def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: bytes):
     state = _state_of(cache)
     store = state.store
     input_ids = kwargs["input_ids"]
@@ -351,25 +360,29 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         key = (batch, width, cache.pools.version,
                tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS),
-               # a store shared across calls: the model whose forward is captured (its weights'
-               # addresses and versions, dtype, adapters), and the pools' layout
-               (cache.tables.salt, tuple(sorted(cache.window_layers))) if store.shared else None)
+               # the model whose forward is captured (its weights' addresses and versions, dtype,
+               # adapters: a cache reset and reused by another model, or a prefix cache's store
+               # shared by calls and models), and the pools' layout
+               (model_id, tuple(sorted(cache.window_layers))))
+        # Rows with pads: the replay runs without the 2D mask, so a forward that reads it beyond
+        # attention (and not the paged metadata) differs from its eager step only then.
+        kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"
         graph = store.get(key)
         if graph is None:
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
             # then the same step is captured over the static buffers. The first replay of a model's
-            # first graph is checked against the eager step (below); a model whose replay has
-            # agreed once is not checked again (a host value kept from the capture step is a
-            # property of its forward's code, the same in every call).
+            # first graph over padded rows, and of its first over unpadded ones, is checked against
+            # the eager step (below); a model whose replay has agreed there is not checked again
+            # (a host value kept from the capture step is a property of its forward's code).
             outputs = forward(**kwargs)
             graph = _DecodeGraph(fwd, inputs, device)
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
-            graph.verified = bool(model.__dict__.get("_hf_paged_graphs_verified"))
+            graph.verified = kind in model.__dict__.get("_hf_paged_graphs_verified", ())
             try:
                 graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(store, device))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
-                _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True)
+                _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True, model_id=model_id)
                 return outputs
             except Exception as exc:  # noqa: BLE001 - whatever failed, the eager path stays correct
                 _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
@@ -393,10 +406,9 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             # kept from the capture step moves the logits far more than this).
             if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
                 graph.verified = True
-                model.__dict__["_hf_paged_graphs_verified"] = True
+                model.__dict__.setdefault("_hf_paged_graphs_verified", set()).add(kind)
             else:
-                store.graphs.pop(key, None)
-                _disable(model, state, for_model=True,
+                _disable(model, state, for_model=True, model_id=model_id,
                          reason=f"the replayed decode step gave logits up to {diff:.3g} away from the eager step's "
                                 f"(the model's forward depends on a host-side value or on the 2D attention mask)")
             return outputs
@@ -415,12 +427,14 @@ def _graph_pool(store: GraphStore, device: torch.device):
     return store.pool
 
 
-def _disable(model, state: _GraphState, reason: str, for_model: bool) -> None:
+def _disable(model, state: _GraphState, reason: str, for_model: bool, model_id: bytes | None = None) -> None:
     """Graphs off for this cache and, when the cause is the model's forward (it will not change),
-    for every later generate of this model."""
+    for every later generate of this model (its graphs kept by a prefix cache go too)."""
     state.disabled = reason
     if not state.store.shared:
         state.store.clear()
+    elif for_model and model_id is not None:
+        state.store.drop_model(model_id)
     STATS["disabled"] += 1
     if for_model:
         model._hf_paged_graphs_off = reason

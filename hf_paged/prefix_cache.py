@@ -66,7 +66,7 @@ class PrefixCache:
         """The block pool of the sliding-window layers of that window (created on first use)."""
         pool = self.window_pools.get(window)
         if pool is None:
-            pool = self.window_pools[window] = BlockPool()
+            pool = self.window_pools[window] = BlockPool(reserve_growth=RESERVE_GROWTH)
         return pool
 
     def __repr__(self) -> str:
@@ -109,7 +109,7 @@ class PrefixCache:
         self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None,
                            reserve_growth=RESERVE_GROWTH)
         for pool in self.window_pools.values():
-            pool.__init__()
+            pool.__init__(reserve_growth=RESERVE_GROWTH)
         self.pools.clear()
         self.layer_split = None
         self.graph_store = None  # its graphs address the freed tensors

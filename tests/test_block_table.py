@@ -162,6 +162,17 @@ def test_kept_block_table_is_patched_and_a_stale_one_is_caught():
         tables.plan_forward([0, 1, 2], np.ones((3, 1), dtype=bool))
 
 
+def test_a_bad_cascade_setting_raises_before_any_row_changes(monkeypatch):
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(2)
+    tables.plan_forward([0, 1], np.ones((2, 20), dtype=bool))
+    before = (list(map(list, tables.tables)), list(tables.seq_lens), tables.pool.num_used)
+    monkeypatch.setenv("HF_PAGED_CASCADE", "sometimes")
+    with pytest.raises(ValueError, match="HF_PAGED_CASCADE='sometimes' is not understood"):
+        tables.plan_forward([0, 1], np.ones((2, 1), dtype=bool))
+    assert (list(map(list, tables.tables)), list(tables.seq_lens), tables.pool.num_used) == before
+
+
 def test_out_of_blocks_changes_nothing():
     tables = BlockTables(BlockPool(max_blocks=3), 16)
     tables.add_rows(2)

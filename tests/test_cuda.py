@@ -37,7 +37,8 @@ def test_greedy_beam_sample_on_triton(cuda_pair, graphs, cascade, monkeypatch):
         torch.manual_seed(3)
         ref = _gen(stock, ids, mask, **kw)
         torch.manual_seed(3)
-        checked = not paged.__dict__.get("_hf_paged_graphs_verified")  # the model's first replay is checked
+        # the model's first replay over padded rows (these are) is checked
+        checked = "padded" not in paged.__dict__.get("_hf_paged_graphs_verified", ())
         out = _gen(paged, ids, mask, **kw)
         assert torch.equal(out.sequences, ref.sequences), (name, kw)
         if "output_logits" in kw:

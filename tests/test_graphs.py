@@ -243,6 +243,39 @@ def test_graphed_decode_over_a_prefix_cache(fake_graphs):
     assert prefix.graph_store is None
 
 
+def test_a_reset_cache_never_replays_another_models_graph(fake_graphs):
+    """A user's cache, reset and given to another model with the same shapes (the pools stay): the
+    graph key carries the model's key, so the second model captures its own graph and gets its own
+    tokens (it replayed the first model's graph before the key had it)."""
+    a, a_stock = make_pair("llama", seed=0)
+    b, b_stock = make_pair("llama", seed=5)
+    ids, mask = left_padded_batch([5, 41, 23], seed=1)
+    kw = dict(max_new_tokens=10, do_sample=False)
+    cache = hf_paged.PagedCache()
+    out = _gen(a, ids, mask, past_key_values=cache, **kw)
+    assert torch.equal(out.sequences, _gen(a_stock, ids, mask, **kw).sequences)
+    cache.reset()
+    out = _gen(b, ids, mask, past_key_values=cache, **kw)
+    assert torch.equal(out.sequences, _gen(b_stock, ids, mask, **kw).sequences)
+    assert cache.graph_state.captures == 2
+
+
+def test_replay_check_once_per_model_for_padded_and_for_unpadded_rows(fake_graphs):
+    """The replay runs without the 2D mask: a model checked on unpadded rows only is checked again
+    at its first graph over padded rows, then neither is checked again."""
+    paged, stock = make_pair("qwen2", seed=2)
+    kw = dict(max_new_tokens=8, do_sample=False)
+    full = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    padded, padded_mask = left_padded_batch([5, 12, 9], seed=3)
+    for ids, mask, checked in ((full, torch.ones_like(full), 1), (full, torch.ones_like(full), 0),
+                               (padded, padded_mask, 1), (padded, padded_mask, 0)):
+        out = _gen(paged, ids, mask, **kw)
+        assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
+        state = cache_of(out).graph_state
+        assert (state.captures, state.replays) == (1, 8 - 2 - checked), checked
+    assert paged.__dict__["_hf_paged_graphs_verified"] == {"padded", "unpadded"}
+
+
 def test_graphed_shared_prefix_decode_replays_any_plan(fake_graphs, monkeypatch):
     """A step captured with the shared-prefix (cascade) attention keeps it for the graph's life: its
     groups live in the static metadata buffer, refreshed every step, and the kernels' grids depend
