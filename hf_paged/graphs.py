@@ -19,8 +19,8 @@ One decode step (``input_ids`` of shape ``[B, 1]``) through :class:`GraphedForwa
 The first step of a graph runs eagerly, with the model's real inputs (it is the step's result, and
 it compiles the kernels); then the same step runs over the static buffers with synchronising CUDA
 calls made errors (a forward that reads a device value on the host cannot be captured), and is
-captured. The first replay of a model's first graph (and of its first over padded rows) is
-checked against an eager run of the same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
+captured. A model's first replay (and its first over padded rows) is checked against an eager
+run of the same step (a decode step is idempotent: it writes the same K/V to the same slots), so a model whose
 forward keeps a host value between steps is caught. A forward that synchronises or disagrees turns
 graphs off for that model (one warning naming the cause); any other capture failure, for that
 generate call only. Graphs live with their cache, or with its ``PrefixCache``, whose tensors outlive
@@ -370,15 +370,14 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: byt
         graph = store.get(key)
         if graph is None:
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
-            # then the same step is captured over the static buffers. The first replay of a model's
-            # first graph over padded rows, and of its first over unpadded ones, is checked against
-            # the eager step (below); a model whose replay has agreed there is not checked again
-            # (a host value kept from the capture step is a property of its forward's code).
+            # then the same step is captured over the static buffers. A model's first replay over
+            # padded rows, and its first over unpadded ones, is checked against the eager step
+            # (below); a model whose replay has agreed there is not checked again (a host value
+            # kept from the capture step is a property of its forward's code).
             outputs = forward(**kwargs)
             graph = _DecodeGraph(fwd, inputs, device)
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
-            graph.verified = kind in model.__dict__.get("_hf_paged_graphs_verified", ())
             try:
                 graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(store, device))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
@@ -394,9 +393,10 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: byt
             return outputs
         graph.refresh(fwd, inputs)
         graph.bind(cache)
-        if not graph.verified:
-            # First replay: checked against the eager step with the model's real inputs. Both
-            # write the same K/V to the same slots, so running both leaves the cache as one would.
+        if kind not in model.__dict__.get("_hf_paged_graphs_verified", ()):
+            # The model's first replay over rows of this kind (any graph's, a prefix cache's kept
+            # one too): checked against the eager step with the model's real inputs. Both write
+            # the same K/V to the same slots, so running both leaves the cache as one would.
             outputs = forward(**kwargs)  # the eager step's mask function takes this step's metadata
             eager = outputs["logits"]
             replayed = graph.replay()[1]["logits"]
@@ -405,7 +405,6 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: byt
             # The same kernels on the same inputs: equal but for rounding (a position or length
             # kept from the capture step moves the logits far more than this).
             if diff <= (1e-4 if eager.dtype == torch.float32 else 1e-2) * scale:
-                graph.verified = True
                 model.__dict__.setdefault("_hf_paged_graphs_verified", set()).add(kind)
             else:
                 _disable(model, state, for_model=True, model_id=model_id,

@@ -276,6 +276,23 @@ def test_replay_check_once_per_model_for_padded_and_for_unpadded_rows(fake_graph
     assert paged.__dict__["_hf_paged_graphs_verified"] == {"padded", "unpadded"}
 
 
+def test_a_kept_graph_is_checked_at_its_models_first_padded_replay(fake_graphs):
+    """A prefix cache's graph captured and checked over unpadded rows, replayed by a later call
+    over padded rows of the same shapes: that replay is checked (the model's first over padded
+    rows), not trusted for being the same graph."""
+    paged, stock = make_pair("qwen2", seed=4)
+    prefix = hf_paged.PrefixCache(max_memory="16MiB")
+    kw = dict(max_new_tokens=8, do_sample=False)
+    full = torch.randint(3, 200, (3, 12), generator=torch.Generator().manual_seed(1))
+    padded, padded_mask = left_padded_batch([12, 7, 10], seed=5)  # the same width: the same graph
+    for ids, mask, expected in ((full, torch.ones_like(full), (1, 8 - 3)), (padded, padded_mask, (0, 8 - 2)),
+                                (padded, padded_mask, (0, 8 - 1))):
+        out = _gen(paged, ids, mask, prefix_cache=prefix, **kw)
+        assert torch.equal(out.sequences, _gen(stock, ids, mask, **kw).sequences)
+        state = cache_of(out).graph_state
+        assert (state.captures, state.replays) == expected
+
+
 def test_graphed_shared_prefix_decode_replays_any_plan(fake_graphs, monkeypatch):
     """A step captured with the shared-prefix (cascade) attention keeps it for the graph's life: its
     groups live in the static metadata buffer, refreshed every step, and the kernels' grids depend
