@@ -29,7 +29,7 @@ from . import compat
 from .block_pool import BlockPool
 from .block_table import BlockTables
 from .forward import ForwardMetadata, PagedForward, real_new_tokens
-from .kernels import backend_for
+from .kernels import backend_for, cdiv
 from .kernels.tuning import WINDOW_READ_MARGIN
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
@@ -147,6 +147,7 @@ class PagedCache(Cache):
         self._pads_are_padding = False  # the leading pads of the forwards in prefill_group(continued=True)
         self.max_row_blocks: int | None = None  # bound on any row's table length (reserve_for_generation)
         self.graph_state = None  # CUDA graphs of the decode step, tied to these pools (graphs.py)
+        self.model_key: bytes | None = None  # the key of the model the rows are run by (bind_model)
         self.interrupted: str | None = None  # why the rows are unusable (an exception mid-generate)
         self.forwards = 0  # forwards begun (generate tells from it whether a failed call changed the rows)
         self._forward: PagedForward | None = None  # the forward in progress
@@ -319,11 +320,14 @@ class PagedCache(Cache):
         self._prompt_forward = True
 
     def bind_model(self, model) -> None:
-        """Key the prefix hashes on ``model`` (weights, dtype, adapters) in a pool shared with other
-        calls (a prefix cache); a cache with its own pool needs no key (``reset()`` forgets it)."""
+        """The model this cache's next forwards run (generate calls it once per call): its key
+        (``prefix_cache.model_key``: weights, dtype, adapters) keys the CUDA graphs of the decode
+        step and, in a pool shared with other calls (a prefix cache), the prefix hashes; a cache
+        with its own pool hashes without it (``reset()`` forgets it)."""
+        self.model_key = model_key(model)
         if self.prefix_cache is not None:
             for tables in self._all_tables:
-                tables.salt = model_key(model)
+                tables.salt = self.model_key
 
     def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
         """Give the empty row ``row`` the stored blocks (held or cached) holding the leading full
@@ -555,7 +559,7 @@ class PagedCache(Cache):
         ``prefill_tokens`` tokens, at most ``bound`` blocks (the engine's run; nothing without
         window tables)."""
         if self.window_tables is not None:
-            need = rows * self.window_tables.window_blocks() + -(-prefill_tokens // self.block_size)
+            need = rows * self.window_tables.window_blocks() + cdiv(prefill_tokens, self.block_size)
             self.window_tables.pool.reserve(min(bound, need))
 
     def grow_layer_pools(self) -> None:
@@ -634,6 +638,7 @@ class PagedCache(Cache):
         self._prefill_tokens = None
         self._group_rows = None
         self._model_config = None
+        self.model_key = None
         if not self._config_given:
             self.config = None
             self._drop_window_tables()  # the next model's config decides its windows

@@ -99,6 +99,8 @@ def _wrap_generate(orig):
         if prefix_cache is None and user_cache is None:
             prefix_cache = PrefixCache.attached(self)
         forwards_before = user_cache.forwards if user_cache is not None else 0
+        if user_cache is not None:
+            user_cache.model_key = None  # bound again by this call (its prefill, or its first decode step)
         # An instance attribute "forward" already there is someone else's (accelerate's device_map
         # hooks): leave the model as it is. Installed for this call only, removed by its owner.
         graphed = None

@@ -37,6 +37,7 @@ import inspect
 import logging
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -44,7 +45,6 @@ from . import compat
 from .cache import PagedCache
 from .forward import ForwardMetadata, PagedForward
 from .kernels import backend_name, cdiv, next_pow2
-from .prefix_cache import model_key
 
 logger = logging.getLogger("hf_paged")
 
@@ -117,6 +117,20 @@ class NotCapturable(RuntimeError):
 STATS = {"captures": 0, "replays": 0, "disabled": 0}
 
 
+class _GraphKey(NamedTuple):
+    """What a captured decode step depends on besides its static buffers' contents."""
+
+    batch: int
+    width: int  # of the block table
+    pools_version: int  # the layer tensors' allocation (the graph holds their addresses)
+    inputs: tuple  # (name, shape, dtype) of the static inputs
+    plain: tuple  # (name, value) of the plain inputs
+    # the model whose forward is captured (its weights' addresses and versions, dtype, adapters: a
+    # cache reset and reused by another model, or a prefix cache's store shared by calls and models)
+    model: bytes
+    window_layers: tuple  # the layers read through the window tables
+
+
 # Graphs a PrefixCache keeps for the calls that borrow its pools (each holds its static buffers
 # and the activations of one decode step in the store's memory pool).
 SHARED_GRAPHS_LIMIT = 4
@@ -144,21 +158,19 @@ class GraphStore:
             self.graphs[key] = graph  # most recently used last
         return graph
 
-    def add(self, key, graph, pools_version: int) -> None:
+    def add(self, key: _GraphKey, graph) -> None:
         if not self.shared:
             self.graphs = {key: graph}  # older graphs held an older width or older pools
             return
-        # a graph over reallocated pools would write freed memory: never kept (a key's third
-        # item is the pools' version: _graphed_step)
-        self.graphs = {k: g for k, g in self.graphs.items() if k[2] == pools_version}
+        # a graph over reallocated pools would write freed memory: never kept
+        self.graphs = {k: g for k, g in self.graphs.items() if k.pools_version == key.pools_version}
         self.graphs[key] = graph
         while len(self.graphs) > SHARED_GRAPHS_LIMIT:
             del self.graphs[next(iter(self.graphs))]
 
     def drop_model(self, model_id: bytes) -> None:
-        """Forget the graphs of a model whose graphs are off (a key's last item starts with the
-        model's key: _graphed_step)."""
-        self.graphs = {k: g for k, g in self.graphs.items() if k[-1][0] != model_id}
+        """Forget the graphs of a model whose graphs are off."""
+        self.graphs = {k: g for k, g in self.graphs.items() if k.model != model_id}
 
     def clear(self) -> None:
         self.graphs = {}
@@ -331,19 +343,19 @@ class GraphedForward:
         # generate reads forward's signature to decide which inputs to pass (position_ids, ...)
         self.__signature__ = inspect.signature(self.forward)
         self.__doc__ = self.forward.__doc__
-        self.model_key: bytes | None = None  # the model's key (prefix_cache.model_key), at its first decode step
 
     def __call__(self, *args, **kwargs):
         model = self.model_ref()
         cache = None if args else _decode_step_cache(model, kwargs)
         if cache is None:
             return self.forward(*args, **kwargs)
-        if self.model_key is None:  # once per call: the weights do not change inside generate
-            self.model_key = model_key(model)
-        return _graphed_step(model, self.forward, cache, kwargs, self.model_key)
+        return _graphed_step(model, self.forward, cache, kwargs)
 
 
-def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: bytes):
+def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
+    if cache.model_key is None:  # generate's prefill binds it; a decode step reached otherwise does here
+        cache.bind_model(model)
+    model_id = cache.model_key
     state = _state_of(cache)
     store = state.store
     input_ids = kwargs["input_ids"]
@@ -357,13 +369,10 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: byt
         cache.grow_layer_pools()  # now, so that no pool is reallocated inside a graph
         fwd.copy_blocks(cache.pools)  # copy-on-write of shared tail blocks: a varying number per step
         inputs = {k: kwargs[k] for k in _STATIC_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
-        key = (batch, width, cache.pools.version,
-               tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
-               tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS),
-               # the model whose forward is captured (its weights' addresses and versions, dtype,
-               # adapters: a cache reset and reused by another model, or a prefix cache's store
-               # shared by calls and models), and the pools' layout
-               (model_id, tuple(sorted(cache.window_layers))))
+        key = _GraphKey(batch, width, cache.pools.version,
+                        tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
+                        tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS), model_id,
+                        tuple(sorted(cache.window_layers)))
         # Rows with pads: the replay runs without the 2D mask, so a forward that reads it beyond
         # attention (and not the paged metadata) differs from its eager step only then.
         kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"
@@ -387,7 +396,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, model_id: byt
                 _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
                          for_model=False)
                 return outputs
-            store.add(key, graph, cache.pools.version)
+            store.add(key, graph)
             state.captures += 1
             STATS["captures"] += 1
             return outputs
