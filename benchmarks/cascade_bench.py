@@ -391,12 +391,22 @@ def e2e() -> None:
             results.setdefault("e2e_graphs", {})[mode] = None if state is None else dict(
                 captures=state.captures, replays=state.replays, disabled=state.disabled)
     off, on = min(times["0"]), min(times["1"])
+    # stock transformers (sdpa, DynamicCache: generate expands each prompt to its 16 rows), same
+    # calls: a warm-up of the same length, then one timed run
+    model.set_attn_implementation("sdpa")
+    try:
+        generate("0", prompts, NEW, **kw)
+        torch.manual_seed(5)
+        stock_s = generate("0", prompts, NEW, **kw)[1]
+    finally:
+        model.set_attn_implementation("paged")
     # the same calls with one new token: their prefill (and the rest is decode)
     prefill = {}
     for mode in ("0", "1"):
         torch.manual_seed(5)
         prefill[mode] = min(generate(mode, prompts, 1, **kw)[1] for _ in range(2))
     emit(f"e2e_{SAMPLES}_samples_x2_prompts_{PROMPT}_{NEW}_new", off_s=off, cascade_s=on, speedup=off / on,
+         stock_s=stock_s, stock_over_cascade=stock_s / on, stock_over_off=stock_s / off,
          off_runs=times["0"], cascade_runs=times["1"], graphs=results.get("e2e_graphs"),
          prefill_s={m: prefill[m] for m in prefill},
          decode_ms_per_step={m: (t - prefill[m]) / (NEW - 1) * 1e3 for m, t in (("0", off), ("1", on))},

@@ -7,13 +7,16 @@ values; built from a config as in generate_bench.py). The data set: 256 prompts 
 1,024-token preamble + a 32-256-token question each; 64 new tokens per prompt (eos_token_id=None,
 min_new_tokens=max_new_tokens); batches of 32.
 
-1. tokens: both paths, greedy, on the first batch (16 new tokens; the shared path twice: within a
-   call, then across calls from its PrefixCache): first on a 2-layer model of the same shape in
-   fp32 (every row must agree), then on the bf16 model (a row whose tokens differ, a near-tie of
-   random weights flipped by another accumulation order, is reported with where it diverges);
+1. tokens: both paged paths against stock transformers (sdpa, DynamicCache), greedy, on the first
+   batch (16 new tokens; the shared path twice: within a call, then across calls from its
+   PrefixCache): first on a 2-layer model of the same shape in fp32 (every row must agree), then
+   on the bf16 model (a row whose tokens differ, a near-tie of random weights flipped by another
+   accumulation order, is reported with where it diverges);
 2. time: the whole data set with each path (after one untimed warm-up batch per path), end to end;
    prompt tokens computed (``memory_stats()['tokens_prefilled']``) vs the distinct prompt tokens of
-   the data set (target <= 1.1x) and the time ratio (target >= 2.5x).
+   the data set (target <= 1.1x) and the time ratio (target >= 2.5x); stock transformers over the
+   same data set, same batches, for reference (one pass after a warm-up), and each pass's peak
+   GPU memory.
 
     python benchmarks/prefix_bench.py            # about 3 minutes on an H200
     python benchmarks/prefix_bench.py --quick    # 128 prompts
@@ -91,9 +94,22 @@ def left_padded(rows):
 
 
 def run(rows, path, prefix, max_new, logits=False):
-    """One generate call; returns (new tokens [rows, max_new], its cache's stats)."""
+    """One generate call; returns (new tokens [rows, max_new], its cache's stats: None for stock)."""
     ids, mask = left_padded(rows)
     kw = {}
+    if path == "stock":  # stock transformers: sdpa attention, its DynamicCache
+        model.set_attn_implementation("sdpa")
+        try:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                     min_new_tokens=max_new, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=logits)
+        finally:
+            model.set_attn_implementation("paged")
+        stats = {"tokens_prefilled": int(mask.sum()), "tokens_reused": 0}
+        if logits:
+            stats["first_logits"] = out.logits[0].float().cpu()
+        return out.sequences[:, ids.shape[1]:].cpu(), stats
     if path == "shared":
         kw["prefix_cache"] = prefix
     else:  # the paged path without compute sharing: every row runs its whole prompt
@@ -110,15 +126,17 @@ def run(rows, path, prefix, max_new, logits=False):
 # ---------------------------------------------------------------- 1. tokens
 def check_tokens(label):
     """Both paths, greedy, on the first batch, twice for the shared path (the second call finds
-    the preamble in its PrefixCache): rows with equal new tokens, and where the others diverge."""
+    the preamble in its PrefixCache), against stock transformers: rows with equal new tokens, and
+    where the others diverge. Returns the shared path's rows (equal or not)."""
     check_new = min(16, new)
-    ref, ref_stats = run(batches[0], "unshared", None, check_new, logits=True)
+    ref, ref_stats = run(batches[0], "stock", None, check_new, logits=True)
     ref_logits = ref_stats["first_logits"]
     top2 = ref_logits.topk(2, dim=-1).values
     prefix = PrefixCache(max_memory=args.prefix_memory)
     equal = []
-    for call in ("within_call", "across_calls"):
-        got, got_stats = run(batches[0], "shared", prefix, check_new, logits=True)
+    for call in ("unshared", "within_call", "across_calls"):
+        path = "unshared" if call == "unshared" else "shared"
+        got, got_stats = run(batches[0], path, prefix, check_new, logits=True)
         rows = [bool(torch.equal(a, b)) for a, b in zip(ref, got)]
         diverge = [int((a != b).nonzero()[0]) for a, b, e in zip(ref, got, rows) if not e]
         emit(what="tokens_equal", model=label, call=call, rows=len(rows), equal_rows=sum(rows),
@@ -126,8 +144,9 @@ def check_tokens(label):
              # the first step's logits: how far apart, against the gap between the top two
              first_logits_max_diff=round((got_stats["first_logits"] - ref_logits).abs().max().item(), 5),
              first_logits_scale=round(ref_logits.abs().max().item(), 3),
-             smallest_top2_gap=round((top2[:, 0] - top2[:, 1]).min().item(), 5))
-        equal += rows
+             smallest_top2_gap=round((top2[:, 0] - top2[:, 1]).min().item(), 5), against="stock")
+        if path == "shared":
+            equal += rows
     return equal
 
 
@@ -155,6 +174,8 @@ equal_rows = check_tokens("bf16" if dev == "cuda" else "fp32")
 # ---------------------------------------------------------------- 2. time
 def timed_pass(path, prefix):
     computed = reused = 0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     sync()
     t = time.perf_counter()
     for rows in batches:
@@ -186,6 +207,14 @@ for path in ("unshared", "shared", "shared+cascade"):
              peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev == "cuda" else None)
     timing[label] = dt
 os.environ.pop("HF_PAGED_CASCADE", None)
+
+# stock transformers over the same batches (one warm-up call, one pass: it compiles nothing)
+run(batches[-1][:4], "stock", None, 4)
+dt, computed, _ = timed_pass("stock", None)
+emit(what="run", path="stock", run=1, seconds=round(dt, 3), prompt_tokens_computed=computed, prompt_tokens_reused=0,
+     computed_over_distinct=round(computed / distinct_tokens, 3), prefix_cache=None,
+     peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev == "cuda" else None)
+timing["stock"] = dt
 
 # where the time goes: one more pass per path with every forward timed (synchronised: slower than
 # the timed passes, so only the split is read from it)
@@ -229,18 +258,20 @@ for path in ("unshared", "shared"):
 graphs_mod.GraphedForward.__call__ = _call
 
 speedup = timing["unshared"] / timing["shared"]
-emit(what="summary", speedup=round(speedup, 3), speedup_with_cascade=round(timing["unshared"] / timing["shared+cascade"], 3),
+emit(what="summary", speedup=round(speedup, 3), shared_vs_stock=round(timing["stock"] / timing["shared"], 3),
+     unshared_vs_stock=round(timing["stock"] / timing["unshared"], 3), speedup_with_cascade=round(timing["unshared"] / timing["shared+cascade"], 3),
      target_speedup=2.5,
      computed_over_distinct=[r for r in results if r.get("path") == "shared" and r.get("run") == 2][0]["computed_over_distinct"],
      target_computed_over_distinct=1.1, tokens_equal_rows=f"{sum(equal_rows)}/{len(equal_rows)}",
      fp32_tokens_equal_rows=f"{sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else None)
 
 print()
-print(f"{'path, run':<16} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9}")
+print(f"{'path, run':<16} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9} {'peak GB':>8}")
 for r in results:
     if r.get("what") == "run":
         print(f"{r['path'] + ' ' + str(r['run']):<16} {r['seconds']:>9.2f} {r['prompt_tokens_computed']:>23} "
-              f"{r['computed_over_distinct']:>11.3f} {r['prompt_tokens_reused']:>9}")
+              f"{r['computed_over_distinct']:>11.3f} {r['prompt_tokens_reused']:>9} {str(r['peak_gb']):>8}")
+print(f"stock / shared: {timing['stock'] / timing['shared']:.2f}x, stock / unshared: {timing['stock'] / timing['unshared']:.2f}x")
 print(f"speedup (unshared / shared): {speedup:.2f}x, with cascade {timing['unshared'] / timing['shared+cascade']:.2f}x; tokens equal on the check batch (within a call and "
       f"across calls): {sum(equal_rows)}/{len(equal_rows)} rows"
       + (f", fp32 2-layer model: {sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else ""))

@@ -6,6 +6,7 @@ random weights, 32 rows: 2 prompts of 8k x 16 samples (cascade off / on) and 32 
 1,024-token preamble + 160 own tokens, greedy (cascade off / auto).
 
     PYTHONPATH=$PWD python benchmarks/step_trace.py        # about 1 minute on an H200
+    PYTHONPATH=$PWD python benchmarks/step_trace.py --greedy   # the 32-prompt greedy cases only
     python benchmarks/step_trace.py --tiny                 # a CPU smoke run of the script itself
 
 Writes $OUT/step_trace.json (or ./step_trace.json)."""
@@ -125,6 +126,8 @@ def analyse(trace_path, steps_wanted):
 
 res = {}
 cases = [("sample", "0"), ("sample", "1"), ("greedy", "0"), ("greedy", "auto")]
+if "--greedy" in sys.argv:  # the few-shot shape only (prefix_bench's decode step)
+    cases = cases[2:]
 for workload, mode in cases:
     os.environ["HF_PAGED_CASCADE"] = mode
     gen(workload, 8)
