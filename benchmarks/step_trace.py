@@ -28,7 +28,7 @@ DEV = "cpu" if TINY else "cuda"
 OUT = os.environ.get("OUT", ".")
 if TINY:
     graphs._DEVICE_TYPES = ("cuda", "cpu")
-    graphs._CAPTURE = lambda run, pool: run
+    graphs._CAPTURE = lambda run, pool, starts=(): run
 
 def label(obj, attr, name):
     orig = getattr(obj, attr)

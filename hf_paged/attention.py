@@ -64,6 +64,14 @@ def paged_attention_forward(
         return dense_attention(query, key, value, attention_mask, layer.scale, layer.softcap, layer.sinks,
                                dropout), None
     fwd = attention_mask.on(query.device)
+    if fwd.packed_index is None:
+        return _paged_attention(module, query, fwd, layer), None
+    # the model runs the real tokens packed [1, N]; attention runs over the padded batch
+    return fwd.pack(_paged_attention(module, fwd.unpack(query), fwd, layer)), None
+
+
+def _paged_attention(module, query: torch.Tensor, fwd: PagedForward, layer: LayerAttention) -> torch.Tensor:
+    """The paged attention of ``query`` [B, Hq, Q, D] (the forward's batch), ``[B, Q, Hq, Dv]``."""
     layer_idx = compat.kv_source_layer(module)
     k_pool, v_pool = fwd.pools.get(layer_idx)
     new = fwd.take_new_kv(layer_idx)  # None for a layer that reads another layer's K/V (Gemma3n)
@@ -76,15 +84,14 @@ def paged_attention_forward(
             f"please report this model, and set HF_PAGED_WINDOW_BLOCKS=0 to keep every block meanwhile")
     with device_guard(query.device):
         if compat.latent_expander(module) is not None:
-            return latent_attention(module, query, fwd, k_pool, v_pool, new, layer), None
+            return latent_attention(module, query, fwd, k_pool, v_pool, new, layer)
         if new is not None and meta.pads_after_start:
             # pad queries read the keys before them: store, then read every key from the pool
             fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, meta.slot_mapping)
             new = None
         plans = fwd.plans if meta is fwd.meta else fwd.window_plans
-        out = fwd.backend.attend(query, k_pool, v_pool, meta, layer, new_key=None if new is None else new[0],
-                                 new_value=None if new is None else new[1], plans=plans)
-    return out, None
+        return fwd.backend.attend(query, k_pool, v_pool, meta, layer, new_key=None if new is None else new[0],
+                                  new_value=None if new is None else new[1], plans=plans)
 
 
 def latent_attention(module, query, fwd: PagedForward, k_pool, v_pool, new, layer: LayerAttention) -> torch.Tensor:

@@ -153,6 +153,7 @@ class PagedCache(Cache):
         self._forward: PagedForward | None = None  # the forward in progress
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next forward, for prefix hashing
         self._group_rows: list[int] | None = None  # the cache rows of the forwards in row_subset
+        self._packed_real: np.ndarray | None = None  # the real tokens of the forward in packed_group
         self._seq_length: torch.Tensor | None = None  # get_seq_length() inside a captured decode step
         self._model_config = None  # weakref to the config of the model whose K/V the rows hold
         self._layers_per_forward = 0  # layers a complete forward updates (known after the first one)
@@ -234,15 +235,22 @@ class PagedCache(Cache):
         rows (the engine's decode graphs, captured for bucketed batch sizes).
         """
         fwd = self._forward
-        if fwd is not None and not fwd.updated and fwd.meta.q_len == q_len and fwd.meta.batch == batch_size:
+        if fwd is not None and not fwd.updated and fwd.call_shape == (batch_size, q_len):
             return fwd  # a second mask (e.g. sliding-window layers) of the same forward
         backend_for(device)  # a backend that cannot run here fails before anything changes
         self._check_usable(config)
         self.end_forward()
+        packed = self._packed_real
+        if packed is not None:  # the model runs [1, N]: the plan is the padded batch's
+            call_shape = (batch_size, q_len)
+            if call_shape != (1, int(packed.sum())):
+                raise ValueError(f"hf_paged: a packed forward over {int(packed.sum())} tokens (packed_group) got a "
+                                 f"batch of {batch_size} x {q_len}")
+            batch_size, q_len = packed.shape
         rows = self._forward_rows(batch_size)
         self.resolve_memory_cap(dtype)
         seq_before = np.asarray([self.tables.seq_lens[r] for r in rows], dtype=np.int64)
-        real = real_new_tokens(attention_mask, q_len, batch_size, seq_before)
+        real = packed if packed is not None else real_new_tokens(attention_mask, q_len, batch_size, seq_before)
         self._check_pads_in_rows(real, seq_before)
         tokens, self._prefill_tokens = self._prefill_tokens, None
         tokens = tokens.to("cpu").numpy() if tokens is not None and self.share_prefixes else None
@@ -262,6 +270,9 @@ class PagedCache(Cache):
                                          window_plan=window_plan)
         self.forwards += 1
         self._forward = self._new_forward(meta, self.tables.logical_len + q_len)
+        if packed is not None:
+            self._forward.call_shape = call_shape
+            self._forward.packed_index = torch.from_numpy(np.flatnonzero(packed.reshape(-1))).to(device)
         return self._forward
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -282,6 +293,10 @@ class PagedCache(Cache):
         if not fwd.updated:  # the forward is happening: commit its logical length
             self._set_logical_len(fwd.new_logical_len)
         fwd.updated.add(layer_idx)
+        given = key_states, value_states
+        if fwd.packed_index is not None and key_states.shape[:1] + key_states.shape[2:3] == fwd.call_shape:
+            here = fwd.on(key_states.device)  # the layer's device (device_map)
+            key_states, value_states = here.unpack(key_states), here.unpack(value_states)
         if key_states.shape[0] != fwd.meta.batch or key_states.shape[2] != fwd.meta.q_len:
             raise ValueError(
                 f"hf_paged: layer {layer_idx} gave K/V of shape {tuple(key_states.shape)} but this forward has "
@@ -294,7 +309,7 @@ class PagedCache(Cache):
         self.pools.ensure(layer_idx, key_states, value_states, self._tables_of(layer_idx).pool.num_blocks)
         fwd.copy_blocks(self.pools, [layer_idx])  # copy-on-write before anything writes the copied blocks
         fwd.new_kv[layer_idx] = (key_states, value_states)
-        return key_states, value_states
+        return given
 
     def end_forward(self, replayed: bool = False) -> None:
         """The forward in progress is over: write whatever K/V no attention call wrote.
@@ -443,6 +458,25 @@ class PagedCache(Cache):
         with self.row_subset(rows, continued):
             self._set_logical_len(0)
             yield
+
+    @contextlib.contextmanager
+    def packed_group(self, rows: list[int], real: np.ndarray, continued: bool = False):
+        """One forward over the cache rows ``rows`` whose model runs only the real tokens, packed
+        into one row: ``real`` (bool ``[len(rows), Q]``) marks them in the padded batch the cache
+        plans, and the model's input is their ids in row-major order, ``[1, real.sum()]``, with
+        their positions. Attention reads and writes the padded layout
+        (:meth:`PagedForward.unpack` / :meth:`PagedForward.pack`): the model's other layers never
+        compute a pad. ``continued`` as in :meth:`prefill_group`."""
+        real = np.asarray(real, dtype=bool)
+        if real.shape[0] != len(rows) or not real.any(axis=1).all():
+            raise ValueError(f"hf_paged: packed_group needs a [rows, Q] mask with a real token in each of the "
+                             f"{len(rows)} rows, got shape {real.shape}")
+        with self.prefill_group(rows, continued):
+            self._packed_real = real
+            try:
+                yield
+            finally:
+                self._packed_real = None
 
     @property
     def in_row_subset(self) -> bool:

@@ -110,6 +110,11 @@ def takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in _forward_parameters(type(model))
 
 
+def takes_position_ids(model) -> bool:
+    """The forward takes ``position_ids`` (a packed prefill gives each token its position)."""
+    return "position_ids" in _forward_parameters(type(model))
+
+
 @functools.lru_cache(maxsize=None)
 def _forward_parameters(model_cls) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
@@ -207,6 +212,19 @@ def plain_mask_kwargs(kwargs: dict) -> dict:
 def text_config(config):
     """The decoder's config (a multimodal model's text config; the config itself otherwise)."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers in order: the ``ModuleList`` as long as the text config's
+    ``num_hidden_layers`` (one named ``layers`` or ``h`` first: Llama's ``model.layers``, GPT-2's
+    ``transformer.h``); [] when there is none."""
+    n = getattr(text_config(model.config), "num_hidden_layers", None)
+    if not n:
+        return []
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    named = [m for name, m in lists if name.rsplit(".", 1)[-1] in ("layers", "h")]
+    return list((named or [m for _, m in lists] or [[]])[0])
 
 
 def layer_types(config) -> list[str]:

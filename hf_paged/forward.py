@@ -178,8 +178,14 @@ class PagedForward:
     """
 
     def __init__(self, meta: ForwardMetadata, pools: LayerPools, new_logical_len: int, new_kv: dict | None = None,
-                 window_layers: frozenset = frozenset(), window: int | None = None):
+                 window_layers: frozenset = frozenset(), window: int | None = None,
+                 packed_index: torch.Tensor | None = None):
         self.meta = meta
+        # A packed forward (PagedCache.packed_group): the model runs the rows' real tokens one
+        # after another as one row [1, N]; the metadata is the padded batch's [B, Q]. packed_index
+        # (int64 [N], on this device): where each packed token sits in the padded batch, row-major.
+        self.packed_index = packed_index
+        self.call_shape: tuple[int, int] = (meta.batch, meta.q_len)  # the model's (batch, tokens) of this forward
         # the sliding-window layers that keep their own tables (meta.window), and their window
         self.window_layers = window_layers if meta.window is not None else frozenset()
         self.window = window
@@ -203,10 +209,25 @@ class PagedForward:
             return self
         moved = self._on_device.get(device)
         if moved is None:
-            moved = self._on_device[device] = PagedForward(self.meta.to(device), self.pools, self.new_logical_len,
-                                                           self.new_kv, self.window_layers, self.window)
-            moved.updated, moved.copied = self.updated, self.copied
+            moved = self._on_device[device] = PagedForward(
+                self.meta.to(device), self.pools, self.new_logical_len, self.new_kv, self.window_layers, self.window,
+                None if self.packed_index is None else self.packed_index.to(device))
+            moved.updated, moved.copied, moved.call_shape = self.updated, self.copied, self.call_shape
         return moved
+
+    def unpack(self, states: torch.Tensor) -> torch.Tensor:
+        """A packed forward's per-head states ``[1, H, N, D]`` laid out as the padded batch's
+        ``[B, H, Q, D]`` (zeros at the pads, which nothing stores or reads)."""
+        batch, q_len = self.meta.batch, self.meta.q_len
+        heads, dim = states.shape[1], states.shape[3]
+        padded = states.new_zeros(batch * q_len, heads, dim)
+        padded.index_copy_(0, self.packed_index, states[0].transpose(0, 1))
+        return padded.view(batch, q_len, heads, dim).transpose(1, 2)
+
+    def pack(self, out: torch.Tensor) -> torch.Tensor:
+        """An attention output over the padded batch ``[B, Q, H, D]`` as the packed forward's
+        ``[1, N, H, D]`` (the pads' rows dropped)."""
+        return out.reshape(-1, *out.shape[2:]).index_select(0, self.packed_index).unsqueeze(0)
 
     def meta_for(self, layer_idx: int) -> ForwardMetadata:
         """The metadata layer ``layer_idx``'s K/V is written and read with (its own tables for a

@@ -21,6 +21,8 @@ unchanged):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -34,6 +36,8 @@ from .support import check_supported, guard_media_inputs
 # A batch whose prompts share prefixes of prefixes (a chain of ever longer common prefixes) would
 # take one prefill round per level; past this many rounds the rest prefill together.
 MAX_PREFILL_PHASES = 4
+# Trimmed prefill groups run packed (the rows' real tokens only, as one row) unless this is 0.
+PACKED_ENV_VAR = "HF_PAGED_PACKED_PREFILL"
 
 
 def is_paged(model) -> bool:
@@ -244,22 +248,49 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
     cache.add_rows(len(rep))
     merged = None
     outputs = None
+    pack = trim and can_pack(model, model_kwargs, input_ids.shape[0])
     for group in groups:
         rows = [rep[d] for d in group]
         w = max(1, max(lengths[r] for r in rows)) if trim else width
         outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                                   args, kwargs, rows, group, w)
+                                   args, kwargs, rows, group, w,
+                                   real_lengths=[max(1, lengths[r]) for r in rows] if pack else None)
         merged = _gather_last_logits(merged, outputs, group, len(rep))
     cache.end_grouped_prefill(width, left_padded=trim)
     outputs["logits"] = merged
     return outputs
 
 
+def packed_prefill_enabled() -> bool:
+    return os.environ.get(PACKED_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def can_pack(model, model_kwargs: dict, batch: int) -> bool:
+    """Whether a trimmed prefill group of this call may run packed (:func:`_prefill_forward`):
+    the model takes positions and a tensor ``logits_to_keep``, and no per-row input other than
+    the mask and the positions (``token_type_ids``, ...) would need packing too."""
+    if not packed_prefill_enabled() or not compat.takes_logits_to_keep(model) \
+            or not compat.takes_position_ids(model):
+        return False
+    pos = model_kwargs.get("position_ids")
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+        return False
+    return not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+                   and k not in ("attention_mask", "position_ids") for k, v in model_kwargs.items())
+
+
 def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                     args, kwargs, rows: list[int], cache_rows: list[int], w: int, attention_mask=None):
+                     args, kwargs, rows: list[int], cache_rows: list[int], w: int, attention_mask=None,
+                     real_lengths: list[int] | None = None):
     """One prefill forward over the batch rows ``rows`` (cache rows ``cache_rows``), trimmed to
     their last ``w`` columns; ``attention_mask``: the forward's own mask (rows that already hold
-    tokens continue them), else the batch's, trimmed."""
+    tokens continue them), else the batch's, trimmed.
+
+    ``real_lengths``: each row's real tokens, its last ones (left padding), given when the group
+    may run packed (:func:`can_pack`): the model then runs those tokens only, one row after
+    another as one row of ``sum(real_lengths)`` tokens, and never computes a pad
+    (:meth:`PagedCache.packed_group`); its logits are the rows' last tokens', ``[rows, 1, vocab]``.
+    """
     batch, width = input_ids.shape
     rows_t = torch.tensor(rows, device=input_ids.device)
     sub = {k: _take_rows(v, rows_t, batch) for k, v in model_kwargs.items()}
@@ -270,9 +301,27 @@ def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_confi
     if attention_mask is not None:
         sub["attention_mask"] = attention_mask
     ids = input_ids.index_select(0, rows_t)[:, width - w:]
-    with cache.prefill_group(cache_rows, continued=attention_mask is not None):
-        cache.set_prefill_tokens(ids)
-        return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
+    continued = attention_mask is not None
+    if real_lengths is None or min(real_lengths) == w:  # nothing to pack away
+        with cache.prefill_group(cache_rows, continued=continued):
+            cache.set_prefill_tokens(ids)
+            return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
+    lengths = np.asarray(real_lengths)
+    real = np.arange(w)[None, :] >= (w - lengths)[:, None]
+    index = torch.from_numpy(np.flatnonzero(real.reshape(-1))).to(input_ids.device)
+    sub["attention_mask"] = None  # the cache plans the padded group from `real`
+    sub["position_ids"] = sub["position_ids"].reshape(-1).index_select(0, index)[None]
+    sub["logits_to_keep"] = torch.from_numpy(np.cumsum(lengths) - 1).to(input_ids.device)  # each row's last token
+    with cache.packed_group(cache_rows, real, continued=continued):
+        cache.set_prefill_tokens(ids)  # hashed in the padded layout the cache plans
+        outputs = orig(model, ids.reshape(-1).index_select(0, index)[None], generation_config, sub,
+                       is_first_iteration, *args, **kwargs)
+    logits = outputs["logits"]
+    if logits.shape[:2] != (1, len(rows)):
+        raise RuntimeError(f"hf_paged: a packed prefill of {len(rows)} rows got logits of shape {tuple(logits.shape)} "
+                           f"(the model ignored logits_to_keep); set {PACKED_ENV_VAR}=0 and report the model")
+    outputs["logits"] = logits.transpose(0, 1)
+    return outputs
 
 
 def _gather_last_logits(merged: torch.Tensor | None, outputs, cache_rows: list[int], total: int) -> torch.Tensor:
@@ -359,6 +408,7 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
     prompts = _prompt_tokens(input_ids, model_kwargs.get("attention_mask"), rep)
     merged = None
     outputs = None
+    pack = can_pack(model, model_kwargs, input_ids.shape[0])
     for phase in phases:
         suffix = {}
         for d in phase:
@@ -373,7 +423,8 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
             starts = torch.tensor([w - suffix[d] for d in ds], device=input_ids.device)
             mask = (cols[None, :] >= starts[:, None]).long()
             outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs,
-                                       is_first_iteration, args, kwargs, [rep[d] for d in ds], ds, w, mask)
+                                       is_first_iteration, args, kwargs, [rep[d] for d in ds], ds, w, mask,
+                                       real_lengths=[suffix[d] for d in ds] if pack else None)
             merged = _gather_last_logits(merged, outputs, ds, len(rep))
     cache.end_grouped_prefill(width, left_padded=True)
     outputs["logits"] = merged

@@ -49,6 +49,8 @@ from .kernels import backend_name, cdiv, next_pow2
 logger = logging.getLogger("hf_paged")
 
 ENV_VAR = "HF_PAGED_CUDA_GRAPHS"
+SEGMENTS_ENV_VAR = "HF_PAGED_GRAPH_SEGMENTS"
+DEFAULT_SEGMENTS = 8
 
 # Tensor inputs of a decode step that are copied into static buffers; any other tensor input
 # (inputs_embeds, pixel values, ...) sends the step down the eager path.
@@ -65,9 +67,36 @@ def graphs_enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _cuda_capture(run, pool):
-    """Capture ``run()`` into a CUDA graph; returns ``replay() -> the outputs of run()``, whose
+def graph_segments() -> int:
+    """How many graphs one decode step is captured as (``HF_PAGED_GRAPH_SEGMENTS``, default
+    ``DEFAULT_SEGMENTS``). The host launches a graph of ~1,500 kernels in about a millisecond
+    before the GPU starts it; in parts, the GPU runs the first while the host launches the rest."""
+    raw = os.environ.get(SEGMENTS_ENV_VAR, str(DEFAULT_SEGMENTS)).strip()
+    try:
+        segments = int(raw)
+    except ValueError:
+        segments = 0
+    if segments < 1:
+        raise ValueError(f"hf_paged: {SEGMENTS_ENV_VAR}={raw!r}: expected a whole number of graphs per decode step, "
+                         f">= 1 (1: one graph; default {DEFAULT_SEGMENTS})")
+    return segments
+
+
+def segment_starts(model, segments: int) -> tuple:
+    """The decoder layers at which the decode step's later graphs begin: ``segments - 1`` of them,
+    spread evenly (at most one graph per layer; none when the model's layers are not found)."""
+    layers = compat.decoder_layers(model)
+    segments = min(segments, len(layers))
+    return tuple(layers[len(layers) * i // segments] for i in range(1, segments))
+
+
+def _cuda_capture(run, pool, starts=()):
+    """Capture ``run()`` into CUDA graphs; returns ``replay() -> the outputs of run()``, whose
     tensors are overwritten by the next replay.
+
+    ``starts``: modules (decoder layers) at whose call the capture ends one graph and begins the
+    next, in the same memory pool (tensors cross from one to the next: the graphs are always
+    replayed together, in capture order). ``replay.segments`` says how many graphs a step is.
 
     ``run`` is first run eagerly with synchronising CUDA calls made errors: a forward that reads a
     device value on the host (which a capture cannot hold) fails here, before any capture. It runs
@@ -88,21 +117,60 @@ def _cuda_capture(run, pool):
         torch.cuda.set_sync_debug_mode(previous)
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     saved = generator.clone_state() if hasattr(generator, "clone_state") else None
-    graph = torch.cuda.CUDAGraph()
-    try:
+    graphs: list[torch.cuda.CUDAGraph] = []
+    capturing = [False]
+
+    def begin():
+        graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads of the process cannot invalidate this capture
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            outputs = run()
+        graph.capture_begin(pool, capture_error_mode="thread_local")
+        graphs.append(graph)
+        capturing[0] = True
+
+    def end():
+        capturing[0] = False
+        graphs[-1].capture_end()
+
+    def next_segment(module, args):
+        end()
+        begin()
+
+    torch.cuda.synchronize()
+    hooks = [m.register_forward_pre_hook(next_segment) for m in starts]
+    try:
+        # on a side stream, as torch.cuda.graph captures (the legacy default stream cannot be)
+        with torch.cuda.stream(_capture_stream(torch.cuda.current_device())):
+            begin()
+            try:
+                outputs = run()
+            finally:
+                if capturing[0]:
+                    end()
     except Exception:
         if saved is not None:
             generator.graphsafe_set_state(saved)
         raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.cuda.current_stream().wait_stream(_capture_stream(torch.cuda.current_device()))
 
     def replay():
-        graph.replay()
+        for graph in graphs:
+            graph.replay()
         return outputs
 
+    replay.segments = len(graphs)
     return replay
+
+
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device: int) -> torch.cuda.Stream:
+    if device not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[device] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[device]
 
 
 _CAPTURE = _cuda_capture
@@ -129,6 +197,7 @@ class _GraphKey(NamedTuple):
     # cache reset and reused by another model, or a prefix cache's store shared by calls and models)
     model: bytes
     window_layers: tuple  # the layers read through the window tables
+    segments: int  # graphs per step (graph_segments())
 
 
 # Graphs a PrefixCache keeps for the calls that borrow its pools (each holds its static buffers
@@ -372,7 +441,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         key = _GraphKey(batch, width, cache.pools.version,
                         tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                         tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS), model_id,
-                        tuple(sorted(cache.window_layers)))
+                        tuple(sorted(cache.window_layers)), graph_segments())
         # Rows with pads: the replay runs without the 2D mask, so a forward that reads it beyond
         # attention (and not the paged metadata) differs from its eager step only then.
         kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"
@@ -388,7 +457,8 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
             graph.cache_fields = tuple(k for k, v in outputs.items() if v is cache)
             graph.refresh(fwd, inputs)
             try:
-                graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(store, device))
+                graph.replay = _CAPTURE(graph.static_step(forward, cache, kwargs), _graph_pool(store, device),
+                                        segment_starts(model, key.segments))
             except NotCapturable as exc:  # the forward itself cannot be captured: not tried again
                 _disable(model, state, f"capturing the decode step failed ({exc})", for_model=True, model_id=model_id)
                 return outputs

@@ -57,7 +57,7 @@ def fake_graphs(monkeypatch):
     from hf_paged import graphs
 
     monkeypatch.setattr(graphs, "_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool: run)
+    monkeypatch.setattr(graphs, "_CAPTURE", lambda run, pool, starts=(): run)
 
 
 @pytest.fixture

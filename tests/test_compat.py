@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from tiny_models import left_padded_batch, make_config, make_pair
+from tiny_models import FAMILIES, left_padded_batch, make_config, make_pair
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers import masking_utils
 
@@ -236,3 +236,20 @@ def test_prepare_generation_config_resolves_as_generate(llama):
     # GenerationConfig._get_default_generation_params: the values unset settings take
     defaults = compat.generation_defaults()
     assert defaults["top_k"] == config.top_k and defaults["num_beams"] == 1 and defaults["do_sample"] is False
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_decoder_layers_ModuleList_of_num_hidden_layers(family):
+    """The decode graph is captured in parts split at decoder layers: found as the ModuleList as
+    long as num_hidden_layers (model.layers, transformer.h, decoder.layers, ...), in call order."""
+    model, _ = make_pair(family)
+    layers = compat.decoder_layers(model)
+    n = model.config.get_text_config().num_hidden_layers
+    assert len(layers) == n
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: called.append(i)) for i, m in enumerate(layers)]
+    ids = torch.tensor([[3, 5, 7]])
+    model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    assert called == list(range(n))

@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+
+import hf_paged.compat
+import hf_paged.graphs
 from tiny_models import FAMILIES, GRAPH_FALLBACK, GRAPH_FALLBACK_SOMETIMES, cache_of, cyclic_gc_off, left_padded_batch, make_pair
 
 pytestmark = pytest.mark.cuda
@@ -55,6 +58,11 @@ def test_greedy_beam_sample_on_triton(cuda_pair, graphs, cascade, monkeypatch):
         elif graphs == "on":  # captured once (checked once per model), then replayed for every later step
             assert state.disabled is None, (name, state.disabled)
             assert (state.captures, state.replays) == (1, kw["max_new_tokens"] - 2 - checked), name
+            # captured in parts, one graph per decoder layer here (2 layers; 4 for gemma3n)
+            (graph,) = state.graphs.values()
+            layers = len(hf_paged.compat.decoder_layers(paged))
+            assert layers == paged.config.get_text_config().num_hidden_layers, name
+            assert graph.replay.segments == min(layers, hf_paged.graphs.DEFAULT_SEGMENTS), name
         else:
             assert state is None
 

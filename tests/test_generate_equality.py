@@ -88,13 +88,15 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
 
     paged, stock = make_pair(family)
     ids, mask = left_padded_batch([5, 41, 23, 38, 9], seed=6)
-    widths = []
+    widths, calls = [], []
     orig = cache_module.PagedCache.begin_forward
 
     def spy(self, attention_mask, q_len, batch_size, device, dtype=None, **kwargs):
         fwd = orig(self, attention_mask, q_len, batch_size, device, dtype, **kwargs)
-        if not widths or widths[-1] != (batch_size, q_len) or fwd is not spy.last:
-            widths.append((batch_size, q_len))
+        if fwd is not spy.last:
+            # the padded group the cache plans, and the model's input (packed: the real tokens as one row)
+            widths.append((fwd.meta.batch, fwd.meta.q_len))
+            calls.append((batch_size, q_len))
         spy.last = fwd
         return fwd
 
@@ -103,6 +105,7 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
     for kw in (dict(do_sample=False, output_logits=True),
                dict(num_beams=2, num_return_sequences=2, do_sample=False)):
         widths.clear()
+        calls.clear()
         cache = PagedCache(config=paged.config, max_prefill_tokens=90)
         ref = _gen(stock, ids, mask, max_new_tokens=8, eos_token_id=None, **kw)
         out = _gen(paged, ids, mask, max_new_tokens=8, eos_token_id=None, past_key_values=cache, **kw)
@@ -112,6 +115,8 @@ def test_prefill_in_length_sorted_groups(family, monkeypatch):
         # decode steps over all rows
         rows = 10 if "num_beams" in kw else 5
         assert widths[:3] == [(2, 41), (3, 23), (rows, 1)], widths
+        # the model computed the real tokens only: 41 + 38, then 23 + 9 + 5 (no pad)
+        assert calls[:3] == [(1, 79), (1, 37), (rows, 1)], calls
         assert cache.get_seq_length() == 41 + 7
         assert cache.memory_stats()["tokens_logical"] == sum(n + 7 for n in (5, 41, 23, 38, 9)) * (
             2 if "num_beams" in kw else 1)

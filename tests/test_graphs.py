@@ -72,7 +72,7 @@ def test_graphs_off_by_env(fake_graphs, monkeypatch):
 def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
     """A graph whose replay gives other logits than the eager step (what a host value kept from
     the capture step would do) is dropped with a warning; decoding continues eagerly, exactly."""
-    def bad_capture(run, pool):
+    def bad_capture(run, pool, starts=()):
         def replay():
             cls, fields = run()
             fields["logits"] = fields["logits"] + 1.0
@@ -95,7 +95,7 @@ def test_replay_that_disagrees_with_eager_turns_graphs_off(monkeypatch, caplog):
 def test_capture_failure_falls_back(monkeypatch, caplog):
     attempts = []
 
-    def failing_capture(run, pool):
+    def failing_capture(run, pool, starts=()):
         attempts.append(1)
         raise graphs.NotCapturable("the model's forward reads a device value on the host")
 
@@ -122,7 +122,7 @@ def test_transient_capture_failure_is_tried_again(monkeypatch, caplog):
     generate call only."""
     attempts = []
 
-    def flaky_capture(run, pool):
+    def flaky_capture(run, pool, starts=()):
         attempts.append(1)
         if len(attempts) == 1:
             raise RuntimeError("CUDA error: out of memory")
@@ -315,3 +315,30 @@ def test_graphed_shared_prefix_decode_replays_any_plan(fake_graphs, monkeypatch)
     assert graph.meta.cascade is not None
     static = graph.meta.packed.untyped_storage().data_ptr()
     assert graph.meta.cascade.own_start.untyped_storage().data_ptr() == static  # a view of the static buffer
+
+
+def test_graph_segments_setting_and_split_points(monkeypatch):
+    """HF_PAGED_GRAPH_SEGMENTS: graphs per decode step, split at evenly spread decoder layers (at
+    most one per layer); a bad value names the variable."""
+    model, _ = make_pair("llama")
+    layers = hf_paged.compat.decoder_layers(model)  # 2
+    monkeypatch.delenv("HF_PAGED_GRAPH_SEGMENTS", raising=False)
+    assert graphs.graph_segments() == graphs.DEFAULT_SEGMENTS
+    monkeypatch.setenv("HF_PAGED_GRAPH_SEGMENTS", "1")
+    assert graphs.graph_segments() == 1
+    assert graphs.segment_starts(model, 1) == ()
+    assert graphs.segment_starts(model, 2) == (layers[1],)
+    assert graphs.segment_starts(model, 8) == (layers[1],)
+    for bad in ("0", "two", "-3"):
+        monkeypatch.setenv("HF_PAGED_GRAPH_SEGMENTS", bad)
+        with pytest.raises(ValueError, match="HF_PAGED_GRAPH_SEGMENTS"):
+            graphs.graph_segments()
+
+    class Deep(torch.nn.Module):  # 32 layers into 4 graphs: the later ones start at 8, 16, 24
+        def __init__(self):
+            super().__init__()
+            self.config = type(model.config)(num_hidden_layers=32)
+            self.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(32))
+
+    deep = Deep()
+    assert graphs.segment_starts(deep, 4) == (deep.layers[8], deep.layers[16], deep.layers[24])

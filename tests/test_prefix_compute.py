@@ -59,6 +59,33 @@ def test_shared_preamble_is_computed_once_in_a_call(pair):
     assert stats["blocks_shared"] >= PREAMBLE // 16
 
 
+def test_suffixes_run_packed_without_pads(pair, monkeypatch):
+    """The rows' suffixes (3 to 40 tokens) run as one packed row of their real tokens: the model
+    computes no pad (a padded group would run 7 x 40 positions); HF_PAGED_PACKED_PREFILL=0 pads."""
+    family, (paged, stock) = pair
+    ids, mask = _batch(seed=1)
+    ref = _gen(stock, ids, mask)
+    for packed in ("1", "0"):
+        monkeypatch.setenv("HF_PAGED_PACKED_PREFILL", packed)
+        shapes = []
+        hook = paged.register_forward_pre_hook(
+            lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        try:
+            out = _gen(paged, ids, mask)
+        finally:
+            hook.remove()
+        assert torch.equal(out.sequences, ref.sequences), (family, packed)
+        prefill = [s for s in shapes if s[1] > 1]
+        suffixes = [n for n in SUFFIXES[1:]]
+        # the first prompt computes the preamble and its question (one row: nothing to pack);
+        # then the seven other questions
+        if packed == "1":
+            assert prefill == [(1, PREAMBLE + SUFFIXES[0]), (1, sum(suffixes))], (family, prefill)
+        else:
+            assert prefill == [(1, PREAMBLE + SUFFIXES[0]), (len(suffixes), max(suffixes))], (family, prefill)
+        assert _stats(out)["tokens_prefilled"] == PREAMBLE + sum(SUFFIXES)
+
+
 def test_prefix_cache_serves_a_later_call(pair):
     family, (paged, stock) = pair
     prefix = PrefixCache(max_memory="64MiB")

@@ -142,7 +142,8 @@ class DecodeGraphs:
         if self.pool is None and self.model.device.type == "cuda":
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            graph.replay = graphs._CAPTURE(graph.static_step(self.forward, self.cache, kwargs), self.pool)
+            graph.replay = graphs._CAPTURE(graph.static_step(self.forward, self.cache, kwargs), self.pool,
+                                           graphs.segment_starts(self.model, graphs.graph_segments()))
         except graphs.NotCapturable as exc:  # the forward itself cannot be captured: never again
             self._disable(f"capturing the decode step failed ({exc})", for_model=True)
             return None
