@@ -18,7 +18,6 @@ One forward over a :class:`PagedCache` (``docs/how-it-works.md`` draws it):
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 
 import numpy as np
@@ -30,6 +29,7 @@ from .block_pool import BlockPool
 from .block_table import BlockTables
 from .forward import ForwardMetadata, PagedForward, real_new_tokens
 from .kernels import backend_for, cdiv
+from .kernels.env import switch
 from .kernels.tuning import WINDOW_READ_MARGIN
 from .layer_pools import LayerPools
 from .memory import blocks_within, check_count, config_bytes_per_token, config_kv_shape, parse_memory
@@ -53,7 +53,7 @@ def _window_layers(config) -> tuple[int | None, frozenset]:
     """The sliding window of the config's windowed layers and their indices (``layer_types``, or
     every layer when the config has a ``sliding_window`` and no layer types, as Mistral's); (None,
     empty) without them, or with ``HF_PAGED_WINDOW_BLOCKS=0`` (every layer keeps every block)."""
-    if os.environ.get(WINDOW_ENV_VAR, "1").strip().lower() in ("0", "false", "off", "no"):
+    if not switch(WINDOW_ENV_VAR):
         return None, frozenset()
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:

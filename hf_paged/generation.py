@@ -21,8 +21,6 @@ unchanged):
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -30,6 +28,7 @@ from . import compat
 from .block_table import chain_hashes
 from .cache import PagedCache
 from .graphs import GraphedForward, graphs_enabled
+from .kernels.env import switch
 from .prefix_cache import PrefixCache
 from .support import check_supported, guard_media_inputs
 
@@ -262,7 +261,7 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
 
 
 def packed_prefill_enabled() -> bool:
-    return os.environ.get(PACKED_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+    return switch(PACKED_ENV_VAR)
 
 
 def can_pack(model, model_kwargs: dict, batch: int) -> bool:

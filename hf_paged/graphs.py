@@ -45,6 +45,7 @@ from . import compat
 from .cache import PagedCache
 from .forward import ForwardMetadata, PagedForward
 from .kernels import backend_name, cdiv, next_pow2
+from .kernels.env import switch
 
 logger = logging.getLogger("hf_paged")
 
@@ -64,7 +65,7 @@ _DEVICE_TYPES = ("cuda",)  # tests add "cpu" together with an eager stand-in for
 
 
 def graphs_enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+    return switch(ENV_VAR)
 
 
 def graph_segments() -> int:

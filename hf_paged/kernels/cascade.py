@@ -29,13 +29,13 @@ samples each of two 8k-token prompts generate 1.52x faster end to end (best runs
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .arith import cdiv
+from .env import switch
 
 ENV_VAR = "HF_PAGED_CASCADE"
 MAX_CHUNK_ROWS = 16  # rows of one group read a shared K/V tile together (their heads fill the tile)
@@ -48,15 +48,7 @@ MIN_SAVED_TOKENS = 2048
 def setting() -> bool | None:
     """``HF_PAGED_CASCADE``: True (force on), False (off) or None (``auto``, the default:
     :meth:`SharedPrefixPlan.pays` decides); read at each call."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in ("auto", ""):
-        return None
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{ENV_VAR}={value!r} is not understood: use auto (when it pays, the default), 1 (always) "
-                     f"or 0 (never)")
+    return switch(ENV_VAR, default=None, auto=True)
 
 
 @dataclass(frozen=True)
