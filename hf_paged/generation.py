@@ -16,7 +16,9 @@ unchanged):
   reference, logits broadcast); prompts sorted by length in groups of ``max_prefill_tokens``; and
   hand the prompt tokens to the cache for prefix sharing. Prompts that share leading full blocks
   (with each other, or with blocks a prefix cache kept from earlier calls) compute them once: the
-  other rows prefill only their suffix over the stored blocks (:func:`prefill_phases`).
+  other rows prefill only their suffix over the stored blocks (:func:`prefill_phases`). A group
+  trimmed to its longest prompt runs packed where the model allows it (:func:`can_pack`): the
+  model runs the rows' real tokens only, as one row (``PagedCache.packed_group``).
 """
 
 from __future__ import annotations
@@ -247,13 +249,12 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
     cache.add_rows(len(rep))
     merged = None
     outputs = None
-    pack = trim and can_pack(model, model_kwargs, input_ids.shape[0])
+    pack = trim and can_pack(model, model_kwargs, input_ids)
     for group in groups:
         rows = [rep[d] for d in group]
         w = max(1, max(lengths[r] for r in rows)) if trim else width
         outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                                   args, kwargs, rows, group, w,
-                                   real_lengths=[max(1, lengths[r]) for r in rows] if pack else None)
+                                   args, kwargs, rows, group, w, real_lengths=[lengths[r] for r in rows] if pack else None)
         merged = _gather_last_logits(merged, outputs, group, len(rep))
     cache.end_grouped_prefill(width, left_padded=trim)
     outputs["logits"] = merged
@@ -264,17 +265,18 @@ def packed_prefill_enabled() -> bool:
     return switch(PACKED_ENV_VAR)
 
 
-def can_pack(model, model_kwargs: dict, batch: int) -> bool:
+def can_pack(model, model_kwargs: dict, input_ids: torch.Tensor) -> bool:
     """Whether a trimmed prefill group of this call may run packed (:func:`_prefill_forward`):
-    the model takes positions and a tensor ``logits_to_keep``, and no per-row input other than
-    the mask and the positions (``token_type_ids``, ...) would need packing too."""
+    the model takes positions (generate gave one per prompt token) and a tensor
+    ``logits_to_keep``, and no per-row input other than the mask and the positions
+    (``token_type_ids``, ...) would need packing too."""
     if not packed_prefill_enabled() or not compat.takes_logits_to_keep(model) \
             or not compat.takes_position_ids(model):
         return False
     pos = model_kwargs.get("position_ids")
-    if not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+    if not isinstance(pos, torch.Tensor) or pos.shape != input_ids.shape:
         return False
-    return not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+    return not any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == input_ids.shape[0]
                    and k not in ("attention_mask", "position_ids") for k, v in model_kwargs.items())
 
 
@@ -301,7 +303,7 @@ def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_confi
         sub["attention_mask"] = attention_mask
     ids = input_ids.index_select(0, rows_t)[:, width - w:]
     continued = attention_mask is not None
-    if real_lengths is None or min(real_lengths) == w:  # nothing to pack away
+    if real_lengths is None or min(real_lengths) == w or min(real_lengths) < 1:  # nothing to pack (or empty rows)
         with cache.prefill_group(cache_rows, continued=continued):
             cache.set_prefill_tokens(ids)
             return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
@@ -407,7 +409,7 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
     prompts = _prompt_tokens(input_ids, model_kwargs.get("attention_mask"), rep)
     merged = None
     outputs = None
-    pack = can_pack(model, model_kwargs, input_ids.shape[0])
+    pack = can_pack(model, model_kwargs, input_ids)
     for phase in phases:
         suffix = {}
         for d in phase:

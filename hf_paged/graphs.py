@@ -28,7 +28,9 @@ the call: later calls replay them (:class:`GraphStore`). What is not
 a plain single-device decode step (prefill, ``inputs_embeds``, attentions or hidden states
 requested, ``device_map`` over several devices, tensor parallelism, the PyTorch backend) runs
 eagerly.
-``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off.
+``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off. A step is captured as ``HF_PAGED_GRAPH_SEGMENTS``
+graphs (default 8) split at decoder layers and replayed in order, so that the GPU starts on the
+first while the host launches the others (:func:`_cuda_capture`).
 """
 
 from __future__ import annotations

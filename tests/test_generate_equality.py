@@ -173,3 +173,22 @@ def test_llama4_chunked_attention_matches_stock():
         dense, ref = (m(input_ids=ids, attention_mask=mask, use_cache=False).logits for m in (paged, stock))
     real = mask.bool()
     torch.testing.assert_close(dense[real], ref[real], atol=2e-4, rtol=0)
+
+
+def test_packed_prefill_only_where_every_per_row_input_is_packed(monkeypatch):
+    """A trimmed group runs packed when the model takes positions and a tensor logits_to_keep,
+    generate gave a position per prompt token, and no other per-row input (token_type_ids) would
+    need packing too; HF_PAGED_PACKED_PREFILL=0 turns it off."""
+    from hf_paged.generation import can_pack
+
+    paged, _ = make_pair("llama")
+    ids, mask = left_padded_batch([5, 9], seed=1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    base = {"attention_mask": mask, "position_ids": pos, "use_cache": True, "logits_to_keep": 1}
+    monkeypatch.delenv("HF_PAGED_PACKED_PREFILL", raising=False)
+    assert can_pack(paged, base, ids)
+    assert not can_pack(paged, {**base, "token_type_ids": torch.zeros_like(ids)}, ids)
+    assert not can_pack(paged, {**base, "position_ids": None}, ids)
+    assert not can_pack(paged, {**base, "position_ids": pos[:, 1:]}, ids)
+    monkeypatch.setenv("HF_PAGED_PACKED_PREFILL", "0")
+    assert not can_pack(paged, base, ids)
