@@ -45,6 +45,7 @@ from hf_paged.kernels import cascade, get_backend, reference  # noqa: E402
 p = argparse.ArgumentParser()
 p.add_argument("--only", default="", help="kernels or e2e")
 p.add_argument("--tiny", action="store_true", help="CPU smoke run (TRITON_INTERPRET=1): tiny shapes, no timing")
+p.add_argument("--skip-stock", action="store_true", help="end to end: leave out stock transformers' run")
 p.add_argument("--profile", action="store_true", help="end to end: also a torch.profiler table per mode (top kernels)")
 args = p.parse_args()
 
@@ -393,11 +394,13 @@ def e2e() -> None:
     off, on = min(times["0"]), min(times["1"])
     # stock transformers (sdpa, DynamicCache: generate expands each prompt to its 16 rows), same
     # calls: a warm-up of the same length, then one timed run
+    stock_s = float("nan")
     model.set_attn_implementation("sdpa")
     try:
-        generate("0", prompts, NEW, **kw)
-        torch.manual_seed(5)
-        stock_s = generate("0", prompts, NEW, **kw)[1]
+        if not args.skip_stock:
+            generate("0", prompts, NEW, **kw)
+            torch.manual_seed(5)
+            stock_s = generate("0", prompts, NEW, **kw)[1]
     finally:
         model.set_attn_implementation("paged")
     # the same calls with one new token: their prefill (and the rest is decode)

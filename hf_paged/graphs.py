@@ -29,7 +29,7 @@ a plain single-device decode step (prefill, ``inputs_embeds``, attentions or hid
 requested, ``device_map`` over several devices, tensor parallelism, the PyTorch backend) runs
 eagerly.
 ``HF_PAGED_CUDA_GRAPHS=0`` turns graphs off. A step is captured as ``HF_PAGED_GRAPH_SEGMENTS``
-graphs (default 8) split at decoder layers and replayed in order, so that the GPU starts on the
+graphs (default 4) split at decoder layers and replayed in order, so that the GPU starts on the
 first while the host launches the others (:func:`_cuda_capture`).
 """
 
@@ -53,7 +53,7 @@ logger = logging.getLogger("hf_paged")
 
 ENV_VAR = "HF_PAGED_CUDA_GRAPHS"
 SEGMENTS_ENV_VAR = "HF_PAGED_GRAPH_SEGMENTS"
-DEFAULT_SEGMENTS = 8
+DEFAULT_SEGMENTS = 4
 
 # Tensor inputs of a decode step that are copied into static buffers; any other tensor input
 # (inputs_embeds, pixel values, ...) sends the step down the eager path.
