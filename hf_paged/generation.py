@@ -254,7 +254,7 @@ def _grouped_prefill(orig, model, cache: PagedCache, input_ids, generation_confi
         rows = [rep[d] for d in group]
         w = max(1, max(lengths[r] for r in rows)) if trim else width
         outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                                   args, kwargs, rows, group, w, real_lengths=[lengths[r] for r in rows] if pack else None)
+                                   args, kwargs, rows, group, w, [lengths[r] for r in rows], pack=pack)
         merged = _gather_last_logits(merged, outputs, group, len(rep))
     cache.end_grouped_prefill(width, left_padded=trim)
     outputs["logits"] = merged
@@ -281,15 +281,15 @@ def can_pack(model, model_kwargs: dict, input_ids: torch.Tensor) -> bool:
 
 
 def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_config, model_kwargs, is_first_iteration,
-                     args, kwargs, rows: list[int], cache_rows: list[int], w: int, attention_mask=None,
-                     real_lengths: list[int] | None = None):
+                     args, kwargs, rows: list[int], cache_rows: list[int], w: int, lengths: list[int],
+                     continued: bool = False, pack: bool = False):
     """One prefill forward over the batch rows ``rows`` (cache rows ``cache_rows``), trimmed to
-    their last ``w`` columns; ``attention_mask``: the forward's own mask (rows that already hold
-    tokens continue them), else the batch's, trimmed.
+    their last ``w`` columns, of which each row's last ``lengths[i]`` are its tokens to compute.
+    ``continued``: the rows already hold their leading tokens (reused blocks): the forward's mask
+    marks only those last tokens; else it is the batch's mask, trimmed.
 
-    ``real_lengths``: each row's real tokens, its last ones (left padding), given when the group
-    may run packed (:func:`can_pack`): the model then runs those tokens only, one row after
-    another as one row of ``sum(real_lengths)`` tokens, and never computes a pad
+    ``pack`` (the group may run packed, :func:`can_pack`): the model runs those tokens only, one
+    row after another as one row of ``sum(lengths)`` tokens, and never computes a pad
     (:meth:`PagedCache.packed_group`); its logits are the rows' last tokens', ``[rows, 1, vocab]``.
     """
     batch, width = input_ids.shape
@@ -299,16 +299,15 @@ def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_confi
         v = sub.get(k)
         if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == width:
             sub[k] = v[:, width - w:]
-    if attention_mask is not None:
-        sub["attention_mask"] = attention_mask
     ids = input_ids.index_select(0, rows_t)[:, width - w:]
-    continued = attention_mask is not None
-    if real_lengths is None or min(real_lengths) == w or min(real_lengths) < 1:  # nothing to pack (or empty rows)
+    lengths = np.asarray(lengths)
+    real = np.arange(w)[None, :] >= (w - lengths)[:, None]  # each row's last lengths[i] columns
+    if not pack or lengths.min() == w or lengths.min() < 1:  # nothing to pack away (or an empty row)
+        if continued:  # the columns before a row's tokens (pads, or its reused tokens) pad this forward
+            sub["attention_mask"] = torch.from_numpy(real).long().to(input_ids.device)
         with cache.prefill_group(cache_rows, continued=continued):
             cache.set_prefill_tokens(ids)
             return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
-    lengths = np.asarray(real_lengths)
-    real = np.arange(w)[None, :] >= (w - lengths)[:, None]
     index = torch.from_numpy(np.flatnonzero(real.reshape(-1))).to(input_ids.device)
     sub["attention_mask"] = None  # the cache plans the padded group from `real`
     sub["position_ids"] = sub["position_ids"].reshape(-1).index_select(0, index)[None]
@@ -418,14 +417,10 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
         for group in length_groups([suffix[d] for d in phase], cache.max_prefill_tokens):
             ds = [phase[i] for i in group]
             w = max(1, max(suffix[d] for d in ds))
-            # each row's suffix is its last tokens; the columns before it (pads, or its reused
-            # tokens) are padding of this forward
-            cols = torch.arange(w, device=input_ids.device)
-            starts = torch.tensor([w - suffix[d] for d in ds], device=input_ids.device)
-            mask = (cols[None, :] >= starts[:, None]).long()
+            # each row's suffix is its last tokens, over its reused ones
             outputs = _prefill_forward(orig, model, cache, input_ids, generation_config, model_kwargs,
-                                       is_first_iteration, args, kwargs, [rep[d] for d in ds], ds, w, mask,
-                                       real_lengths=[suffix[d] for d in ds] if pack else None)
+                                       is_first_iteration, args, kwargs, [rep[d] for d in ds], ds, w,
+                                       [suffix[d] for d in ds], continued=True, pack=pack)
             merged = _gather_last_logits(merged, outputs, ds, len(rep))
     cache.end_grouped_prefill(width, left_padded=True)
     outputs["logits"] = merged
