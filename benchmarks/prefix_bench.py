@@ -208,11 +208,12 @@ for path in ("unshared", "shared", "shared+cascade"):
     timing[label] = dt
 os.environ.pop("HF_PAGED_CASCADE", None)
 
-# what each of this session's two changes gives: one pass each with it off (a new PrefixCache
-# each; the decode graphs are captured again for the other setting)
-for label, var, value, path in (("shared, pads computed", "HF_PAGED_PACKED_PREFILL", "0", "shared"),
-                                ("unshared, pads computed", "HF_PAGED_PACKED_PREFILL", "0", "unshared"),
-                                ("shared, one graph per step", "HF_PAGED_GRAPH_SEGMENTS", "1", "shared")):
+# what a setting gives: one pass each with it off (a new PrefixCache each; the decode graphs are
+# captured again for the other setting). "stop checked every step": the decode loop synchronises
+# with the GPU at every step, as before the deferred stop check (both paths pay it alike).
+for label, var, value, path in (("shared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "shared"),
+                                ("unshared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "unshared"),
+                                ("shared, pads computed", "HF_PAGED_PACKED_PREFILL", "0", "shared")):
     if args.tiny and var == "HF_PAGED_GRAPH_SEGMENTS":
         continue
     os.environ["HF_PAGED_CASCADE"] = "0"
@@ -286,10 +287,10 @@ emit(what="summary", speedup=round(speedup, 3), shared_vs_stock=round(timing["st
      fp32_tokens_equal_rows=f"{sum(fp32_equal)}/{len(fp32_equal)}" if check_fp32 else None)
 
 print()
-print(f"{'path, run':<30} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9} {'peak GB':>8}")
+print(f"{'path, run':<36} {'seconds':>9} {'prompt tokens computed':>23} {'/ distinct':>11} {'reused':>9} {'peak GB':>8}")
 for r in results:
     if r.get("what") == "run":
-        print(f"{r['path'] + ' ' + str(r['run']):<30} {r['seconds']:>9.2f} {r['prompt_tokens_computed']:>23} "
+        print(f"{r['path'] + ' ' + str(r['run']):<36} {r['seconds']:>9.2f} {r['prompt_tokens_computed']:>23} "
               f"{r['computed_over_distinct']:>11.3f} {r['prompt_tokens_reused']:>9} {str(r['peak_gb']):>8}")
 print(f"stock / shared: {timing['stock'] / timing['shared']:.2f}x, stock / unshared: {timing['stock'] / timing['unshared']:.2f}x")
 print(f"speedup (unshared / shared): {speedup:.2f}x, with cascade {timing['unshared'] / timing['shared+cascade']:.2f}x; tokens equal on the check batch (within a call and "

@@ -8,6 +8,8 @@ that changes one fails there first, by name. Supported: transformers 5.17 to the
 - the cache's keyword: ``cache`` from 5.2x, ``past_key_values`` before (generate's kwargs, the
   model kwargs, the output's field);
 - ``crop``'s convention (5.23+: ``crop(-n)`` drops n tokens; 5.17 keeps ``max_length``);
+- ``DeferredStopCheck.is_supported``: whether ``_sample`` reads its stop flag one step late (no
+  host-device synchronisation per step) and undoes the one extra step (``crop(-1)``);
 - the mask builders: ``get_mask_sizes`` (5.17 passes a cache_position tensor in older code
   paths) and the ``kv_offset`` it returns, which they hand to the mask function untouched; the
   mask function's keyword arguments;
@@ -69,6 +71,41 @@ def install_wrappers(factories: dict) -> None:
         wrapped = functools.wraps(current)(make(current))
         wrapped._hf_paged = True
         setattr(owner, name, wrapped)
+
+
+# ----------------------------------------------------------------------------- deferred stop check
+# generate's sampling loop asks this (device, cache, cache_is_returned, is_assistant) whether it
+# may read "every row finished" one step late, from an event it does not wait for at once, and
+# undo the one step too many it may then run (the cache through crop(-1)). Off but for Apple's
+# "mps" in transformers; a PagedCache opts in (generation.py).
+DEFERRED_STOP_PARAMS = ["device", "cache", "cache_is_returned", "is_assistant"]
+
+
+def deferred_stop_check():
+    """transformers' ``DeferredStopCheck`` class, or None where a release has none (the decode
+    loop then synchronises every step, as before: only speed is lost)."""
+    from transformers.generation import utils
+
+    cls = getattr(utils, "DeferredStopCheck", None)
+    method = inspect.getattr_static(cls, "is_supported", None) if cls is not None else None
+    if not isinstance(method, staticmethod):
+        return None
+    params = list(inspect.signature(method.__func__).parameters)
+    return cls if params[: len(DEFERRED_STOP_PARAMS)] == DEFERRED_STOP_PARAMS else None
+
+
+def install_deferred_stop(make) -> bool:
+    """Replace ``DeferredStopCheck.is_supported`` by ``make(original)`` (a staticmethod), once;
+    False where the release has no such method of the expected parameters."""
+    cls = deferred_stop_check()
+    if cls is None:
+        return False
+    current = cls.is_supported
+    if not getattr(current, "_hf_paged", False):
+        wrapped = functools.wraps(current)(make(current))
+        wrapped._hf_paged = True
+        cls.is_supported = staticmethod(wrapped)
+    return True
 
 
 # ----------------------------------------------------------------------------- the cache keyword

@@ -19,6 +19,13 @@ unchanged):
   other rows prefill only their suffix over the stored blocks (:func:`prefill_phases`). A group
   trimmed to its longest prompt runs packed where the model allows it (:func:`can_pack`): the
   model runs the rows' real tokens only, as one row (``PagedCache.packed_group``).
+
+And one question generate asks, ``DeferredStopCheck.is_supported``: over a PagedCache on CUDA the
+answer is yes, so that the sampling loop reads "every row finished" one step late instead of
+waiting for the GPU at every step; the host then plans and launches step t+1 while the GPU runs
+step t. When the rows all stop (EOS) before ``max_new_tokens``, transformers undoes the one step
+too many that this runs (its tokens and scores dropped, the cache cropped): the outputs are
+stock's.
 """
 
 from __future__ import annotations
@@ -39,6 +46,11 @@ from .support import check_supported, guard_media_inputs
 MAX_PREFILL_PHASES = 4
 # Trimmed prefill groups run packed (the rows' real tokens only, as one row) unless this is 0.
 PACKED_ENV_VAR = "HF_PAGED_PACKED_PREFILL"
+# The decode loop reads its stop flag one step late over a PagedCache unless this is 0.
+DEFERRED_STOP_ENV_VAR = "HF_PAGED_DEFERRED_STOP"
+# transformers' deferred check waits on a device event (CPU tensors have none; tests add "cpu"
+# with a stand-in event).
+_DEFERRED_STOP_DEVICE_TYPES = ("cuda",)
 
 
 def is_paged(model) -> bool:
@@ -460,6 +472,23 @@ def _broadcast_rows(value, inverse: torch.Tensor, n_distinct: int):
     return value
 
 
+def deferred_stop_enabled() -> bool:
+    return switch(DEFERRED_STOP_ENV_VAR)
+
+
+def _wrap_deferred_stop(orig):
+    def is_supported(device, cache, cache_is_returned, is_assistant=False, *args, **kwargs):
+        # A PagedCache rolls back the extra step at any point (crop keeps every block until it is
+        # cropped; windowed layers keep a margin of blocks behind their window), and its decode
+        # step reads no device value on the host, so nothing else waits for the GPU either.
+        if (isinstance(cache, PagedCache) and not is_assistant
+                and torch.device(device).type in _DEFERRED_STOP_DEVICE_TYPES and deferred_stop_enabled()):
+            return True
+        return orig(device, cache, cache_is_returned, is_assistant, *args, **kwargs)
+
+    return is_supported
+
+
 def install() -> None:
     """Wrap transformers' methods (idempotent: a method already wrapped by us is left alone)."""
     compat.install_wrappers({
@@ -468,3 +497,4 @@ def install() -> None:
         "_prefill": _wrap_prefill,
         "_check_and_adjust_attn_implementation": _wrap_check_attn,
     })
+    compat.install_deferred_stop(_wrap_deferred_stop)

@@ -47,6 +47,29 @@ def test_wrappers_are_installed_once():
     assert GenerationMixin._prepare_cache_for_generation is before
 
 
+def test_DeferredStopCheck_is_supported_params_and_sample_loop_asks_it(llama, monkeypatch):
+    """generate's sampling loop asks DeferredStopCheck.is_supported(device, cache,
+    cache_is_returned, is_assistant) whether to read its stop flag one step late; hf_paged answers
+    for a PagedCache (generation.py). Without the class or those parameters the loop synchronises
+    every step again: correct, but slower, so it fails here by name."""
+    from transformers.generation import utils
+
+    cls = compat.deferred_stop_check()
+    assert cls is utils.DeferredStopCheck
+    assert cls.is_supported._hf_paged  # installed
+    params = list(inspect.signature(cls.is_supported.__wrapped__).parameters)
+    assert params[: len(compat.DEFERRED_STOP_PARAMS)] == compat.DEFERRED_STOP_PARAMS
+    # the loop asks it after the prefill, with the prefill's cache
+    asked = []
+    monkeypatch.setattr(cls, "is_supported", staticmethod(lambda *a, **k: asked.append(a[:3]) or False))
+    paged, _ = llama
+    ids, mask = left_padded_batch([3, 5], seed=1)
+    out = paged.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0,
+                         eos_token_id=None, return_dict_in_generate=True)
+    ((device, cache, returned),) = asked
+    assert device == ids.device and cache is hf_paged.cache_of(out) and returned is True
+
+
 @pytest.mark.parametrize("builder", ["create_causal_mask", "create_sliding_window_causal_mask",
                                      "create_chunked_causal_mask"])
 def test_mask_builders_hand_get_mask_sizes_kv_offset_to_the_mask_function(llama, builder):

@@ -77,6 +77,37 @@ def test_prompt_lookup_on_triton(cuda_pair, monkeypatch):
     assert torch.equal(_gen(paged, ids, mask, **kw).sequences, _gen(stock, ids, mask, **kw).sequences), name
 
 
+def test_stop_read_one_step_late_on_cuda(cuda_pair, monkeypatch):
+    """On CUDA a PagedCache's generate reads "every row finished" one step late (no host-device
+    synchronisation per step; transformers' DeferredStopCheck with real events): rows stopping at
+    EOS before max_new_tokens give stock's tokens and logits, the extra step undone, the returned
+    cache as long as the sequences."""
+    from transformers.generation import utils as generation_utils
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    monkeypatch.delenv("HF_PAGED_DEFERRED_STOP", raising=False)
+    undone = []
+    finish = generation_utils.DeferredStopCheck.finish
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "finish",
+                        lambda self: undone.append(finish(self)) or undone[-1])
+    name, paged, stock = cuda_pair
+    ids, mask = left_padded_batch([5, 41, 23], seed=1)
+    free = _gen(stock, ids, mask, max_new_tokens=12, do_sample=False).sequences
+    eos = sorted({int(free[row, ids.shape[1] + step]) for row, step in enumerate((2, 5, 8))})
+    kw = dict(max_new_tokens=12, do_sample=False, output_logits=True)
+    ref = stock.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), return_dict_in_generate=True,
+                         pad_token_id=0, eos_token_id=eos, **kw)
+    out = paged.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), return_dict_in_generate=True,
+                         pad_token_id=0, eos_token_id=eos, **kw)
+    assert ref.sequences.shape[1] < ids.shape[1] + 12, name  # every row stopped early
+    assert undone == [1], name
+    assert torch.equal(out.sequences, ref.sequences), name
+    assert len(out.logits) == len(ref.logits), name
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
+    assert cache_of(out).get_seq_length() == out.sequences.shape[1] - 1, name
+
+
 @pytest.mark.parametrize("cascade", ["0", "1"])
 def test_decode_step_has_no_host_device_sync(monkeypatch, cascade):
     """A decode forward (after the prefill) on the Triton path never synchronises with the GPU
