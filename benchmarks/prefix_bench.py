@@ -16,11 +16,16 @@ min_new_tokens=max_new_tokens); batches of 32.
    prompt tokens computed (``memory_stats()['tokens_prefilled']``) vs the distinct prompt tokens of
    the data set (target <= 1.1x) and the time ratio (target >= 2.5x); stock transformers over the
    same data set, same batches, for reference (one pass after a warm-up), and each pass's peak
-   GPU memory.
+   GPU memory;
+3. (--phases, instead of 1-2) where a pass's time goes, call by call, without synchronising the
+   decode steps: prefill seconds, decode seconds per step, captures, and the host's time per step
+   in the decode forward, its graph launches and the deferred stop check (where it waits for the
+   GPU), for the default settings and a few others.
 
-    python benchmarks/prefix_bench.py            # about 3 minutes on an H200
+    python benchmarks/prefix_bench.py            # about 7 minutes on an H200
     python benchmarks/prefix_bench.py --quick    # 128 prompts
     python benchmarks/prefix_bench.py --tiny     # a CPU smoke run of the script itself
+    python benchmarks/prefix_bench.py --phases   # only section 3: a pass's time call by call (2 minutes)
 
 Prints one JSON line per measurement and a table at the end; writes $OUT/prefix_bench.json.
 """
@@ -47,6 +52,8 @@ p.add_argument("--batch", type=int, default=32)
 p.add_argument("--new", type=int, default=64)
 p.add_argument("--preamble", type=int, default=1024)
 p.add_argument("--prefix-memory", default="8GiB", help="the PrefixCache's cap")
+p.add_argument("--phases", action="store_true",
+               help="only where a pass's time goes, call by call, without synchronising each step (section 3)")
 args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -121,6 +128,105 @@ def run(rows, path, prefix, max_new, logits=False):
     if logits:
         stats["first_logits"] = out.logits[0].float().cpu()
     return out.sequences[:, ids.shape[1]:].cpu(), stats
+
+
+# ---------------------------------------------------------------- 3. phases (--phases)
+def phase_pass(path, prefix):
+    """One pass with a synchronisation at each call's start, prefill end and end only (the decode
+    steps run as they do untimed): seconds in prefills, in the rest of the calls (the decode
+    steps, the captures among them), and between the calls (this script's batching)."""
+    from transformers import GenerationMixin
+
+    import hf_paged.graphs as graphs_mod
+
+    prefill = GenerationMixin._prefill
+    spent = {"prefill_s": 0.0, "calls_s": 0.0}
+
+    def timed_prefill(self, *a, **kw):
+        sync()
+        t0 = time.perf_counter()
+        out = prefill(self, *a, **kw)
+        sync()
+        spent["prefill_s"] += time.perf_counter() - t0
+        return out
+
+    # host seconds (no synchronisation added) in the graphed decode forwards, in their graph
+    # launches, and in the deferred stop check (which waits there for the step before)
+    from transformers.generation import utils as generation_utils
+
+    host = {"forward_s": 0.0, "launch_s": 0.0, "stop_check_s": 0.0}
+    patched = [(graphs_mod.GraphedForward, "__call__", "forward_s"), (torch.cuda.CUDAGraph, "replay", "launch_s"),
+               (generation_utils.DeferredStopCheck, "__call__", "stop_check_s")]
+    originals = [getattr(owner, name) for owner, name, _ in patched]
+
+    def timing(fn, key):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                ids = kw.get("input_ids")
+                if key != "forward_s" or (ids is not None and ids.shape[-1] == 1):  # decode forwards only
+                    host[key] += time.perf_counter() - t0
+        return timed
+
+    for (owner, name, key), fn in zip(patched, originals):
+        setattr(owner, name, timing(fn, key))
+    GenerationMixin._prefill = timed_prefill
+    before = dict(graphs_mod.STATS)
+    try:
+        sync()
+        t = time.perf_counter()
+        for rows in batches:
+            sync()
+            t0 = time.perf_counter()
+            run(rows, path, prefix, new)
+            sync()
+            spent["calls_s"] += time.perf_counter() - t0
+        total = time.perf_counter() - t
+    finally:
+        GenerationMixin._prefill = prefill
+        for (owner, name, _), fn in zip(patched, originals):
+            setattr(owner, name, fn)
+    steps = graphs_mod.STATS["replays"] - before["replays"]
+    decode = spent["calls_s"] - spent["prefill_s"]
+    return dict(seconds=round(total, 3), prefill_s=round(spent["prefill_s"], 3), decode_and_captures_s=round(decode, 3),
+                between_calls_s=round(total - spent["calls_s"], 3), replays=steps,
+                captures=graphs_mod.STATS["captures"] - before["captures"],
+                ms_per_decode_step=round(decode / max(steps, 1) * 1e3, 3),
+                **{k.replace("_s", "_ms_per_step"): round(v / max(steps, 1) * 1e3, 3) for k, v in host.items()})
+
+
+if args.phases:
+    import hf_paged.prefix_cache as prefix_mod
+
+    for label, path, cascade_mode, growth, env in (
+            ("unshared", "unshared", "0", None, {}),
+            ("shared+cascade", "shared", "auto", None, {}),
+            ("shared+cascade, pool grows 2x", "shared", "auto", 2.0, {}),
+            ("shared+cascade, 1 graph per step", "shared", "auto", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
+            ("unshared, 1 graph per step", "unshared", "0", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
+            ("shared+cascade, no deferred stop", "shared", "auto", None, {"HF_PAGED_DEFERRED_STOP": "0"})):
+        os.environ["HF_PAGED_CASCADE"] = cascade_mode
+        os.environ.update(env)
+        kept = prefix_mod.RESERVE_GROWTH
+        if growth is not None:
+            prefix_mod.RESERVE_GROWTH = growth
+        try:
+            run(batches[-1][:4], path, PrefixCache(max_memory=args.prefix_memory) if path == "shared" else None, 4)
+            # a path's first pass compiles its prefill shapes (the warm-up batch has not them)
+            for pass_no in (1, 2) if label in ("unshared", "shared+cascade") else (1,):
+                prefix = PrefixCache(max_memory=args.prefix_memory) if path == "shared" else None
+                emit(what="phases", path=label, run=pass_no, **phase_pass(path, prefix),
+                     prefix_cache=prefix.stats() if prefix is not None else None)
+        finally:
+            prefix_mod.RESERVE_GROWTH = kept
+            for k in env:
+                os.environ.pop(k)
+    os.environ.pop("HF_PAGED_CASCADE", None)
+    os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
+    record.write("prefix_bench_phases.json")
+    raise SystemExit(0)
 
 
 # ---------------------------------------------------------------- 1. tokens
