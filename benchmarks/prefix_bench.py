@@ -33,6 +33,7 @@ Prints one JSON line per measurement and a table at the end; writes $OUT/prefix_
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import time
@@ -52,6 +53,7 @@ p.add_argument("--batch", type=int, default=32)
 p.add_argument("--new", type=int, default=64)
 p.add_argument("--preamble", type=int, default=1024)
 p.add_argument("--prefix-memory", default="8GiB", help="the PrefixCache's cap")
+p.add_argument("--stock-only", action="store_true", help="only stock transformers' pass (its time and peak)")
 p.add_argument("--phases", action="store_true",
                help="only where a pass's time goes, call by call, without synchronising each step (section 3)")
 args = p.parse_args()
@@ -130,6 +132,20 @@ def run(rows, path, prefix, max_new, logits=False):
     return out.sequences[:, ids.shape[1]:].cpu(), stats
 
 
+def timed_pass(path, prefix):
+    computed = reused = 0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t = time.perf_counter()
+    for rows in batches:
+        _, stats = run(rows, path, prefix, new)
+        computed += stats["tokens_prefilled"]
+        reused += stats["tokens_reused"]
+    sync()
+    return time.perf_counter() - t, computed, reused
+
+
 # ---------------------------------------------------------------- 3. phases (--phases)
 def phase_pass(path, prefix):
     """One pass with a synchronisation at each call's start, prefill end and end only (the decode
@@ -197,13 +213,27 @@ def phase_pass(path, prefix):
                 **{k.replace("_s", "_ms_per_step"): round(v / max(steps, 1) * 1e3, 3) for k, v in host.items()})
 
 
+if args.stock_only:
+    run(batches[-1][:4], "stock", None, 4)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if dev == "cuda" else None
+    dt, computed, _ = timed_pass("stock", None)
+    emit(what="run", path="stock", run=1, seconds=round(dt, 3), prompt_tokens_computed=computed,
+         prompt_tokens_reused=0, computed_over_distinct=round(computed / distinct_tokens, 3), prefix_cache=None,
+         peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev == "cuda" else None,
+         allocated_before_gb=round(weights_gb, 2) if weights_gb is not None else None)
+    os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
+    record.write("prefix_bench_stock.json")
+    raise SystemExit(0)
+
 if args.phases:
     import hf_paged.prefix_cache as prefix_mod
 
     for label, path, cascade_mode, growth, env in (
             ("unshared", "unshared", "0", None, {}),
             ("shared+cascade", "shared", "auto", None, {}),
-            ("shared+cascade, pool grows 2x", "shared", "auto", 2.0, {}),
+            ("shared+cascade, pool grows 4x", "shared", "auto", 4.0, {}),
             ("shared+cascade, 1 graph per step", "shared", "auto", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
             ("unshared, 1 graph per step", "unshared", "0", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
             ("shared+cascade, no deferred stop", "shared", "auto", None, {"HF_PAGED_DEFERRED_STOP": "0"})):
@@ -278,20 +308,6 @@ if check_fp32:
 equal_rows = check_tokens("bf16" if dev == "cuda" else "fp32")
 
 # ---------------------------------------------------------------- 2. time
-def timed_pass(path, prefix):
-    computed = reused = 0
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t = time.perf_counter()
-    for rows in batches:
-        _, stats = run(rows, path, prefix, new)
-        computed += stats["tokens_prefilled"]
-        reused += stats["tokens_reused"]
-    sync()
-    return time.perf_counter() - t, computed, reused
-
-
 timing = {}
 # "unshared" and "shared" decode with the plain kernel (HF_PAGED_CASCADE=0); "shared+cascade" is
 # "shared" with the shared-prefix decode attention left to its planner (HF_PAGED_CASCADE=auto, the
@@ -335,7 +351,10 @@ for label, var, value, path in (("shared, stop checked every step", "HF_PAGED_DE
     os.environ.pop(var)
 os.environ.pop("HF_PAGED_CASCADE", None)
 
-# stock transformers over the same batches (one warm-up call, one pass: it compiles nothing)
+# stock transformers over the same batches (one warm-up call, one pass: it compiles nothing); the
+# last pass's PrefixCache is dropped first: its pool would count in stock's peak
+prefix = None
+gc.collect()
 run(batches[-1][:4], "stock", None, 4)
 dt, computed, _ = timed_pass("stock", None)
 emit(what="run", path="stock", run=1, seconds=round(dt, 3), prompt_tokens_computed=computed, prompt_tokens_reused=0,

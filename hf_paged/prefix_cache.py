@@ -29,12 +29,12 @@ from .layer_pools import LayerPools
 from .memory import check_count, parse_memory
 
 DEFAULT_BLOCK_SIZE = 16
-# A call that needs more blocks than are free grows the pool fourfold (up to the cap) rather than
-# adding what it lacks: the pool serves many calls, and every call leaves its prompt blocks cached,
-# so over a data set it fills its cap anyway; each reallocation copies its tensors and costs the
-# CUDA graphs of the decode step kept over them (graphs.py: about 0.1 s each for an 8B model).
-# H200, prefix_bench.py's data set: 2 growths per pass instead of 3 at 2x, 0.1 s of 6.1 s.
-RESERVE_GROWTH = 4.0
+# A call that needs more blocks than are free doubles the pool (up to the cap) rather than adding
+# what it lacks: the pool serves many calls, and each reallocation of its tensors also costs the
+# CUDA graphs of the decode step kept over them (graphs.py: about 0.1 s for an 8B model).
+# Fourfold was tried (H200, prefix_bench.py's data set): one capture fewer per pass, 0.1 s of 6.1 s,
+# for a peak 3 GB higher (the pool reached its 8 GiB cap, where doubling stopped at 5.5 GB).
+RESERVE_GROWTH = 2.0
 
 
 class PrefixCache:

@@ -93,31 +93,6 @@ def test_reserve_of_a_pool_serving_many_calls_grows_geometrically():
     assert plain.num_blocks == 13  # a pool for one call: exactly what it lacks
 
 
-def test_prefix_cache_pool_grows_fourfold_up_to_its_cap():
-    """A PrefixCache's pool (and its sliding-window pools) grows fourfold when a call lacks blocks,
-    also after clear(): a data set reallocates it (and recaptures its decode graphs) about half as
-    often as doubling would."""
-    from hf_paged import PrefixCache
-
-    prefix = PrefixCache(max_blocks=100)
-    for attempt in range(2):
-        pool = prefix.pool
-        pool.reserve(10)
-        pool.allocate(10)
-        pool.reserve(3)
-        assert pool.num_blocks == 40, attempt
-        pool.allocate(30)
-        pool.reserve(1)
-        assert pool.num_blocks == 100, attempt  # the cap
-        pool.decref(list(range(40)))
-        prefix.clear()
-    window = prefix.window_pool(8)
-    window.reserve(5)
-    window.allocate(5)
-    window.reserve(1)
-    assert window.num_blocks == 20
-
-
 # ------------------------------------------------------------------ pool alone, random ops
 ops = st.lists(
     st.tuples(st.sampled_from(["alloc", "fork", "append", "cow", "reorder", "free", "reset", "hash", "hit"]),
