@@ -478,9 +478,9 @@ def deferred_stop_enabled() -> bool:
 
 def _wrap_deferred_stop(orig):
     def is_supported(device, cache, cache_is_returned, is_assistant=False, *args, **kwargs):
-        # A PagedCache rolls back the extra step at any point (crop keeps every block until it is
-        # cropped; windowed layers keep a margin of blocks behind their window), and its decode
-        # step reads no device value on the host, so nothing else waits for the GPU either.
+        # A PagedCache can drop the extra step's token at any point (crop(-1); windowed layers
+        # keep a margin of blocks behind their window), and its decode step reads no device value
+        # on the host, so nothing else in the step waits for the GPU either.
         if (isinstance(cache, PagedCache) and not is_assistant
                 and torch.device(device).type in _DEFERRED_STOP_DEVICE_TYPES and deferred_stop_enabled()):
             return True
