@@ -152,3 +152,34 @@ def test_deferred_only_over_a_paged_cache_on_cuda(monkeypatch):
     assert check(cuda, DynamicCache(), True, is_assistant=False) is False  # transformers': mps only
     monkeypatch.setenv(generation.DEFERRED_STOP_ENV_VAR, "0")
     assert check(cuda, hf_paged.PagedCache(), True, is_assistant=False) is False
+
+
+def test_streamer_gets_stock_tokens_one_step_late(deferred):
+    """A streamer receives each token a step late (transformers' deferred check streams what it
+    has read back), and in the end exactly the tokens the synchronising loop streams: not the
+    extra step's."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.ended = True
+
+    paged, stock = make_pair("llama")
+    ids, mask = left_padded_batch([9], seed=4)
+    free = _gen(stock, ids, mask, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None).sequences
+    kw = dict(max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=int(free[0, ids.shape[1] + 5]))
+    streamed = {}
+    for name, model in (("stock", stock), ("paged", paged)):
+        streamer = Collect()
+        model.generate(input_ids=ids, attention_mask=mask, pad_token_id=0, streamer=streamer, **kw)
+        assert streamer.ended, name
+        streamed[name] = streamer.puts
+    assert deferred == [1]
+    assert streamed["paged"] == streamed["stock"]
+    assert len(streamed["paged"]) == 1 + 6  # the prompt, then the tokens up to and with EOS
