@@ -412,6 +412,7 @@ class GraphedForward:
     def __init__(self, model):
         self.model_ref = weakref.ref(model)
         self.forward = type(model).forward.__get__(model)
+        self.segments = graph_segments()  # once per generate call (a bad value fails it at once)
         # generate reads forward's signature to decide which inputs to pass (position_ids, ...)
         self.__signature__ = inspect.signature(self.forward)
         self.__doc__ = self.forward.__doc__
@@ -421,10 +422,10 @@ class GraphedForward:
         cache = None if args else _decode_step_cache(model, kwargs)
         if cache is None:
             return self.forward(*args, **kwargs)
-        return _graphed_step(model, self.forward, cache, kwargs)
+        return _graphed_step(model, self.forward, cache, kwargs, self.segments)
 
 
-def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
+def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int):
     if cache.model_key is None:  # generate's prefill binds it; a decode step reached otherwise does here
         cache.bind_model(model)
     model_id = cache.model_key
@@ -444,7 +445,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict):
         key = _GraphKey(batch, width, cache.pools.version,
                         tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                         tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS), model_id,
-                        tuple(sorted(cache.window_layers)), graph_segments())
+                        tuple(sorted(cache.window_layers)), segments)
         # Rows with pads: the replay runs without the 2D mask, so a forward that reads it beyond
         # attention (and not the paged metadata) differs from its eager step only then.
         kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"

@@ -333,6 +333,10 @@ def test_graph_segments_setting_and_split_points(monkeypatch):
         monkeypatch.setenv("HF_PAGED_GRAPH_SEGMENTS", bad)
         with pytest.raises(ValueError, match="HF_PAGED_GRAPH_SEGMENTS"):
             graphs.graph_segments()
+    # read once per generate call, at its start
+    ids, mask = left_padded_batch([3, 5], seed=1)
+    with pytest.raises(ValueError, match="HF_PAGED_GRAPH_SEGMENTS='-3'"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
 
     class Deep(torch.nn.Module):  # 32 layers into 4 graphs: the later ones start at 8, 16, 24
         def __init__(self):
