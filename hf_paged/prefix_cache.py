@@ -54,7 +54,7 @@ class PrefixCache:
                              "not both")
         self.block_size = check_count(block_size, "block_size")
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
-        self.pool = BlockPool(max_blocks=check_count(max_blocks, "max_blocks"), reserve_growth=RESERVE_GROWTH)
+        self.pool = _growing_pool(check_count(max_blocks, "max_blocks"))
         self.pools = LayerPools(self.block_size)
         # sliding-window layers' pools, by window (they release blocks out of the window: no cap)
         self.window_pools: dict[int, BlockPool] = {}
@@ -68,7 +68,7 @@ class PrefixCache:
         """The block pool of the sliding-window layers of that window (created on first use)."""
         pool = self.window_pools.get(window)
         if pool is None:
-            pool = self.window_pools[window] = BlockPool(reserve_growth=RESERVE_GROWTH)
+            pool = self.window_pools[window] = _growing_pool()
         return pool
 
     def __repr__(self) -> str:
@@ -108,13 +108,21 @@ class PrefixCache:
             raise RuntimeError(f"hf_paged: PrefixCache.clear() while {self.pool.num_used} block(s) are held by a "
                                f"live PagedCache; reset() or drop that cache first")
         # in place: the caches built over this prefix cache keep the same objects
-        self.pool.__init__(max_blocks=self.pool.max_blocks if self.max_memory is None else None,
-                           reserve_growth=RESERVE_GROWTH)
+        _growing_pool(self.pool.max_blocks if self.max_memory is None else None, into=self.pool)
         for pool in self.window_pools.values():
-            pool.__init__(reserve_growth=RESERVE_GROWTH)
+            _growing_pool(into=pool)
         self.pools.clear()
         self.layer_split = None
         self.graph_store = None  # its graphs address the freed tensors
+
+
+def _growing_pool(max_blocks: int | None = None, into: BlockPool | None = None) -> BlockPool:
+    """A pool that grows by ``RESERVE_GROWTH`` (a new one, or ``into`` emptied in place: the caches
+    built over a prefix cache keep the same object)."""
+    if into is None:
+        return BlockPool(max_blocks=max_blocks, reserve_growth=RESERVE_GROWTH)
+    into.__init__(max_blocks=max_blocks, reserve_growth=RESERVE_GROWTH)
+    return into
 
 
 def model_key(model) -> bytes:
