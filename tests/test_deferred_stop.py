@@ -183,3 +183,24 @@ def test_streamer_gets_stock_tokens_one_step_late(deferred):
     assert deferred == [1]
     assert streamed["paged"] == streamed["stock"]
     assert len(streamed["paged"]) == 1 + 6  # the prompt, then the tokens up to and with EOS
+
+
+def test_every_prefill_path_hands_the_loop_its_paged_cache(monkeypatch):
+    """The loop asks with the prefill's cache: each of hf_paged's prefill paths (one forward,
+    length-sorted groups, rows forked after one prefill per distinct prompt, shared prefixes over
+    a PrefixCache) must return it, or the decode would silently wait for the GPU every step."""
+    from hf_paged import PagedCache
+
+    asked = []
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "is_supported",
+                        staticmethod(lambda device, cache, *a, **k: asked.append(cache) or False))
+    paged, _ = make_pair("llama")
+    ids, mask = left_padded_batch(LENGTHS, seed=1)
+    kw = dict(max_new_tokens=3, pad_token_id=0, eos_token_id=None)
+    grouped = {hf_paged.compat.generate_cache_kwarg(): PagedCache(config=paged.config, max_prefill_tokens=48)}
+    calls = [dict(), grouped,
+             dict(do_sample=True, num_return_sequences=3), dict(prefix_cache=PrefixCache(max_blocks=64))]
+    for extra in calls:
+        paged.generate(input_ids=ids, attention_mask=mask, **kw, **extra)
+    assert len(asked) == len(calls)
+    assert all(isinstance(cache, PagedCache) for cache in asked)
