@@ -7,6 +7,7 @@ random weights, 32 rows: 2 prompts of 8k x 16 samples (cascade off / on) and 32 
 
     PYTHONPATH=$PWD python benchmarks/step_trace.py        # about 1 minute on an H200
     PYTHONPATH=$PWD python benchmarks/step_trace.py --greedy   # the 32-prompt greedy cases only
+    PYTHONPATH=$PWD python benchmarks/step_trace.py --dataset  # prefix_bench's batches beside the greedy case
     python benchmarks/step_trace.py --tiny                 # a CPU smoke run of the script itself
 
 Writes $OUT/step_trace.json (or ./step_trace.json)."""
@@ -49,6 +50,8 @@ label(graphs._DecodeGraph, "refresh", "hfp.refresh")
 label(graphs._DecodeGraph, "outputs", "hfp.outputs")
 label(logits_process.LogitsProcessorList, "__call__", "hf.logits_processors")
 label(stopping_criteria.StoppingCriteriaList, "__call__", "hf.stopping")
+from transformers.generation import utils as generation_utils  # noqa: E402
+label(generation_utils.DeferredStopCheck, "__call__", "hf.deferred_stop_check")  # waits for the step before
 
 cfg = llama_config(TINY)
 with torch.device(DEV):
@@ -66,11 +69,28 @@ sample_prompts = torch.randint(1, cfg.vocab_size, (2, P), generator=g).to(DEV)
 greedy_prompts = torch.cat([torch.randint(1, cfg.vocab_size, (1, 64 if TINY else 1024), generator=g).expand(32, -1),
                             torch.randint(1, cfg.vocab_size, (32, 16 if TINY else 160), generator=g)], 1).to(DEV)
 
+# prefix_bench.py's batches: one preamble, each row its own 32-256-token question, left-padded,
+# through a PrefixCache (every call after the first finds the preamble stored)
+rows = [torch.cat([greedy_prompts[0, :64 if TINY else 1024].cpu(),
+                   torch.randint(1, cfg.vocab_size, (int(n),), generator=g)])
+        for n in torch.randint(4 if TINY else 32, 24 if TINY else 257, (32,), generator=g)]
+width = max(len(r) for r in rows)
+dataset_ids = torch.zeros(32, width, dtype=torch.long)
+dataset_mask = torch.zeros(32, width, dtype=torch.long)
+for i, r in enumerate(rows):
+    dataset_ids[i, width - len(r):] = r
+    dataset_mask[i, width - len(r):] = 1
+dataset_ids, dataset_mask = dataset_ids.to(DEV), dataset_mask.to(DEV)
+prefix_cache = hf_paged.PrefixCache(max_memory="8GiB")
+
 def gen(workload, new):
     ids = sample_prompts if workload == "sample" else greedy_prompts
     kw = dict(do_sample=True, num_return_sequences=16) if workload == "sample" else dict(do_sample=False)
+    mask = torch.ones_like(ids)
+    if workload == "dataset":
+        ids, mask, kw = dataset_ids, dataset_mask, dict(do_sample=False, prefix_cache=prefix_cache)
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **kw)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, **kw)
 
 def sync():
     if DEV == "cuda": torch.cuda.synchronize()
@@ -128,6 +148,8 @@ res = {}
 cases = [("sample", "0"), ("sample", "1"), ("greedy", "0"), ("greedy", "auto")]
 if "--greedy" in sys.argv:  # the few-shot shape only (prefix_bench's decode step)
     cases = cases[2:]
+if "--dataset" in sys.argv:  # prefix_bench's batches (mixed question lengths, a PrefixCache)
+    cases = [("dataset", "auto"), ("greedy", "auto")]
 for workload, mode in cases:
     os.environ["HF_PAGED_CASCADE"] = mode
     gen(workload, 8)
