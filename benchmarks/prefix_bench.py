@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged
 from hf_paged import PagedCache, PrefixCache, cache_of
+from hf_paged.testing import left_pad
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (smoke run)")
@@ -91,19 +92,9 @@ emit(what="dataset", prompts=n_prompts, preamble=preamble_len, question_tokens=s
      new_tokens=new)
 
 
-def left_padded(rows):
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids.to(dev), mask.to(dev)
-
-
 def run(rows, path, prefix, max_new, logits=False):
     """One generate call; returns (new tokens [rows, max_new], its cache's stats: None for stock)."""
-    ids, mask = left_padded(rows)
+    ids, mask = left_pad(rows, dev)
     kw = {}
     if path == "stock":  # stock transformers: sdpa attention, its DynamicCache
         model.set_attn_implementation("sdpa")

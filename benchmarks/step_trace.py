@@ -22,6 +22,7 @@ from bench_common import llama_config
 from transformers import AutoModelForCausalLM
 from transformers.generation import logits_process, stopping_criteria
 import hf_paged
+from hf_paged.testing import left_pad
 from hf_paged import graphs, cache as cache_mod, forward as fwd_mod, block_table as bt_mod
 from hf_paged.kernels import cascade
 
@@ -74,13 +75,7 @@ greedy_prompts = torch.cat([torch.randint(1, cfg.vocab_size, (1, 64 if TINY else
 rows = [torch.cat([greedy_prompts[0, :64 if TINY else 1024].cpu(),
                    torch.randint(1, cfg.vocab_size, (int(n),), generator=g)])
         for n in torch.randint(4 if TINY else 32, 24 if TINY else 257, (32,), generator=g)]
-width = max(len(r) for r in rows)
-dataset_ids = torch.zeros(32, width, dtype=torch.long)
-dataset_mask = torch.zeros(32, width, dtype=torch.long)
-for i, r in enumerate(rows):
-    dataset_ids[i, width - len(r):] = r
-    dataset_mask[i, width - len(r):] = 1
-dataset_ids, dataset_mask = dataset_ids.to(DEV), dataset_mask.to(DEV)
+dataset_ids, dataset_mask = left_pad(rows, DEV)
 prefix_cache = hf_paged.PrefixCache(max_memory="8GiB")
 
 def gen(workload, new):

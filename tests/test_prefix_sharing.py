@@ -7,6 +7,7 @@ from tiny_models import cache_of, left_padded_batch, make_pair
 
 import hf_paged.cache as cache_module
 from hf_paged import PagedCache
+from hf_paged.testing import left_pad
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,7 @@ def test_common_preamble_is_stored_once(llama):
     preamble = torch.randint(3, 256, (64,), generator=g)
     q1, q2 = torch.randint(3, 256, (9,), generator=g), torch.randint(3, 256, (21,), generator=g)
     rows = [torch.cat([preamble, q1]), torch.cat([preamble, q2])]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     kw = dict(max_new_tokens=8, do_sample=False)
     ref = _gen(stock, ids, mask, **kw)
     out = _gen(paged, ids, mask, **kw)
