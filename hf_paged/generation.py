@@ -201,12 +201,6 @@ def _wrap_prefill(orig):
         if phases is not None:
             outputs = _shared_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
                                       is_first_iteration, rep, lengths, phases, args, kwargs)
-            if len(rep) < batch:
-                cache.fork_rows(inverse)
-                inv_t = torch.tensor(inverse, device=input_ids.device)
-                for name, value in list(outputs.items()):
-                    if value is not cache:
-                        outputs[name] = _broadcast_rows(value, inv_t, len(rep))
         elif len(groups) == 1 and len(rep) == batch:
             # one forward over the batch as given: exactly stock's prefill
             cache.set_prefill_tokens(input_ids)
@@ -219,14 +213,14 @@ def _wrap_prefill(orig):
                 groups = [list(range(len(rep)))]
             outputs = _grouped_prefill(orig, self, cache, input_ids, generation_config, model_kwargs,
                                        is_first_iteration, rep, lengths, groups, trim, args, kwargs)
-            if len(rep) < batch:
-                # generate expanded the prompts (beams / num_return_sequences): each distinct prompt
-                # was prefilled once; fork the rows, sharing blocks copy-on-write.
-                cache.fork_rows(inverse)
-                inv_t = torch.tensor(inverse, device=input_ids.device)
-                for name, value in list(outputs.items()):
-                    if value is not cache:
-                        outputs[name] = _broadcast_rows(value, inv_t, len(rep))
+        if len(rep) < batch:
+            # generate expanded the prompts (beams / num_return_sequences): each distinct prompt
+            # was prefilled once; fork the rows, sharing blocks copy-on-write.
+            cache.fork_rows(inverse)
+            inv_t = torch.tensor(inverse, device=input_ids.device)
+            for name, value in list(outputs.items()):
+                if value is not cache:
+                    outputs[name] = _broadcast_rows(value, inv_t, len(rep))
         if max_new is not None:
             cache.reserve_for_generation(prompt_lengths, copies, max_new)
         return outputs
