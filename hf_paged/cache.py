@@ -153,7 +153,8 @@ class PagedCache(Cache):
         self._forward: PagedForward | None = None  # the forward in progress
         self._prefill_tokens: torch.Tensor | None = None  # token ids of the next forward, for prefix hashing
         self._group_rows: list[int] | None = None  # the cache rows of the forwards in row_subset
-        self._packed_real: np.ndarray | None = None  # the real tokens of the forward in packed_group
+        # the forward in packed_group: its real tokens in the padded batch and their flat positions
+        self._packed: tuple[np.ndarray, torch.Tensor] | None = None
         self._seq_length: torch.Tensor | None = None  # get_seq_length() inside a captured decode step
         self._model_config = None  # weakref to the config of the model whose K/V the rows hold
         self._layers_per_forward = 0  # layers a complete forward updates (known after the first one)
@@ -240,7 +241,7 @@ class PagedCache(Cache):
         backend_for(device)  # a backend that cannot run here fails before anything changes
         self._check_usable(config)
         self.end_forward()
-        packed = self._packed_real
+        packed, packed_index = self._packed if self._packed is not None else (None, None)
         if packed is not None:  # the model runs [1, N]: the plan is the padded batch's
             call_shape = (batch_size, q_len)
             if call_shape != (1, int(packed.sum())):
@@ -272,7 +273,7 @@ class PagedCache(Cache):
         self._forward = self._new_forward(meta, self.tables.logical_len + q_len)
         if packed is not None:
             self._forward.call_shape = call_shape
-            self._forward.packed_index = torch.from_numpy(np.flatnonzero(packed.reshape(-1))).to(device)
+            self._forward.packed_index = packed_index.to(device)
         return self._forward
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -460,23 +461,26 @@ class PagedCache(Cache):
             yield
 
     @contextlib.contextmanager
-    def packed_group(self, rows: list[int], real: np.ndarray, continued: bool = False):
+    def packed_group(self, rows: list[int], real: np.ndarray, continued: bool = False, device=None):
         """One forward over the cache rows ``rows`` whose model runs only the real tokens, packed
         into one row: ``real`` (bool ``[len(rows), Q]``) marks them in the padded batch the cache
         plans, and the model's input is their ids in row-major order, ``[1, real.sum()]``, with
         their positions. Attention reads and writes the padded layout
         (:meth:`PagedForward.unpack` / :meth:`PagedForward.pack`): the model's other layers never
-        compute a pad. ``continued`` as in :meth:`prefill_group`."""
+        compute a pad. ``continued`` as in :meth:`prefill_group`. Yields the packed tokens' flat
+        positions in the padded batch (int64 ``[real.sum()]`` on ``device``), to pack the
+        model's inputs with."""
         real = np.asarray(real, dtype=bool)
         if real.shape[0] != len(rows) or not real.any(axis=1).all():
             raise ValueError(f"hf_paged: packed_group needs a [rows, Q] mask with a real token in each of the "
                              f"{len(rows)} rows, got shape {real.shape}")
+        index = torch.from_numpy(np.flatnonzero(real.reshape(-1))).to(device)
         with self.prefill_group(rows, continued):
-            self._packed_real = real
+            self._packed = real, index
             try:
-                yield
+                yield index
             finally:
-                self._packed_real = None
+                self._packed = None
 
     @property
     def in_row_subset(self) -> bool:

@@ -65,12 +65,16 @@ def install_wrappers(factories: dict) -> None:
     check_signatures()
     for name, make in factories.items():
         owner = WRAPPED[name][0]
-        current = getattr(owner, name)
-        if getattr(current, "_hf_paged", False):
-            continue
-        wrapped = functools.wraps(current)(make(current))
-        wrapped._hf_paged = True
-        setattr(owner, name, wrapped)
+        setattr(owner, name, _wrap_once(getattr(owner, name), make))
+
+
+def _wrap_once(current, make):
+    """``make(current)``, marked as ours, or ``current`` itself when it is already ours."""
+    if getattr(current, "_hf_paged", False):
+        return current
+    wrapped = functools.wraps(current)(make(current))
+    wrapped._hf_paged = True
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- deferred stop check
@@ -100,11 +104,7 @@ def install_deferred_stop(make) -> bool:
     cls = deferred_stop_check()
     if cls is None:
         return False
-    current = cls.is_supported
-    if not getattr(current, "_hf_paged", False):
-        wrapped = functools.wraps(current)(make(current))
-        wrapped._hf_paged = True
-        cls.is_supported = staticmethod(wrapped)
+    cls.is_supported = staticmethod(_wrap_once(cls.is_supported, make))
     return True
 
 

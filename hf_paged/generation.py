@@ -314,11 +314,10 @@ def _prefill_forward(orig, model, cache: PagedCache, input_ids, generation_confi
         with cache.prefill_group(cache_rows, continued=continued):
             cache.set_prefill_tokens(ids)
             return orig(model, ids, generation_config, sub, is_first_iteration, *args, **kwargs)
-    index = torch.from_numpy(np.flatnonzero(real.reshape(-1))).to(input_ids.device)
     sub["attention_mask"] = None  # the cache plans the padded group from `real`
-    sub["position_ids"] = sub["position_ids"].reshape(-1).index_select(0, index)[None]
     sub["logits_to_keep"] = torch.from_numpy(np.cumsum(lengths) - 1).to(input_ids.device)  # each row's last token
-    with cache.packed_group(cache_rows, real, continued=continued):
+    with cache.packed_group(cache_rows, real, continued=continued, device=input_ids.device) as index:
+        sub["position_ids"] = sub["position_ids"].reshape(-1).index_select(0, index)[None]
         cache.set_prefill_tokens(ids)  # hashed in the padded layout the cache plans
         outputs = orig(model, ids.reshape(-1).index_select(0, index)[None], generation_config, sub,
                        is_first_iteration, *args, **kwargs)
