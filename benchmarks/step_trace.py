@@ -8,6 +8,7 @@ random weights, 32 rows: 2 prompts of 8k x 16 samples (cascade off / on) and 32 
     PYTHONPATH=$PWD python benchmarks/step_trace.py        # about 1 minute on an H200
     PYTHONPATH=$PWD python benchmarks/step_trace.py --greedy   # the 32-prompt greedy cases only
     PYTHONPATH=$PWD python benchmarks/step_trace.py --dataset  # prefix_bench's batches beside the greedy case
+    PYTHONPATH=$PWD python benchmarks/step_trace.py --call     # whole generate calls of prefix_bench's pass
     python benchmarks/step_trace.py --tiny                 # a CPU smoke run of the script itself
 
 Writes $OUT/step_trace.json (or ./step_trace.json)."""
@@ -64,6 +65,18 @@ model.generation_config.eos_token_id = None
 model.generation_config.pad_token_id = 0
 label(type(model), "prepare_inputs_for_generation", "hf.prepare_inputs")
 label(type(model), "_update_model_kwargs_for_generation", "hf.update_kwargs")
+label(type(model), "generate", "hf.generate")
+label(type(model), "_prefill", "hf.prefill")
+label(cache_mod.PagedCache, "reserve_for_generation", "hfp.reserve")
+label(cache_mod.PagedCache, "release_rows", "hfp.release_rows")
+label(cache_mod.PagedCache, "grow_layer_pools", "hfp.grow_layer_pools")
+from hf_paged import generation as gen_mod  # noqa: E402
+label(gen_mod, "prefill_phases", "hfp.prefill_phases")
+_capture = graphs._CAPTURE
+def _labelled_capture(*a, **k):
+    with record_function("hfp.capture"):
+        return _capture(*a, **k)
+graphs._CAPTURE = _labelled_capture
 g = torch.Generator().manual_seed(1)
 P = 64 if TINY else 8192
 sample_prompts = torch.randint(1, cfg.vocab_size, (2, P), generator=g).to(DEV)
@@ -139,7 +152,78 @@ def analyse(trace_path, steps_wanted):
                 host_inclusive_us_per_step={k: round(v / n, 1) for k, v in host_incl.most_common(25)},
                 top_kernels_us_per_step={k: round(v / n, 1) for k, v in kern.most_common(12)})
 
+def analyse_call(trace_path):
+    """A whole generate call: its wall time, the GPU's busy time, and the GPU's idle time (gaps of
+    20 us or more) by the host annotations running during it (nested ones each count)."""
+    ev = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")], key=lambda e: e["ts"])
+    ann = [e for e in ev if e.get("cat") in ("user_annotation", "cuda_runtime")]
+    calls = sorted([e for e in ann if e["name"] == "hf.generate"], key=lambda e: e["ts"])
+    out = []
+    for call in calls:
+        t0, t1 = call["ts"], call["ts"] + call["dur"]
+        win = [e for e in gpu if t0 <= e["ts"] < t1]
+        busy = sum(e["dur"] for e in win)
+        gaps, end = [], t0
+        for e in win:
+            if e["ts"] - end >= 20:
+                gaps.append((end, e["ts"]))
+            end = max(end, e["ts"] + e["dur"])
+        if t1 - end >= 20:
+            gaps.append((end, t1))
+        idle = collections.Counter()
+        for e in ann:
+            s, f = e["ts"], e["ts"] + e["dur"]
+            if f < t0 or s > t1 or e is call:
+                continue
+            for a, b in gaps:
+                o = min(f, b) - max(s, a)
+                if o > 0:
+                    idle[e["name"][:50]] += o
+        big = sorted(gaps, key=lambda g: g[0] - g[1])[:12]
+        def where(t):  # the innermost hf/hfp annotation open at time t
+            open_ = [e for e in ann if e["ts"] <= t < e["ts"] + e["dur"] and e["name"].startswith(("hf", "cuda"))
+                     and e is not call]
+            return min(open_, key=lambda e: e["dur"])["name"] if open_ else "-"
+        out.append(dict(wall_ms=round(call["dur"] / 1e3, 2), gpu_busy_ms=round(busy / 1e3, 2),
+                        gpu_idle_ms=round(sum(b - a for a, b in gaps) / 1e3, 2), idle_gaps=len(gaps),
+                        idle_ms_by_host_annotation={k: round(v / 1e3, 2) for k, v in idle.most_common(25)},
+                        largest_gaps=[dict(at_ms=round((a - t0) / 1e3, 2), ms=round((b - a) / 1e3, 2),
+                                           host=where((a + b) / 2)) for a, b in big]))
+    return out
+
+
 res = {}
+if "--call" in sys.argv:  # whole calls: where the GPU waits between and around the decode steps
+    os.environ["HF_PAGED_CASCADE"] = "auto"
+    import random
+    rng = random.Random(0)  # prefix_bench.py's data set: the same draws
+    preamble = [rng.randrange(1, cfg.vocab_size) for _ in range(64 if TINY else 1024)]
+    questions = [[rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(*((4, 24) if TINY else (32, 256))))]
+                 for _ in range(16 if TINY else 256)]
+    size = 8 if TINY else 32
+    NEW = 8 if TINY else 64
+    batches = [left_pad([preamble + q for q in questions[i:i + size]], DEV) for i in range(0, len(questions), size)]
+    for _ in range(2):  # a first pass compiles every shape
+        prefix_cache = hf_paged.PrefixCache(max_memory="8GiB")
+        for ids, mask in batches:
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                               do_sample=False, prefix_cache=prefix_cache)
+    # the pass as prefix_bench times it (a new PrefixCache), its first three calls traced
+    prefix_cache = hf_paged.PrefixCache(max_memory="8GiB")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+        for ids, mask in batches[:3]:
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                               do_sample=False, prefix_cache=prefix_cache)
+    path = os.path.join(OUT, "trace_calls.json")
+    prof.export_chrome_trace(path)
+    res["calls"] = analyse_call(path)
+    print(json.dumps(res, indent=1), flush=True)
+    if not TINY: os.remove(path)
+    json.dump(res, open(os.path.join(OUT, "step_trace_calls.json"), "w"), indent=1)
+    raise SystemExit(0)
 cases = [("sample", "0"), ("sample", "1"), ("greedy", "0"), ("greedy", "auto")]
 if "--greedy" in sys.argv:  # the few-shot shape only (prefix_bench's decode step)
     cases = cases[2:]

@@ -74,6 +74,8 @@ def _paged_attention(module, query: torch.Tensor, fwd: PagedForward, layer: Laye
     """The paged attention of ``query`` [B, Hq, Q, D] (the forward's batch), ``[B, Q, Hq, Dv]``."""
     layer_idx = compat.kv_source_layer(module)
     k_pool, v_pool = fwd.pools.get(layer_idx)
+    # the kernels read the pools' addresses from the device: a CUDA graph survives their growth
+    addresses = fwd.pools.addresses[layer_idx]
     new = fwd.take_new_kv(layer_idx)  # None for a layer that reads another layer's K/V (Gemma3n)
     meta = fwd.meta_for(layer_idx)
     if meta is not fwd.meta and (layer.sliding_window is None or layer.sliding_window > fwd.window):
@@ -87,11 +89,11 @@ def _paged_attention(module, query: torch.Tensor, fwd: PagedForward, layer: Laye
             return latent_attention(module, query, fwd, k_pool, v_pool, new, layer)
         if new is not None and meta.pads_after_start:
             # pad queries read the keys before them: store, then read every key from the pool
-            fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, meta.slot_mapping)
+            fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, meta.slot_mapping, addresses)
             new = None
         plans = fwd.plans if meta is fwd.meta else fwd.window_plans
         return fwd.backend.attend(query, k_pool, v_pool, meta, layer, new_key=None if new is None else new[0],
-                                  new_value=None if new is None else new[1], plans=plans)
+                                  new_value=None if new is None else new[1], plans=plans, pool_addresses=addresses)
 
 
 def latent_attention(module, query, fwd: PagedForward, k_pool, v_pool, new, layer: LayerAttention) -> torch.Tensor:
@@ -100,6 +102,7 @@ def latent_attention(module, query, fwd: PagedForward, k_pool, v_pool, new, laye
     expands the context's latents into per-head K/V with the layer's own ``expand_kv``, as stock
     does with its DynamicCache, and attends over them in PyTorch on every device."""
     meta = fwd.meta
+    fwd.direct_pool_reads.add(compat.kv_source_layer(module))  # the gather below holds the pools' addresses
     if new is not None:
         fwd.backend.store_kv(new[0], new[1], k_pool, v_pool, meta.slot_mapping)
     block_size = k_pool.shape[1]

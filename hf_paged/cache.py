@@ -361,11 +361,11 @@ class PagedCache(Cache):
     def replaying(self, meta: ForwardMetadata, seq_length: torch.Tensor, new_logical_len: int):
         """Run a forward over prebuilt metadata (the static buffers of a CUDA graph, for the step
         that ends at ``new_logical_len``), with ``get_seq_length()`` a device tensor: what a
-        captured decode step reads."""
+        captured decode step reads. Yields the forward's :class:`PagedForward`."""
         begun, self._forward = self._forward, self._new_forward(meta, new_logical_len)
         self._seq_length = seq_length
         try:
-            yield
+            yield self._forward
             self._forward.write_new_kv()  # inside the graph too
         finally:
             self._forward = begun  # the step's own forward, which the caller ends

@@ -197,6 +197,9 @@ class PagedForward:
         self.updated: set[int] = set()  # layers whose update() ran (shared with the per-device objects)
         self.plans: dict = {}  # kernel launch plans of this forward on this device, reused layer after layer
         self.copied: set[int] = set()  # layers whose copy-on-write copies ran (shared with the per-device objects)
+        # Layers whose attention read their pools other than through LayerPools.addresses (latent
+        # attention's PyTorch gather): a CUDA graph of this forward holds those pools' addresses.
+        self.direct_pool_reads: set[int] = set()
         self._on_device: dict[torch.device, PagedForward] = {}
 
     @property
@@ -213,6 +216,7 @@ class PagedForward:
                 self.meta.to(device), self.pools, self.new_logical_len, self.new_kv, self.window_layers, self.window,
                 None if self.packed_index is None else self.packed_index.to(device))
             moved.updated, moved.copied, moved.call_shape = self.updated, self.copied, self.call_shape
+            moved.direct_pool_reads = self.direct_pool_reads
         return moved
 
     def unpack(self, states: torch.Tensor) -> torch.Tensor:
@@ -261,4 +265,5 @@ class PagedForward:
             here = self.on(key.device)
             k_pool, v_pool = self.pools.get(layer_idx)
             with device_guard(key.device):
-                here.backend.store_kv(key, value, k_pool, v_pool, here.meta_for(layer_idx).slot_mapping)
+                here.backend.store_kv(key, value, k_pool, v_pool, here.meta_for(layer_idx).slot_mapping,
+                                      self.pools.addresses[layer_idx])

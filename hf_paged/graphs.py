@@ -193,7 +193,10 @@ class _GraphKey(NamedTuple):
 
     batch: int
     width: int  # of the block table
-    pools_version: int  # the layer tensors' allocation (the graph holds their addresses)
+    # the layers' tensors as created (LayerPools.layout_version): the graph holds the addresses of
+    # their LayerPools.addresses, which the kernels read the pools' addresses from, so enlarged
+    # pools keep it valid (a graph that read pools directly also checks pools_version: _DecodeGraph)
+    pools_layout: int
     inputs: tuple  # (name, shape, dtype) of the static inputs
     plain: tuple  # (name, value) of the plain inputs
     # the model whose forward is captured (its weights' addresses and versions, dtype, adapters: a
@@ -213,10 +216,11 @@ class GraphStore:
 
     A cache's own store holds at most one graph (a new width or new pools replace it) and dies
     with the cache. A :class:`~hf_paged.prefix_cache.PrefixCache`'s store (``shared``) outlives
-    the calls: its pools stay at the same addresses, so the next ``generate`` over them replays the
-    graphs an earlier call captured, instead of capturing its own (about 0.1 s per call for an 8B
-    model). Its keys carry the model's key (weights, dtype, adapters) and the pools' version, and
-    it keeps the ``SHARED_GRAPHS_LIMIT`` most recently used.
+    the calls: its pools' tensors live on, and the kernels find them through their addresses
+    tensors even after the pools grew, so the next ``generate`` over them replays the graphs an
+    earlier call captured, instead of capturing its own (about 0.1 s per call for an 8B model, and
+    the GPU idle meanwhile). Its keys carry the model's key (weights, dtype, adapters) and the
+    pools' layout, and it keeps the ``SHARED_GRAPHS_LIMIT`` most recently used.
     """
 
     def __init__(self, shared: bool = False):
@@ -234,8 +238,8 @@ class GraphStore:
         if not self.shared:
             self.graphs = {key: graph}  # older graphs held an older width or older pools
             return
-        # a graph over reallocated pools would write freed memory: never kept
-        self.graphs = {k: g for k, g in self.graphs.items() if k.pools_version == key.pools_version}
+        # a graph over dropped pools' addresses would write freed memory: never kept
+        self.graphs = {k: g for k, g in self.graphs.items() if k.pools_layout == key.pools_layout}
         self.graphs[key] = graph
         while len(self.graphs) > SHARED_GRAPHS_LIMIT:
             del self.graphs[next(iter(self.graphs))]
@@ -293,6 +297,10 @@ class _DecodeGraph:
         self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
         self.cache_ref: list = [None]  # [weakref to the cache of the step]: see bind()
         self.verified = False
+        # Whether the captured step read a pool other than through LayerPools.addresses (latent
+        # attention), and the pools' allocation it saw: such a graph is captured again after growth.
+        self.direct_pool_reads = [False]
+        self.pools_version: int | None = None
 
     @property
     def width(self) -> int:
@@ -318,15 +326,21 @@ class _DecodeGraph:
         cache_keys = [k for k in compat.CACHE_KEYS if k in kwargs]
         plain = {k: v for k, v in kwargs.items() if k not in cache_keys and k not in self.inputs}
         plain["attention_mask"] = None
-        meta, inputs, seq_length, step = self.meta, self.inputs, self.seq_length, self.step
+        meta, inputs, seq_length, step, direct = self.meta, self.inputs, self.seq_length, self.step, self.direct_pool_reads
 
         def run():
             cache = cache_ref[0]()
-            with cache.replaying(meta, seq_length, new_logical_len=step[0]):
+            with cache.replaying(meta, seq_length, new_logical_len=step[0]) as fwd:
                 outputs = forward(**plain, **{k: cache for k in cache_keys}, **inputs)
+                direct[0] = bool(fwd.direct_pool_reads)
             return type(outputs), {k: v for k, v in outputs.items() if v is not cache}
 
         return run
+
+    def holds_pools_of(self, pools) -> bool:
+        """Whether a replay reads ``pools`` as they are now: through their addresses tensors
+        (always, unless the step read a pool directly), or at the addresses it was captured with."""
+        return not self.direct_pool_reads[0] or self.pools_version == pools.version
 
     def outputs(self, result, cache: PagedCache):
         """A replay's outputs: the logits copied out of the graph's buffer, the live cache."""
@@ -442,7 +456,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int
         cache.grow_layer_pools()  # now, so that no pool is reallocated inside a graph
         fwd.copy_blocks(cache.pools)  # copy-on-write of shared tail blocks: a varying number per step
         inputs = {k: kwargs[k] for k in _STATIC_INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
-        key = _GraphKey(batch, width, cache.pools.version,
+        key = _GraphKey(batch, width, cache.pools.layout_version,
                         tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                         tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS), model_id,
                         tuple(sorted(cache.window_layers)), segments)
@@ -450,6 +464,8 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int
         # attention (and not the paged metadata) differs from its eager step only then.
         kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"
         graph = store.get(key)
+        if graph is not None and not graph.holds_pools_of(cache.pools):
+            graph = None  # captured again over the enlarged pools (replaces the old one in the store)
         if graph is None:
             # The real step runs eagerly, as the model defines it (it also compiles the kernels);
             # then the same step is captured over the static buffers. A model's first replay over
@@ -470,6 +486,7 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int
                 _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
                          for_model=False)
                 return outputs
+            graph.pools_version = cache.pools.version
             store.add(key, graph)
             state.captures += 1
             STATS["captures"] += 1

@@ -44,8 +44,8 @@ def replays_run_no_python(monkeypatch):
     @contextlib.contextmanager
     def replaying(self, *args, **kwargs):
         logical_len = self.tables.logical_len
-        with real(self, *args, **kwargs):
-            yield
+        with real(self, *args, **kwargs) as fwd:
+            yield fwd
         self.tables.logical_len = logical_len
 
     monkeypatch.setattr(hf_paged.PagedCache, "replaying", replaying)

@@ -143,8 +143,11 @@ def _feature(feature, g, num_q_heads, device):
     return {}
 
 
-def _run(case: SharedCase, heads, dtype, device, feature, fused, splits=(None, None), min_chunks=1):
-    """Cascade vs the reference on one case; returns the plan."""
+def _run(case: SharedCase, heads, dtype, device, feature, fused, splits=(None, None), min_chunks=1,
+         via_addresses=False):
+    """Cascade vs the reference on one case; returns the plan. ``via_addresses``: the kernels get
+    the pools through ``pool_addresses`` and decoys (same shape and strides) as key_cache /
+    value_cache, which must stay untouched."""
     num_q_heads, num_kv_heads = heads
     head_dim = case.key_cache.shape[3]
     batch = case.block_table.shape[0]
@@ -170,10 +173,17 @@ def _run(case: SharedCase, heads, dtype, device, feature, fused, splits=(None, N
     ref = reference.paged_attention(query, case.key_cache.clone(), case.value_cache.clone(), case.block_table,
                                     case.seq_lens, case.query_pos, scale, **kw)
     out = torch.full((batch, 1, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
+    pools, addresses = (k_cache, v_cache), None
+    if via_addresses:
+        pools = (torch.full_like(k_cache, 7.0), torch.full_like(v_cache, 7.0))
+        addresses = torch.tensor([k_cache.data_ptr(), v_cache.data_ptr()], dtype=torch.int64, device=device)
     K.get_backend("triton").paged_attention(
-        query, k_cache, v_cache, case.block_table, case.seq_lens, case.query_pos, scale, out=out, **kw, **new_kw,
-        cascade=cascade.CascadeBatch.from_plan(plan, device), num_kv_splits=splits[0], num_shared_splits=splits[1])
+        query, *pools, case.block_table, case.seq_lens, case.query_pos, scale, out=out, **kw, **new_kw,
+        cascade=cascade.CascadeBatch.from_plan(plan, device), num_kv_splits=splits[0], num_shared_splits=splits[1],
+        pool_addresses=addresses)
     _check_close(out, ref, dtype)
+    if via_addresses:
+        assert (pools[0] == 7.0).all() and (pools[1] == 7.0).all()
     pads = (case.query_pos[:, 0] < 0).cpu()
     assert (out[pads] == 0).all()
     if fused:  # the fused store wrote exactly the new tokens
@@ -218,6 +228,15 @@ def test_cascade_fixed_structure(device, seed, heads, head_dim, dtype, feature, 
     plan = _run(case, heads, dtype, device, feature, fused, splits, min_chunks=3)
     assert plan.own_start.tolist() == [48, 48, 48, 0, 80, 80, 0, 0, 16, 16]
     assert plan.num_chunks == 3
+
+
+@pytest.mark.parametrize("device,seed,heads,head_dim,dtype,feature,fused,splits",
+                         [c for c in CASES + CUDA_CASES if c.values[1] in (0, 1, 3)])
+def test_cascade_reads_the_pools_at_pool_addresses(device, seed, heads, head_dim, dtype, feature, fused, splits):
+    """Both cascade launches (the shared prefixes, the own parts with the fused store) read and
+    write the pools through pool_addresses (what a CUDA graph keeps when the pools grow)."""
+    case = SharedCase(seed, FIXED_ROWS, heads[1], head_dim, 16, dtype, device, pad_rows=(6,))
+    _run(case, heads, dtype, device, feature, fused, splits, min_chunks=3, via_addresses=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -231,6 +231,39 @@ def test_shared_preamble_computed_once_on_triton(cuda_pair, monkeypatch):
         assert result.sequences[0] == expected[0, len(prompt):].tolist(), name
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_kept_graph_replays_over_grown_prefix_cache_pools(family, monkeypatch):
+    """Real CUDA graphs over a PrefixCache whose pools grow between calls: the graph the first
+    call captured reads the enlarged pools through their addresses tensors, so a later call of
+    the same shape replays it (no capture) and gets stock's tokens. (Latent attention, which
+    captures again after growth, is tested on CPU: DeepSeek's graphs are not always capturable.)"""
+    import hf_paged
+
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    paged, stock = make_pair(family)
+    paged, stock = paged.cuda(), stock.cuda()
+    g = torch.Generator().manual_seed(1)
+    preamble = torch.randint(3, 256, (48,), generator=g)
+    prefix = hf_paged.PrefixCache(max_memory="256MiB")
+    seen = []
+    for lengths in [(5, 9, 13), (6, 8, 12), (5, 9, 13) * 4, (7, 9, 13)]:
+        rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in lengths]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        version = prefix.pools.version
+        out = _gen(paged, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
+        ref = _gen(stock, ids, mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(out.sequences, ref.sequences), (family, lengths)
+        state = cache_of(out).graph_state
+        assert state.disabled is None, family
+        seen.append((state.captures, state.replays, version, prefix.pools.version))
+    assert seen[2][3] > seen[2][2], "the third call did not grow the pools: the case tests nothing"
+    assert seen[1][0] == 0 and (seen[3][0], seen[3][1]) == (0, 10 - 1), (family, seen)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
 def test_window_blocks_released_on_triton(family, monkeypatch):
     """Sliding-window layers free the blocks that leave their window while the Triton kernels

@@ -17,14 +17,18 @@ class RecordingBackend:
     def __init__(self):
         self.calls = []
 
-    def store_kv(self, key, value, key_cache, value_cache, slot_mapping):
+    def store_kv(self, key, value, key_cache, value_cache, slot_mapping, pool_addresses=None):
+        assert pool_addresses is None or pool_addresses.device == key_cache.device
         self.calls.append(("store", key.device, key_cache.device, slot_mapping.device, id(slot_mapping)))
 
     def copy_blocks(self, key_cache, value_cache, src, dst):
         self.calls.append(("copy", key_cache.device, src.device, dst.device, id(src)))
 
-    def attend(self, query, key_cache, value_cache, batch, layer, *, new_key=None, new_value=None, plans=None):
-        # the attention launch writes the layer's new K/V (see PagedCache.update)
+    def attend(self, query, key_cache, value_cache, batch, layer, *, new_key=None, new_value=None, plans=None,
+               pool_addresses=None):
+        # the attention launch writes the layer's new K/V (see PagedCache.update), at the pools
+        # whose addresses it reads from a tensor on their device
+        assert pool_addresses.device == key_cache.device
         self.calls.append(("store", new_key.device, key_cache.device, batch.slot_mapping.device,
                            id(batch.slot_mapping)))
         assert batch.block_table.device == batch.seq_lens.device == batch.query_pos.device == key_cache.device

@@ -243,6 +243,62 @@ def test_graphed_decode_over_a_prefix_cache(fake_graphs):
     assert prefix.graph_store is None
 
 
+def _prefix_calls(paged, stock, prefix, questions, seed=3, new=10):
+    """Calls over ``prefix``, one per entry of ``questions`` (question lengths of its 3 rows after a
+    48-token preamble): each call's tokens equal stock's; returns each call's (captures, replays,
+    pools' version before the call, after)."""
+    g = torch.Generator().manual_seed(seed)
+    preamble = torch.randint(3, 256, (48,), generator=g)
+    seen = []
+    for lengths in questions:
+        rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in lengths]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        version = prefix.pools.version
+        out = _gen(paged, ids, mask, max_new_tokens=new, do_sample=False, prefix_cache=prefix)
+        assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=new, do_sample=False).sequences)
+        state = cache_of(out).graph_state
+        assert state.disabled is None
+        seen.append((state.captures, state.replays, version, prefix.pools.version))
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_kept_graph_serves_calls_after_its_prefix_cache_pools_grew(family, fake_graphs):
+    """The kernels find the pools through LayerPools.addresses, so the graph a PrefixCache keeps
+    outlives the growth of its pools: a later call over enlarged pools replays it (no capture),
+    with stock's tokens (a real replay reading the freed pools would not give them:
+    test_cuda.py runs this on the GPU)."""
+    paged, stock = make_pair(family)
+    prefix = hf_paged.PrefixCache(max_memory="16MiB")
+    # the same table width (4 blocks of 16: 48 + 5..13 + 10 tokens); many more rows in the third
+    seen = _prefix_calls(paged, stock, prefix, [(5, 9, 13), (6, 8, 12), (5, 9, 13) * 4])
+    (c1, _, _, v1), (c2, r2, _, v2), (c3, r3, before3, v3) = seen
+    assert c1 == 1 and (c2, r2) == (0, 10 - 1) and v2 == v1
+    assert v3 > before3, "the third call's rows did not make the pool grow: the case tests nothing"
+    assert c3 == 1 and len(prefix.graph_store.graphs) == 2  # a batch of 12 rows: a graph of its own
+    # and the batch of 3 again, over the grown pools: the first call's graph replays
+    (c4, r4, _, _), = _prefix_calls(paged, stock, prefix, [(5, 9, 13)], seed=4)
+    assert (c4, r4) == (0, 10 - 1)
+
+
+def test_a_graph_that_read_pools_directly_is_captured_again_after_they_grew(fake_graphs):
+    """A step whose attention read a pool other than through its addresses tensor (latent
+    attention gathers it in PyTorch) holds the pools' own addresses: after they grew it is captured
+    again, never replayed over the freed tensors."""
+    paged, stock = make_pair("deepseek_v3")
+    prefix = hf_paged.PrefixCache(max_memory="64MiB")
+    seen = _prefix_calls(paged, stock, prefix, [(5, 9, 13), (6, 8, 12), (5, 9, 13) * 4, (5, 9, 13)])
+    graph = next(iter(prefix.graph_store.graphs.values()))
+    assert graph.direct_pool_reads[0]
+    assert seen[1][0] == 0 and seen[1][3] == seen[0][3]  # same pools: replayed
+    assert seen[2][3] > seen[2][2]  # the third call grew them
+    assert seen[3][0] == 1  # the batch of 3 again: captured anew over the grown pools
+
+
 def test_a_reset_cache_never_replays_another_models_graph(fake_graphs):
     """A user's cache, reset and given to another model with the same shapes (the pools stay): the
     graph key carries the model's key, so the second model captures its own graph and gets its own

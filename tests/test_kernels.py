@@ -414,6 +414,62 @@ def test_attention_stores_new_tokens_then_attends(device, seed, heads, head_dim,
         "a pad (negative slot) must not be written"
 
 
+def _addresses(key_cache, value_cache):
+    return torch.tensor([key_cache.data_ptr(), value_cache.data_ptr()], dtype=torch.int64, device=key_cache.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused,splits,feature", [(True, 1, None), (True, 3, "window"), (False, 2, "sinks"),
+                                                  (False, 1, None)])
+def test_decode_reads_and_writes_the_pools_at_pool_addresses(device, fused, splits, feature):
+    """With pool_addresses the decode kernel (plain, split-KV, with the fused store) reads and
+    writes the pools whose addresses the tensor holds: key_cache / value_cache, decoys of the same
+    shape and strides here, give only dtype and strides (what a CUDA graph keeps when the pools
+    are reallocated) and are never touched."""
+    dtype = DTYPES[device][0]
+    case = PagedCase(91, [17, 40, 66], 2, 64, 16, dtype, device)
+    g = case.g
+    query = _query(g, 3, 8, 1, 64, dtype, device)
+    qpos = _tail_positions(case.seq_lens, 1, 0)
+    kw = _feature_kwargs(feature, g, 8, device, window=9)
+    ref = reference.paged_attention(query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, qpos,
+                                    0.125, **kw)
+    k_cache, v_cache = case.key_cache.clone(), case.value_cache.clone()
+    new_kw = {}
+    if fused:
+        blk, off, new_key, new_value = case.new_kv(qpos)
+        k_cache[blk.reshape(-1), off.reshape(-1)] = NAN  # written by the launch, through the addresses
+        v_cache[blk.reshape(-1), off.reshape(-1)] = NAN
+        new_kw = dict(new_key=new_key, new_value=new_value,
+                      slot_mapping=(blk * 16 + off).to(torch.int32).contiguous())
+    decoy_k, decoy_v = torch.full_like(k_cache, 7.0), torch.full_like(v_cache, 7.0)
+    out = _tri().paged_attention(query, decoy_k, decoy_v, case.block_table, case.seq_lens, qpos, 0.125,
+                                 num_kv_splits=splits, pool_addresses=_addresses(k_cache, v_cache), **kw, **new_kw)
+    _check_close(out, ref, dtype)
+    assert (decoy_k == 7.0).all() and (decoy_v == 7.0).all()
+    finite = ~torch.isnan(case.key_cache)
+    assert torch.equal(k_cache[finite], case.key_cache[finite]) and torch.equal(v_cache[finite], case.value_cache[finite])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_store_writes_the_pools_at_pool_addresses(device):
+    dtype = DTYPES[device][0]
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(4, 16, 2, 32, generator=g).to(device, dtype)
+    v_cache = torch.randn(4, 16, 2, 32, generator=g).to(device, dtype)
+    key = torch.randn(2, 2, 3, 32, generator=g).to(device, dtype)
+    value = torch.randn(2, 2, 3, 32, generator=g).to(device, dtype)
+    slots = torch.tensor([[5, -1, 40], [17, 63, 0]], dtype=torch.int32, device=device)
+    exp_k, exp_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(key, value, exp_k, exp_v, slots)
+    decoy_k, decoy_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    _tri().store_kv(key, value, decoy_k, decoy_v, slots, _addresses(k_cache, v_cache))
+    assert torch.equal(k_cache, exp_k) and torch.equal(v_cache, exp_v)
+    assert not decoy_k.any() and not decoy_v.any()
+    with pytest.raises(ValueError, match="pool_addresses must be a contiguous int64 \\[2\\] tensor"):
+        _tri().store_kv(key, value, k_cache, v_cache, slots, _addresses(k_cache, v_cache).to(torch.int32))
+
+
 def _tma_modes(device):
     # Pointer loads everywhere; TMA in the interpreter and on GPUs that have it (sm90+).
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:

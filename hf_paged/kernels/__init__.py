@@ -5,7 +5,7 @@ Memory layout (both backends): key_cache / value_cache are
 K's); see reference.py for every argument's layout.
 
     backend = get_backend()            # or backend_for(device): "torch" | "triton"
-    backend.store_kv(key, value, key_cache, value_cache, slot_mapping)
+    backend.store_kv(key, value, key_cache, value_cache, slot_mapping)   # pool_addresses=...: see attend
     out = backend.attend(query, key_cache, value_cache, batch, LayerAttention(scale, ...),
                          new_key=..., new_value=..., plans=...)
     backend.copy_blocks(key_cache, value_cache, src, dst)
@@ -108,15 +108,17 @@ class Backend:
 
     def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: BatchMetadata,
                layer: LayerAttention, *, new_key: torch.Tensor | None = None, new_value: torch.Tensor | None = None,
-               plans: dict | None = None) -> torch.Tensor:
+               plans: dict | None = None, pool_addresses: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``query`` [B, Hq, Q, D] over the pool, ``[B, Q, Hq, Dv]``. With
         ``new_key`` / ``new_value`` (this forward's K/V) they are written at the batch's slot
-        mapping first (inside the launch for decode)."""
+        mapping first (inside the launch for decode). ``pool_addresses``: int64 [2] on the device,
+        the pools' addresses, which the Triton decode kernels read there (a captured graph then
+        survives the pools' reallocation)."""
         return self.paged_attention(
             query, key_cache, value_cache, batch.block_table, batch.seq_lens, batch.query_pos, layer.scale,
             layer.sliding_window, layer.softcap, layer.sinks, None, batch.max_seq_len, new_key, new_value,
             None if new_key is None else batch.slot_mapping, plans=plans, max_context_len=batch.max_context_len,
-            chunk_size=layer.chunk_size, cascade=getattr(batch, "cascade", None),
+            chunk_size=layer.chunk_size, cascade=getattr(batch, "cascade", None), pool_addresses=pool_addresses,
         )
 
 

@@ -16,7 +16,7 @@ from . import context_lens, tuning  # tuning read at each plan: benchmarks sweep
 from .arith import cdiv, next_pow2
 from .attention_kernels import _decode_kernel, _merge_splits_kernel, _multi_token_kernel, _shared_prefix_kernel
 from . import cascade as cascade_plan  # MAX_CHUNK_ROWS read at each plan (tests change it)
-from .checks import check_attention_args, check_device, check_local_attention
+from .checks import check_attention_args, check_device, check_local_attention, check_pool_addresses
 from .store import store_kv
 
 
@@ -45,6 +45,7 @@ def paged_attention(
     chunk_size: int | None = None,
     cascade=None,
     num_shared_splits: int | None = None,
+    pool_addresses: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -65,6 +66,12 @@ def paged_attention(
     the chunks of rows that share leading blocks read them once per chunk (shared-prefix decode).
     num_kv_splits / block_n / block_m / num_shared_splits: keyword-only overrides of the launch
     config (tests and benchmarks); by default they come from the fixed config table.
+    pool_addresses: optional int64 [2] on the device, ``(key_cache.data_ptr(),
+    value_cache.data_ptr())``: the decode kernels read the pools' addresses from it, and
+    key_cache / value_cache give only their dtype, shape and strides. A CUDA graph that captured
+    the launch then stays valid when the pools are reallocated with the same strides, once this
+    tensor holds the new addresses. The multi-token path (never captured) reads key_cache /
+    value_cache.
     """
     launch = None
     if plans is not None:
@@ -72,14 +79,16 @@ def paged_attention(
                key_cache.dtype, value_cache.stride(), scale, sliding_window, softcap, sinks is None,
                None if out is None else (out.shape, out.stride()),
                None if new_key is None else (new_key.stride(), new_value.stride()),
-               num_kv_splits, block_n, block_m, max_context_len == 0, chunk_size, cascade is None, num_shared_splits)
+               num_kv_splits, block_n, block_m, max_context_len == 0, chunk_size, cascade is None, num_shared_splits,
+               pool_addresses is None)
         launch = plans.get(key)
     if launch is None:
-        extra = tuple(t for t in (sinks, new_key, new_value, slot_mapping) if t is not None)
+        extra = tuple(t for t in (sinks, new_key, new_value, slot_mapping, pool_addresses) if t is not None)
         check_device(query, key_cache, value_cache, block_table, seq_lens, query_pos, *extra)
         check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks, softcap,
                              new_key, new_value, slot_mapping)
         check_local_attention(sliding_window, chunk_size)
+        check_pool_addresses(pool_addresses)
         common = _Common.of(query, key_cache, block_table, seq_lens, query_pos, scale, sliding_window, chunk_size,
                             softcap, sinks, out)
         if common.batch == 0 or query.shape[2] == 0:
@@ -95,7 +104,7 @@ def paged_attention(
                                        slot_mapping, block_n, block_m)
         if plans is not None:
             plans[key] = launch
-    return launch(query, key_cache, value_cache, sinks, out, new_key, new_value)
+    return launch(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses)
 
 
 @dataclass(frozen=True)
@@ -144,7 +153,7 @@ class _Common:
     def new_out(self, out):
         return torch.empty(self.out_shape, dtype=self.dtype, device=self.device) if out is None else out
 
-    def empty_launch(self, query, key_cache, value_cache, sinks, out, new_key, new_value):
+    def empty_launch(self, query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         return self.new_out(out)
 
 
@@ -182,14 +191,16 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
     if num_splits == 1:
         grid = (c.batch, c.num_kv_heads, 1)
 
-        def launch(query, key_cache, value_cache, sinks, out, new_key, new_value):
+        def launch(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
             out = c.new_out(out)
             _decode_kernel[grid](
                 out, out, out, out,  # partial buffers unused
-                query, key_cache, value_cache, *c.fixed_tensors,
+                query, key_cache, value_cache, slot if pool_addresses is None else pool_addresses,
+                *c.fixed_tensors,
                 query if sinks is None else sinks,
                 query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
-                *c.scalars, tokens_per_split, *strides, 0, 0, 0, 0, 0, 0, 0, *new_strides, **meta,
+                *c.scalars, tokens_per_split, *strides, 0, 0, 0, 0, 0, 0, 0, *new_strides,
+                POOL_ADDRESSES=pool_addresses is not None, **meta,
             )
             return out
         return launch
@@ -206,14 +217,16 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
     merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(num_splits)),
                       USE_SINKS=c.flags["USE_SINKS"], num_warps=4)
 
-    def launch_split(query, key_cache, value_cache, sinks, out, new_key, new_value):
+    def launch_split(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         out = c.new_out(out)
         sinks_arg = query if sinks is None else sinks
         _decode_kernel[grid](
             out, part_acc, part_max, part_sum,
-            query, key_cache, value_cache, *c.fixed_tensors, sinks_arg,
+            query, key_cache, value_cache, slot if pool_addresses is None else pool_addresses,
+            *c.fixed_tensors, sinks_arg,
             query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
-            *c.scalars, tokens_per_split, *strides, *part_strides, *new_strides, **meta,
+            *c.scalars, tokens_per_split, *strides, *part_strides, *new_strides,
+            POOL_ADDRESSES=pool_addresses is not None, **meta,
         )
         _merge_splits_kernel[(c.batch, c.num_q_heads)](
             out, part_acc, part_max, part_sum, query_pos, sinks_arg, query_pos, *merge_args, **merge_meta,
@@ -274,18 +287,21 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
                       USE_SINKS=c.flags["USE_SINKS"], CASCADE=True, num_warps=4)
     chunks, members, own_start = cascade.chunks, cascade.members, cascade.own_start
 
-    def launch_cascade(query, key_cache, value_cache, sinks, out, new_key, new_value):
+    def launch_cascade(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         out = c.new_out(out)
         sinks_arg = query if sinks is None else sinks
+        addresses = slot if pool_addresses is None else pool_addresses  # (never read without POOL_ADDRESSES)
+        indirect = pool_addresses is not None
         _shared_prefix_kernel[(slots * subtiles, c.num_kv_heads, shared_splits)](
-            part_acc, part_max, part_sum, query, key_cache, value_cache, block_table, query_pos, chunks, members,
-            *c.scalars, own_splits, *q_strides, *kv_strides, *part_strides, **shared_meta,
+            part_acc, part_max, part_sum, query, key_cache, value_cache, addresses, block_table, query_pos, chunks,
+            members, *c.scalars, own_splits, *q_strides, *kv_strides, *part_strides, POOL_ADDRESSES=indirect,
+            **shared_meta,
         )
         _decode_kernel[(c.batch, c.num_kv_heads, own_splits)](
             out, part_acc, part_max, part_sum,
-            query, key_cache, value_cache, *c.fixed_tensors, sinks_arg,
+            query, key_cache, value_cache, addresses, *c.fixed_tensors, sinks_arg,
             query if new_key is None else new_key, query if new_value is None else new_value, slot, own_start,
-            *c.scalars, 0, *decode_strides, *part_strides, *new_strides, **decode_meta,
+            *c.scalars, 0, *decode_strides, *part_strides, *new_strides, POOL_ADDRESSES=indirect, **decode_meta,
         )
         _merge_splits_kernel[(c.batch, c.num_q_heads)](
             out, part_acc, part_max, part_sum, query_pos, sinks_arg, own_start, *merge_args, **merge_meta,
@@ -322,7 +338,7 @@ def _plan_multi_token(c: _Common, query, key_cache, value_cache, max_context_len
     tma_wanted = has_new and tuning.new_kv_tma(c.device)
     tma_box = [1, 1, block_n, c.block_d]
 
-    def launch_multi(query, key_cache, value_cache, sinks, out, new_key, new_value):
+    def launch_multi(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         out = c.new_out(out)
         new_k = new_v = query  # never read without HAS_NEW
         tma = False

@@ -13,6 +13,11 @@ Memory layout:
                              does the write in the same launch; multi-token stores first, then
                              reads a row's own tokens from these tensors (TMA on sm90+) and only
                              its cached context from the pool
+    pool_addresses         : int64 [2] (optional, decode): the addresses of key_cache and
+                             value_cache, read on the device (POOL_ADDRESSES); key_cache /
+                             value_cache then give only dtype and strides, so a CUDA graph that
+                             captured the launch keeps working when the pools are reallocated
+                             (the tensor is updated, not the graph)
     out                    : [B, Q, num_q_heads, head_dim]
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
     cascade (decode)       : int32 chunks [C, 3] = (shared tokens, first member, members), members [B],
@@ -60,6 +65,13 @@ def _first_visible_key(pos, local_size, CHUNKED: tl.constexpr):
         return pos - pos % local_size
     else:
         return pos - local_size + 1
+
+
+@triton.jit
+def _pool_base(pool_addresses_ptr, index, like_ptr):
+    # The pool's address as the device holds it (pool_addresses), typed as like_ptr; the
+    # allocator's blocks are 16-byte aligned, and saying so keeps the K/V loads vectorised.
+    return tl.multiple_of(tl.load(pool_addresses_ptr + index).to(tl.pointer_type(like_ptr.dtype.element_ty)), 16)
 
 
 # True when Triton built this module's kernels for its CPU interpreter (TRITON_INTERPRET=1 at
@@ -281,7 +293,7 @@ def _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS: tl.co
 @triton.jit
 def _decode_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-    query_ptr, key_cache_ptr, value_cache_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
     new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr,
     scale, softcap, local_size,
@@ -311,10 +323,14 @@ def _decode_kernel(
     DOT_PRECISION: tl.constexpr,
     CHUNKED: tl.constexpr = False,
     CASCADE: tl.constexpr = False,
+    POOL_ADDRESSES: tl.constexpr = False,
 ):
     # CASCADE: the row's keys before own_start[b] (its shared prefix) are read by
     # _shared_prefix_kernel; this program reads [own_start, pos] and always writes partials
     # (SPLIT), the splits cutting the row's own range, for the merge.
+    if POOL_ADDRESSES:
+        key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
+        value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -469,7 +485,7 @@ def _merge_splits_kernel(
 @triton.jit
 def _shared_prefix_kernel(
     part_acc_ptr, part_max_ptr, part_sum_ptr,
-    query_ptr, key_cache_ptr, value_cache_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr,
     scale, softcap, local_size,
     first_slot,
@@ -492,7 +508,11 @@ def _shared_prefix_kernel(
     CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    POOL_ADDRESSES: tl.constexpr = False,
 ):
+    if POOL_ADDRESSES:  # (see _decode_kernel)
+        key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
+        value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
     # Cascade decode, the shared part: one program per (chunk slot x subtile, kv head, split).
     # A chunk (kernels/cascade.py) is rows whose first S stored tokens sit in the same blocks;
     # tile row r = (member sub * ROWS + r // GROUP, head r % GROUP of this kv head), so one K/V

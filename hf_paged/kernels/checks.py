@@ -67,6 +67,14 @@ def check_local_attention(sliding_window: int | None, chunk_size: int | None) ->
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
 
 
+def check_pool_addresses(pool_addresses) -> None:
+    """``pool_addresses``: None, or the int64 [2] device tensor of the K and V pools' addresses."""
+    if pool_addresses is not None and (pool_addresses.dtype != torch.int64 or tuple(pool_addresses.shape) != (2,)
+                                       or not pool_addresses.is_contiguous()):
+        raise ValueError(f"pool_addresses must be a contiguous int64 [2] tensor (the K and V pools' data_ptr()), "
+                         f"got {pool_addresses.dtype} {list(pool_addresses.shape)}")
+
+
 def check_attention_args(query, key_cache, value_cache, block_table, seq_lens, query_pos, sinks, softcap,
                          new_key, new_value, slot_mapping) -> None:
     """The Triton attention's shapes, dtypes and options (see attention.py for the layout)."""

@@ -32,8 +32,11 @@ def store_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    pool_addresses: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]."""
+    """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]
+    (``pool_addresses`` is the Triton kernels' device copy of the pools' addresses: the reference
+    writes the tensors it is given)."""
     batch, num_kv_heads, num_tokens, _ = key.shape
     block_size = key_cache.shape[1]
     slots = slot_mapping.reshape(-1).to(torch.long)
@@ -103,6 +106,7 @@ def paged_attention(
     max_context_len: int | None = None,
     chunk_size: int | None = None,
     cascade=None,
+    pool_addresses: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of query [B, Hq, Q, D] over the paged cache; returns [B, Q, Hq, D].
 
@@ -110,8 +114,8 @@ def paged_attention(
     when given. Without it the CPU path reads seq_lens (free on CPU) and a CUDA caller
     gathers the whole block table.
     new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
-    attended to. plans, max_context_len, cascade: accepted for the Triton backend's signature;
-    nothing to plan here (a shared-prefix plan changes which reads the Triton kernels share, not
+    attended to. plans, max_context_len, cascade, pool_addresses: accepted for the Triton
+    backend's signature (this path reads the tensors it is given; nothing is captured); nothing to plan here (a shared-prefix plan changes which reads the Triton kernels share, not
     the result: this is its reference too). chunk_size: chunked attention (Llama 4): a query at position p sees only the
     keys of its own chunk, n // chunk_size == p // chunk_size; not with sliding_window.
     """

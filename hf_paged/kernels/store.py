@@ -7,6 +7,8 @@ Memory layout:
     key_cache, value_cache : [num_blocks, block_size, num_kv_heads, head_dim], any strides
     slot_mapping           : int32/int64 [B, Q]; slot = block_id * block_size + offset,
                              a negative slot is a pad token and is not written
+    pool_addresses         : int64 [2] (optional): key_cache's and value_cache's addresses, read
+                             on the device (a CUDA graph holds this tensor's, not the pools')
 One program copies BLOCK_T tokens x BLOCK_HD elements of the flattened (head, dim) row,
 for K and V, so both reads and writes are wide rows rather than one program per token.
 """
@@ -18,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .arith import cdiv, next_pow2
-from .checks import check_device
+from .attention_kernels import _pool_base
+from .checks import check_device, check_pool_addresses
 
 
 @triton.jit
@@ -27,6 +30,7 @@ def _store_kv_kernel(
     value_ptr,
     key_cache_ptr,
     value_cache_ptr,
+    pool_addresses_ptr,
     slot_mapping_ptr,
     num_tokens,  # B * Q
     tokens_per_row,  # Q
@@ -41,7 +45,11 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HD: tl.constexpr,
+    POOL_ADDRESSES: tl.constexpr = False,
 ):
+    if POOL_ADDRESSES:
+        key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
+        value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
     token = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = token < num_tokens
     row = (token // tokens_per_row).to(tl.int64)
@@ -88,9 +96,13 @@ def store_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    pool_addresses: torch.Tensor | None = None,
 ) -> None:
-    """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]."""
-    check_device(key, value, key_cache, value_cache, slot_mapping)
+    """Write key/value [B, H_kv, Q, D] into the paged caches at slot_mapping [B, Q]
+    (``pool_addresses``: see the module's layout)."""
+    check_device(key, value, key_cache, value_cache, slot_mapping,
+                 *(() if pool_addresses is None else (pool_addresses,)))
+    check_pool_addresses(pool_addresses)
     if key.dim() != 4 or value.dim() != 4 or value.shape[:3] != key.shape[:3]:
         raise ValueError(f"key/value must be [B, num_kv_heads, Q, head_dim] (head_dim may differ), got "
                          f"{tuple(key.shape)} and {tuple(value.shape)}")
@@ -116,7 +128,7 @@ def store_kv(
     block_t = max(1, min(64, 8192 // block_hd))
     grid = (cdiv(num_tokens, block_t), cdiv(row_elems, block_hd))
     _store_kv_kernel[grid](
-        key, value, key_cache, value_cache, slot_mapping,
+        key, value, key_cache, value_cache, slot_mapping if pool_addresses is None else pool_addresses, slot_mapping,
         num_tokens, tokens_per_row,
         *key.stride(), *value.stride(),
         *key_cache.stride(), *value_cache.stride(),
@@ -127,5 +139,6 @@ def store_kv(
         BLOCK_SIZE=block_size,
         BLOCK_T=block_t,
         BLOCK_HD=block_hd,
+        POOL_ADDRESSES=pool_addresses is not None,
         num_warps=4,
     )
