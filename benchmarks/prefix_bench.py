@@ -56,6 +56,8 @@ p.add_argument("--prefix-memory", default="8GiB", help="the PrefixCache's cap")
 p.add_argument("--stock-only", action="store_true", help="only stock transformers' pass (its time and peak)")
 p.add_argument("--phases", action="store_true",
                help="only where a pass's time goes, call by call, without synchronising each step (section 3)")
+p.add_argument("--paths", default=None,
+               help="with --phases: the comma-separated rows to run (default: all), e.g. unshared,shared+cascade")
 args = p.parse_args()
 
 dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -227,6 +229,8 @@ if args.phases:
             ("shared+cascade, 1 graph per step", "shared", "auto", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
             ("unshared, 1 graph per step", "unshared", "0", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
             ("shared+cascade, no deferred stop", "shared", "auto", None, {"HF_PAGED_DEFERRED_STOP": "0"})):
+        if args.paths is not None and label not in args.paths.split(","):
+            continue
         os.environ["HF_PAGED_CASCADE"] = cascade_mode
         os.environ.update(env)
         kept = prefix_mod.RESERVE_GROWTH
