@@ -281,6 +281,21 @@ class _DecodeGraph:
     """
 
     def __init__(self, fwd: PagedForward, inputs: dict, device: torch.device):
+        # Normal tensors even when captured under torch.inference_mode: a prefix cache's graph
+        # serves later calls, which may run outside it, and refresh() updates these in place.
+        with torch.inference_mode(False):
+            self._make_buffers(fwd, inputs, device)
+        self.step = [0]  # the logical length the step ends at (read by the static step in Python)
+        self.replay = None  # () -> (output class, output fields without the cache)
+        self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
+        self.cache_ref: list = [None]  # [weakref to the cache of the step]: see bind()
+        self.verified = False
+        # Whether the captured step read a pool other than through LayerPools.addresses (latent
+        # attention), and the pools' allocation it saw: such a graph is captured again after growth.
+        self.direct_pool_reads = [False]
+        self.pools_version: int | None = None
+
+    def _make_buffers(self, fwd: PagedForward, inputs: dict, device: torch.device) -> None:
         meta = fwd.meta
         # the static copy of the step's packed metadata, and the metadata over it
         # (shared-prefix decode: the capture step's choice holds for the graph's life; its arrays
@@ -292,15 +307,6 @@ class _DecodeGraph:
                                          window_copies=None if meta.window is None else (None, None))
         self.inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
         self.seq_length = torch.zeros((), dtype=torch.long, device=device)  # tokens before this step
-        self.step = [0]  # the logical length the step ends at (read by the static step in Python)
-        self.replay = None  # () -> (output class, output fields without the cache)
-        self.cache_fields: tuple = ()  # output fields that hold the cache (set again at each replay)
-        self.cache_ref: list = [None]  # [weakref to the cache of the step]: see bind()
-        self.verified = False
-        # Whether the captured step read a pool other than through LayerPools.addresses (latent
-        # attention), and the pools' allocation it saw: such a graph is captured again after growth.
-        self.direct_pool_reads = [False]
-        self.pools_version: int | None = None
 
     @property
     def width(self) -> int:

@@ -47,10 +47,13 @@ class LayerPools:
         k_pool = self.keys[layer_idx]
         if k_pool is None:
             heads = key_states.shape[1]
-            for pools, states in ((self.keys, key_states), (self.values, value_states)):
-                pools[layer_idx] = torch.empty((num_blocks, self.block_size, heads, states.shape[3]),
-                                               dtype=states.dtype, device=states.device)
-            self.addresses[layer_idx] = self._addresses_of(layer_idx).to(key_states.device)
+            # Normal tensors even when made under torch.inference_mode: later calls, which may run
+            # outside it, write the pools and update the addresses in place.
+            with torch.inference_mode(False):
+                for pools, states in ((self.keys, key_states), (self.values, value_states)):
+                    pools[layer_idx] = torch.empty((num_blocks, self.block_size, heads, states.shape[3]),
+                                                   dtype=states.dtype, device=states.device)
+                self.addresses[layer_idx] = self._addresses_of(layer_idx).to(key_states.device)
             self.version += 1
             self.layout_version += 1
         elif key_states.dtype != k_pool.dtype:
@@ -74,8 +77,9 @@ class LayerPools:
     def _enlarge(self, layer_idx: int, num_blocks: int) -> None:
         for pools in (self.keys, self.values):
             old = pools[layer_idx]
-            new = torch.empty((num_blocks,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
-            new[: old.shape[0]].copy_(old)
+            with torch.inference_mode(False):  # (see ensure)
+                new = torch.empty((num_blocks,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+                new[: old.shape[0]].copy_(old)
             pools[layer_idx] = new
         # in stream order: a graph replayed after this reads the new addresses
         self.addresses[layer_idx].copy_(self._addresses_of(layer_idx))

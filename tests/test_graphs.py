@@ -285,6 +285,17 @@ def test_a_kept_graph_serves_calls_after_its_prefix_cache_pools_grew(family, fak
     assert (c4, r4) == (0, 10 - 1)
 
 
+def test_a_graph_kept_from_an_inference_mode_call_replays_in_a_plain_call(fake_graphs):
+    """A PrefixCache's graph captured under torch.inference_mode serves a later call made without
+    it: its static buffers, updated in place at every replay, are not inference tensors."""
+    paged, stock = make_pair("llama")
+    prefix = hf_paged.PrefixCache(max_memory="16MiB")
+    with torch.inference_mode():
+        _prefix_calls(paged, stock, prefix, [(5, 9, 13)])
+    (captures, replays, _, _), = _prefix_calls(paged, stock, prefix, [(6, 8, 12)], seed=4)
+    assert (captures, replays) == (0, 10 - 1)
+
+
 def test_a_graph_that_read_pools_directly_is_captured_again_after_they_grew(fake_graphs):
     """A step whose attention read a pool other than through its addresses tensor (latent
     attention gathers it in PyTorch) holds the pools' own addresses: after they grew it is captured

@@ -102,6 +102,22 @@ def test_prefix_cache_serves_a_later_call(pair):
     prefix.pool.check_consistency([])
 
 
+def test_pools_made_under_inference_mode_grow_in_a_later_plain_call():
+    """A first call under torch.inference_mode, a later one without it that grows the prefix
+    cache's pools: the pools' addresses tensors (updated in place when the pools grow) must not be
+    inference tensors, which no in-place update outside inference_mode may touch."""
+    paged, stock = make_pair("llama", seed=6)
+    prefix = PrefixCache(max_memory="64MiB")
+    ids, mask = _batch(seed=1, suffixes=(5, 9))
+    with torch.inference_mode():
+        _gen(paged, ids, mask, prefix_cache=prefix)
+    version = prefix.pools.version
+    ids, mask = _batch(seed=2, suffixes=SUFFIXES * 3)
+    out = _gen(paged, ids, mask, prefix_cache=prefix)
+    assert prefix.pools.version > version, "the pools did not grow: the case tests nothing"
+    assert torch.equal(out.sequences, _gen(stock, ids, mask).sequences)
+
+
 def test_eviction_under_a_cap_keeps_tokens_right():
     paged, stock = make_pair("llama", seed=6)
     # a call takes 21 blocks (the preamble's 6, each row's question and new tokens 15): room for
