@@ -5,9 +5,13 @@ Memory layout (both backends): key_cache / value_cache are
 K's); see reference.py for every argument's layout.
 
     backend = get_backend()            # or backend_for(device): "torch" | "triton"
-    backend.store_kv(key, value, key_cache, value_cache, slot_mapping)   # pool_addresses=...: see attend
+    backend.store_kv(key, value, key_cache, value_cache, slot_mapping, pool_addresses=None)
     out = backend.attend(query, key_cache, value_cache, batch, LayerAttention(scale, ...),
-                         new_key=..., new_value=..., plans=...)
+                         new_key=..., new_value=..., plans=..., pool_addresses=None)
+
+``pool_addresses`` (int64 [2] on the device, the pools' ``data_ptr()``): the Triton decode and
+store kernels then read the pools' addresses from it, so that a CUDA graph of the launch survives
+the pools' reallocation (``hf_paged.layer_pools``); the PyTorch reference ignores it.
     backend.copy_blocks(key_cache, value_cache, src, dst)
 
 ``batch`` is any object with the batch's ``block_table``, ``seq_lens``, ``query_pos``,
