@@ -23,6 +23,7 @@ min_new_tokens=max_new_tokens); batches of 32.
    GPU), for the default settings and a few others.
 
     python benchmarks/prefix_bench.py            # about 7 minutes on an H200
+    python benchmarks/prefix_bench.py --no-ablations   # the issue's figures only (about 4 minutes)
     python benchmarks/prefix_bench.py --quick    # 128 prompts
     python benchmarks/prefix_bench.py --tiny     # a CPU smoke run of the script itself
     python benchmarks/prefix_bench.py --phases   # only section 3: a pass's time call by call (2 minutes)
@@ -56,6 +57,9 @@ p.add_argument("--prefix-memory", default="8GiB", help="the PrefixCache's cap")
 p.add_argument("--stock-only", action="store_true", help="only stock transformers' pass (its time and peak)")
 p.add_argument("--phases", action="store_true",
                help="only where a pass's time goes, call by call, without synchronising each step (section 3)")
+p.add_argument("--no-ablations", action="store_true",
+               help="skip the ablation rows and the per-forward breakdown (the figures of the issue only: tokens, "
+                    "the three paths' passes, stock)")
 p.add_argument("--paths", default=None,
                help="with --phases: the comma-separated rows to run (default: all), e.g. unshared,shared+cascade")
 args = p.parse_args()
@@ -324,12 +328,16 @@ for path in ("unshared", "shared", "shared+cascade"):
     timing[label] = dt
 os.environ.pop("HF_PAGED_CASCADE", None)
 
+os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
+record.write("prefix_bench.json")  # written again after each section: a run cut short keeps its figures
+
 # what a setting gives: one pass each with it off (a new PrefixCache each; the decode graphs are
 # captured again for the other setting). "stop checked every step": the decode loop synchronises
 # with the GPU at every step, as before the deferred stop check (both paths pay it alike).
-for label, var, value, path in (("shared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "shared"),
-                                ("unshared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "unshared"),
-                                ("shared, pads computed", "HF_PAGED_PACKED_PREFILL", "0", "shared")):
+ABLATIONS = (("shared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "shared"),
+             ("unshared, stop checked every step", "HF_PAGED_DEFERRED_STOP", "0", "unshared"),
+             ("shared, pads computed", "HF_PAGED_PACKED_PREFILL", "0", "shared"))
+for label, var, value, path in () if args.no_ablations else ABLATIONS:
     if args.tiny and var == "HF_PAGED_GRAPH_SEGMENTS":
         continue
     os.environ["HF_PAGED_CASCADE"] = "0"
@@ -355,6 +363,7 @@ emit(what="run", path="stock", run=1, seconds=round(dt, 3), prompt_tokens_comput
      computed_over_distinct=round(computed / distinct_tokens, 3), prefix_cache=None,
      peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if dev == "cuda" else None)
 timing["stock"] = dt
+record.write("prefix_bench.json")
 
 # where the time goes: one more pass per path with every forward timed (synchronised: slower than
 # the timed passes, so only the split is read from it)
@@ -388,7 +397,7 @@ def _timed_call(self, *a, **kw):
 
 
 graphs_mod.GraphedForward.__call__ = _timed_call
-for path in ("unshared", "shared"):
+for path in () if args.no_ablations else ("unshared", "shared"):
     phase_s.clear()
     phase_n.clear()
     dt, _, _ = timed_pass(path, PrefixCache(max_memory=args.prefix_memory) if path == "shared" else None)
