@@ -348,9 +348,11 @@ def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list
 
 class PrefillPhases(list):
     """The rounds of :func:`prefill_phases` (lists of prompt indices), with ``new_blocks``: the
-    blocks their prompts need that are not stored yet (distinct full blocks, partial tails)."""
+    blocks their prompts need that are not stored yet (distinct full blocks, partial tails), and
+    ``prompts``: the prompts' tokens they were planned from (read from the device once)."""
 
     new_blocks: int = 0
+    prompts: list | None = None
 
 
 def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhases | None:
@@ -398,6 +400,7 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhase
     stored_before = {h for hs in hashes for h in hs if tables.lookup(h) is not None}
     phases.new_blocks = len({h for hs in hashes for h in hs} - stored_before) + sum(
         -(-len(p) // bs) - len(hs) for p, hs in zip(prompts, hashes))
+    phases.prompts = prompts
     return phases if reused or len(phases) > 1 else None
 
 
@@ -410,7 +413,7 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
     one ``[len(rep), 1, vocab]`` (all that generate reads of the prompt step)."""
     width = input_ids.shape[1]
     cache.add_rows(len(rep))
-    prompts = _prompt_tokens(input_ids, model_kwargs.get("attention_mask"), rep)
+    prompts = phases.prompts
     merged = None
     outputs = None
     pack = can_pack(model, model_kwargs, input_ids)
