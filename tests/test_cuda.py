@@ -5,6 +5,7 @@ import torch
 
 import hf_paged.compat
 import hf_paged.graphs
+from hf_paged.testing import left_pad
 from tiny_models import FAMILIES, GRAPH_FALLBACK, GRAPH_FALLBACK_SOMETIMES, cache_of, cyclic_gc_off, left_padded_batch, make_pair
 
 pytestmark = pytest.mark.cuda
@@ -210,11 +211,7 @@ def test_shared_preamble_computed_once_on_triton(cuda_pair, monkeypatch):
     prefix = hf_paged.PrefixCache(max_memory="64MiB")
     for call in range(2):
         rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in suffixes]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         ref = _gen(stock, ids, mask, max_new_tokens=6, do_sample=False)
         out = _gen(paged, ids, mask, max_new_tokens=6, do_sample=False, prefix_cache=prefix)
         assert torch.equal(out.sequences, ref.sequences), (name, call)
@@ -248,11 +245,7 @@ def test_kept_graph_replays_over_grown_prefix_cache_pools(family, monkeypatch):
     seen = []
     for lengths in [(5, 9, 13), (6, 8, 12), (5, 9, 13) * 4, (7, 9, 13)]:
         rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in lengths]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         version = prefix.pools.version
         out = _gen(paged, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
         ref = _gen(stock, ids, mask, max_new_tokens=10, do_sample=False)

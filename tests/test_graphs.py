@@ -16,6 +16,7 @@ from tiny_models import FAMILIES, assert_logits_close, cache_of, cyclic_gc_off, 
 
 import hf_paged
 from hf_paged import graphs
+from hf_paged.testing import left_pad
 
 
 @pytest.fixture(autouse=True)
@@ -218,11 +219,7 @@ def test_graphed_decode_over_a_prefix_cache(fake_graphs):
     for seed in (1, 2):
         q = [torch.randint(3, 256, (n,), generator=g) for n in (5, 17, 9)]
         rows = [torch.cat([preamble, x]) for x in q]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(3, width, dtype=torch.long)
-        mask = torch.zeros(3, width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         ref = _gen(stock, ids, mask, max_new_tokens=10, do_sample=False)
         out = _gen(paged, ids, mask, max_new_tokens=10, do_sample=False, prefix_cache=prefix)
         assert torch.equal(out.sequences, ref.sequences), seed
@@ -252,11 +249,7 @@ def _prefix_calls(paged, stock, prefix, questions, seed=3, new=10):
     seen = []
     for lengths in questions:
         rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in lengths]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         version = prefix.pools.version
         out = _gen(paged, ids, mask, max_new_tokens=new, do_sample=False, prefix_cache=prefix)
         assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=new, do_sample=False).sequences)

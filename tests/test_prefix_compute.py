@@ -8,6 +8,7 @@ from tiny_models import FAMILIES, cache_of, make_pair
 
 import hf_paged
 from hf_paged import PagedCache, PrefixCache
+from hf_paged.testing import left_pad
 
 PREAMBLE = 96
 SUFFIXES = (9, 21, 3, 40, 17, 30, 1, 12)
@@ -20,12 +21,7 @@ def _batch(seed, preamble_seed=0, suffixes=SUFFIXES, preamble=PREAMBLE):
     pre = torch.randint(3, 256, (preamble,), generator=g)
     g = torch.Generator().manual_seed(1000 + seed)
     rows = [torch.cat([pre, torch.randint(3, 256, (n,), generator=g)]) for n in suffixes]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+    ids, mask = left_pad(rows)
     return ids, mask
 
 

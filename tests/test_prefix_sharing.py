@@ -120,11 +120,7 @@ def test_shared_prefix_decode_gives_stock_tokens(llama, forwards, monkeypatch, k
         g = torch.Generator().manual_seed(25)
         preamble = torch.randint(3, 256, (48,), generator=g)
         rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in (5, 19, 11)]
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(3, width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         kw = dict(max_new_tokens=6, do_sample=False)
     else:
         ids, mask = left_padded_batch([40, 75], seed=26)

@@ -14,6 +14,7 @@ from hf_paged import PagedCache, PrefixCache
 from hf_paged.block_pool import BlockPool
 from hf_paged.block_table import RELEASED, BlockTables
 from hf_paged.kernels.tuning import WINDOW_READ_MARGIN
+from hf_paged.testing import left_pad
 
 WINDOW = 32
 NEW = 10 * WINDOW  # a generation ten windows long
@@ -93,11 +94,7 @@ def test_prefix_cache_reuse_with_windowed_layers():
     g = torch.Generator().manual_seed(0)
     preamble = torch.randint(3, 256, (WINDOW_READ_MARGIN + 3 * WINDOW,), generator=g)
     rows = [torch.cat([preamble, torch.randint(3, 256, (n,), generator=g)]) for n in (5, 9)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    ids, mask = left_pad(rows)
     prefix = PrefixCache(max_blocks=4096)
     ref = _generate(stock, ids, mask, max_new_tokens=WINDOW)
     first = _generate(paged, ids, mask, max_new_tokens=WINDOW, prefix_cache=prefix)
