@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 
 import torch
@@ -22,6 +23,17 @@ def llama_config(tiny: bool) -> LlamaConfig:
                            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+
+
+def few_shot_prompts(vocab_size: int, n_prompts: int, preamble_len: int, question_lengths: tuple[int, int],
+                     seed: int = 0) -> tuple[list[int], list[list[int]]]:
+    """prefix_bench.py's data set: one preamble and ``n_prompts`` questions of lengths drawn from
+    ``question_lengths`` (inclusive), token ids >= 1 (0 is the pad); ``(preamble, questions)``."""
+    rng = random.Random(seed)
+    preamble = [rng.randrange(1, vocab_size) for _ in range(preamble_len)]
+    questions = [[rng.randrange(1, vocab_size) for _ in range(rng.randint(*question_lengths))]
+                 for _ in range(n_prompts)]
+    return preamble, questions
 
 
 class Record:

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import time
 
 import torch
-from bench_common import Record, llama_config
+from bench_common import Record, few_shot_prompts, llama_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import hf_paged
@@ -86,10 +85,8 @@ model.eval()
 model.generation_config.eos_token_id = None
 model.generation_config.pad_token_id = 0
 
-# the data set: one preamble, each prompt its own question (token ids >= 1: 0 is the pad)
-rng = random.Random(0)
-preamble = [rng.randrange(1, cfg.vocab_size) for _ in range(preamble_len)]
-questions = [[rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(*q_range))] for _ in range(n_prompts)]
+# the data set: one preamble, each prompt its own question
+preamble, questions = few_shot_prompts(cfg.vocab_size, n_prompts, preamble_len, q_range)
 prompts = [preamble + q for q in questions]
 distinct_tokens = preamble_len + sum(len(q) for q in questions)  # what a perfect prefix cache computes
 batches = [prompts[i:i + batch_size] for i in range(0, n_prompts, batch_size)]

@@ -19,7 +19,7 @@ if TINY:
     os.environ.setdefault("TRITON_INTERPRET", "1"); os.environ.setdefault("HF_PAGED_BACKEND", "triton")
 import torch
 from torch.profiler import profile, ProfilerActivity, record_function
-from bench_common import llama_config
+from bench_common import few_shot_prompts, llama_config
 from transformers import AutoModelForCausalLM
 from transformers.generation import logits_process, stopping_criteria
 import hf_paged
@@ -106,12 +106,26 @@ def sync():
 def wall(workload, new):
     sync(); t = time.perf_counter(); gen(workload, new); sync(); return time.perf_counter() - t
 
-def analyse(trace_path, steps_wanted):
-    ev = json.load(open(trace_path))["traceEvents"]
-    ev = [e for e in ev if e.get("ph") == "X"]
+def load_trace(trace_path):
+    """(GPU events sorted by start, host annotations, CUDA runtime calls) of a chrome trace."""
+    ev = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
     gpu = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")], key=lambda e: e["ts"])
-    ann = [e for e in ev if e.get("cat") == "user_annotation"]
-    rt = [e for e in ev if e.get("cat") == "cuda_runtime"]
+    return gpu, [e for e in ev if e.get("cat") == "user_annotation"], [e for e in ev if e.get("cat") == "cuda_runtime"]
+
+def host_during_gaps(events, gap_list, t0, t1):
+    """Microseconds each host event name overlaps the GPU's idle intervals ``gap_list`` within
+    [t0, t1] (nested events each count)."""
+    c = collections.Counter()
+    for e in events:
+        s, f = e["ts"], e["ts"] + e["dur"]
+        if f < t0 or s > t1: continue
+        for a, b in gap_list:
+            o = min(f, b) - max(s, a)
+            if o > 0: c[e["name"][:50]] += o
+    return c
+
+def analyse(trace_path, steps_wanted):
+    gpu, ann, rt = load_trace(trace_path)
     fw = sorted([e for e in ann if e["name"] == "hfp.forward"], key=lambda e: e["ts"])
     fw = fw[-(steps_wanted + 1):]
     t0, t1 = fw[0]["ts"], fw[-1]["ts"]
@@ -131,15 +145,6 @@ def analyse(trace_path, steps_wanted):
         end = max(end, e["ts"] + e["dur"])
     if t1 > end:
         gap_list.append((end, t1)); gaps["tail"] += t1 - end
-    def overlap(events):
-        c = collections.Counter()
-        for e in events:
-            s, f = e["ts"], e["ts"] + e["dur"]
-            if f < t0 or s > t1: continue
-            for a, b in gap_list:
-                o = min(f, b) - max(s, a)
-                if o > 0: c[e["name"][:50]] += o
-        return {k: round(v / n, 1) for k, v in c.most_common(20)}
     host_incl = collections.Counter()
     for e in ann + rt:
         if t0 <= e["ts"] < t1: host_incl[e["name"][:50]] += e["dur"]
@@ -148,16 +153,16 @@ def analyse(trace_path, steps_wanted):
     return dict(steps=n, wall_ms_per_step=round((t1 - t0) / n / 1e3, 3), gpu_busy_ms_per_step=round(busy / n / 1e3, 3),
                 gpu_events_per_step=round(len(win) / n, 1),
                 gaps_us_per_step={k: round(v / n, 1) for k, v in sorted(gaps.items())},
-                host_during_gaps_us_per_step=overlap(ann + rt),
+                host_during_gaps_us_per_step={k: round(v / n, 1)
+                                              for k, v in host_during_gaps(ann + rt, gap_list, t0, t1).most_common(20)},
                 host_inclusive_us_per_step={k: round(v / n, 1) for k, v in host_incl.most_common(25)},
                 top_kernels_us_per_step={k: round(v / n, 1) for k, v in kern.most_common(12)})
 
 def analyse_call(trace_path):
     """A whole generate call: its wall time, the GPU's busy time, and the GPU's idle time (gaps of
     20 us or more) by the host annotations running during it (nested ones each count)."""
-    ev = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
-    gpu = sorted([e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")], key=lambda e: e["ts"])
-    ann = [e for e in ev if e.get("cat") in ("user_annotation", "cuda_runtime")]
+    gpu, ann, rt = load_trace(trace_path)
+    ann = ann + rt
     calls = sorted([e for e in ann if e["name"] == "hf.generate"], key=lambda e: e["ts"])
     out = []
     for call in calls:
@@ -171,15 +176,7 @@ def analyse_call(trace_path):
             end = max(end, e["ts"] + e["dur"])
         if t1 - end >= 20:
             gaps.append((end, t1))
-        idle = collections.Counter()
-        for e in ann:
-            s, f = e["ts"], e["ts"] + e["dur"]
-            if f < t0 or s > t1 or e is call:
-                continue
-            for a, b in gaps:
-                o = min(f, b) - max(s, a)
-                if o > 0:
-                    idle[e["name"][:50]] += o
+        idle = host_during_gaps([e for e in ann if e is not call], gaps, t0, t1)
         big = sorted(gaps, key=lambda g: g[0] - g[1])[:12]
         def where(t):  # the innermost hf/hfp annotation open at time t
             open_ = [e for e in ann if e["ts"] <= t < e["ts"] + e["dur"] and e["name"].startswith(("hf", "cuda"))
@@ -196,11 +193,8 @@ def analyse_call(trace_path):
 res = {}
 if "--call" in sys.argv:  # whole calls: where the GPU waits between and around the decode steps
     os.environ["HF_PAGED_CASCADE"] = "auto"
-    import random
-    rng = random.Random(0)  # prefix_bench.py's data set: the same draws
-    preamble = [rng.randrange(1, cfg.vocab_size) for _ in range(64 if TINY else 1024)]
-    questions = [[rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(*((4, 24) if TINY else (32, 256))))]
-                 for _ in range(16 if TINY else 256)]
+    preamble, questions = (few_shot_prompts(cfg.vocab_size, 16, 64, (4, 24)) if TINY
+                           else few_shot_prompts(cfg.vocab_size, 256, 1024, (32, 256)))  # prefix_bench.py's
     size = 8 if TINY else 32
     NEW = 8 if TINY else 64
     batches = [left_pad([preamble + q for q in questions[i:i + size]], DEV) for i in range(0, len(questions), size)]
