@@ -293,7 +293,7 @@ class _DecodeGraph:
         # Whether the captured step read a pool other than through LayerPools.addresses (latent
         # attention), and the pools' allocation it saw: such a graph is captured again after growth.
         self.direct_pool_reads = [False]
-        self.pools_version: int | None = None
+        self.pools_version = fwd.pools.version  # grown before the step's graph is made, never inside it
 
     def _make_buffers(self, fwd: PagedForward, inputs: dict, device: torch.device) -> None:
         meta = fwd.meta
@@ -492,7 +492,6 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int
                 _disable(model, state, f"capturing the decode step failed ({type(exc).__name__}: {exc})",
                          for_model=False)
                 return outputs
-            graph.pools_version = cache.pools.version
             store.add(key, graph)
             state.captures += 1
             STATS["captures"] += 1

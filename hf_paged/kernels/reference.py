@@ -115,7 +115,8 @@ def paged_attention(
     gathers the whole block table.
     new_key / new_value [B, Hkv, Q, D] with slot_mapping [B, Q]: stored first (store_kv), then
     attended to. plans, max_context_len, cascade, pool_addresses: accepted for the Triton
-    backend's signature (this path reads the tensors it is given; nothing is captured); nothing to plan here (a shared-prefix plan changes which reads the Triton kernels share, not
+    backend's signature (this path reads the tensors it is given; nothing is captured); nothing
+    to plan here (a shared-prefix plan changes which reads the Triton kernels share, not
     the result: this is its reference too). chunk_size: chunked attention (Llama 4): a query at position p sees only the
     keys of its own chunk, n // chunk_size == p // chunk_size; not with sliding_window.
     """
