@@ -48,6 +48,28 @@ def chain_hashes(tokens: np.ndarray, block_size: int, parent: bytes) -> list[byt
     return hashes
 
 
+def chain_hashes_of_prompts(prompts: list[np.ndarray], block_size: int, parent: bytes) -> list[list[bytes]]:
+    """:func:`chain_hashes` of each prompt (int64 arrays), each chain taken over from the prompt
+    before it as far as their leading full blocks agree: a batch whose prompts open with one long
+    preamble hashes the preamble once, not once per row (the same values: a chained hash depends
+    only on the tokens from the row's first on)."""
+    out: list[list[bytes]] = []
+    prev: np.ndarray | None = None
+    for tokens in prompts:
+        full = len(tokens) // block_size
+        common = 0
+        if prev is not None:
+            m = min(full, len(out[-1])) * block_size
+            differ = np.flatnonzero(tokens[:m] != prev[:m])
+            common = (int(differ[0]) if len(differ) else m) // block_size
+        hashes = out[-1][:common] if common else []
+        start = hashes[-1] if common else parent
+        hashes = hashes + chain_hashes(tokens[common * block_size:full * block_size], block_size, start)
+        out.append(hashes)
+        prev = tokens
+    return out
+
+
 @dataclass(frozen=True)
 class ForwardPlan:
     """What one forward writes and reads, as host arrays (one row per batch row of the forward)."""
@@ -390,8 +412,9 @@ class BlockTables:
             known = [] if started_here[b] else self.row_tokens[r]
             done = 0 if started_here[b] else len(self.row_hashes[r])
             parent = self.row_hashes[r][-1] if done else self.salt
-            row = np.concatenate([np.asarray(known, dtype=np.int64), tokens[b][real[b]].astype(np.int64)])
-            hashes = chain_hashes(row[done * bs:], bs, parent)
+            # the blocks not hashed yet: the row's stored tail past its hashed blocks, then this forward's
+            row = np.concatenate([np.asarray(known[done * bs:], dtype=np.int64), tokens[b][real[b]].astype(np.int64)])
+            hashes = chain_hashes(row, bs, parent)
             row_hashes[b] = [(done + i, h) for i, h in enumerate(hashes)]
             if not started_here[b]:
                 continue
@@ -410,29 +433,35 @@ class BlockTables:
         return reuse, row_hashes
 
     # ------------------------------------------------------------------ prefixes without compute
-    def cached_prefix(self, tokens, max_tokens: int | None = None) -> list[int]:
+    def cached_prefix(self, tokens, max_tokens: int | None = None, hashes: list[bytes] | None = None) -> list[int]:
         """The pool's blocks (held or cached) holding the leading full blocks of a prompt of
-        ``tokens`` (at most ``max_tokens`` tokens of them), in order."""
+        ``tokens`` (at most ``max_tokens`` tokens of them), in order. ``hashes``: the chained
+        hashes of those leading blocks under this table's salt, when the caller has them (at
+        least as many as the blocks asked for; only those are read)."""
         if self.salt is None:
             return []
         tokens = np.asarray(tokens, dtype=np.int64)
         n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+        full = n // self.block_size
+        if hashes is None or len(hashes) < full:
+            hashes = chain_hashes(tokens[:full * self.block_size], self.block_size, self.salt)
         blocks = []
-        for h in chain_hashes(tokens[: n - n % self.block_size], self.block_size, self.salt):
+        for h in hashes[:full]:
             blk = self.lookup(h)
             if blk is None:
                 break
             blocks.append(blk)
         return blocks
 
-    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
+    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None, hashes: list[bytes] | None = None) -> int:
         """Give the empty row ``row`` the pool's blocks holding its prompt's leading full blocks
         (``tokens``: the prompt's ids; at most ``max_tokens`` of them): those tokens are stored
-        without running the model. Returns how many tokens the row now holds."""
+        without running the model. Returns how many tokens the row now holds. ``hashes``: as
+        for :meth:`cached_prefix`."""
         if self.tables[row] or self.seq_lens[row]:
             raise RuntimeError(f"hf_paged: reuse_prefix on row {row}, which already holds tokens (bookkeeping bug)")
         self._row_ops += 1
-        blocks = self.cached_prefix(tokens, max_tokens)
+        blocks = self.cached_prefix(tokens, max_tokens, hashes)
         if not blocks:
             return 0
         for blk in blocks:
@@ -440,7 +469,7 @@ class BlockTables:
         n = len(blocks) * self.block_size
         self.tables[row] = blocks
         self.seq_lens[row] = n
-        self.row_tokens[row] = [int(t) for t in tokens[:n]]
+        self.row_tokens[row] = np.asarray(tokens[:n], dtype=np.int64).tolist()
         self.row_hashes[row] = [self.pool.block_hash[b] for b in blocks]
         return n
 

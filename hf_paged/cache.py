@@ -345,14 +345,16 @@ class PagedCache(Cache):
             for tables in self._all_tables:
                 tables.salt = self.model_key
 
-    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None) -> int:
+    def reuse_prefix(self, row: int, tokens, max_tokens: int | None = None, hashes: list[bytes] | None = None) -> int:
         """Give the empty row ``row`` the stored blocks (held or cached) holding the leading full
         blocks of its prompt ``tokens`` (at most ``max_tokens`` tokens): returns the tokens it now
-        holds without compute (counted in ``tokens_reused``)."""
+        holds without compute (counted in ``tokens_reused``). ``hashes``: the chained hashes of
+        the prompt's full blocks under this cache's salt, when the caller computed them already."""
         if not self.share_prefixes:
             return 0
-        n = self.tables.reuse_prefix(row, tokens, max_tokens)
-        if self.window_tables is not None and self.window_tables.reuse_prefix(row, tokens, n) != n:
+        n = self.tables.reuse_prefix(row, tokens, max_tokens, hashes)
+        if self.window_tables is not None and self.window_tables.reuse_prefix(
+                row, tokens, n, hashes if self.window_tables.salt == self.tables.salt else None) != n:
             raise RuntimeError("hf_paged: the window layers' pool lacks a reused prefix block (bookkeeping bug)")
         self.tokens_reused += n
         return n

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import compat
-from .block_table import chain_hashes
+from .block_table import chain_hashes_of_prompts
 from .cache import PagedCache
 from .graphs import GraphedForward, graphs_enabled
 from .kernels.env import switch
@@ -349,10 +349,13 @@ def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list
 class PrefillPhases(list):
     """The rounds of :func:`prefill_phases` (lists of prompt indices), with ``new_blocks``: the
     blocks their prompts need that are not stored yet (distinct full blocks, partial tails), and
-    ``prompts``: the prompts' tokens they were planned from (read from the device once)."""
+    ``prompts``: the prompts' tokens they were planned from (read from the device once), and
+    ``hashes``: the chained hashes of each prompt's full blocks but its last token (what
+    :meth:`PagedCache.reuse_prefix` would compute again)."""
 
     new_blocks: int = 0
     prompts: list | None = None
+    hashes: list | None = None
 
 
 def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhases | None:
@@ -367,7 +370,7 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhase
     bs, salt, tables = cache.block_size, cache.tables.salt, cache.tables
     if salt is None:
         return None
-    hashes = [chain_hashes(p[: max(0, len(p) - 1) // bs * bs], bs, salt) for p in prompts]
+    hashes = chain_hashes_of_prompts([p[: max(0, len(p) - 1) // bs * bs] for p in prompts], bs, salt)
     known: set[bytes] = set()
 
     def stored(h: bytes) -> bool:
@@ -401,6 +404,7 @@ def prefill_phases(cache: PagedCache, prompts: list[np.ndarray]) -> PrefillPhase
     phases.new_blocks = len({h for hs in hashes for h in hs} - stored_before) + sum(
         -(-len(p) // bs) - len(hs) for p, hs in zip(prompts, hashes))
     phases.prompts = prompts
+    phases.hashes = hashes
     return phases if reused or len(phases) > 1 else None
 
 
@@ -421,7 +425,7 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
         suffix = {}
         for d in phase:
             n = len(prompts[d])
-            suffix[d] = n - cache.reuse_prefix(d, prompts[d], max_tokens=n - 1)
+            suffix[d] = n - cache.reuse_prefix(d, prompts[d], max_tokens=n - 1, hashes=phases.hashes[d])
         for group in length_groups([suffix[d] for d in phase], cache.max_prefill_tokens):
             ds = [phase[i] for i in group]
             w = max(1, max(suffix[d] for d in ds))

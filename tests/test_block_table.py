@@ -367,3 +367,34 @@ def test_a_continued_batch_keeps_the_own_token_layout():
     assert not plan.pads_after_start and tables.inner_pads == [[], [], []]
     assert tables.tables[1][:3] == tables.tables[0][:3]
     tables.check_consistency()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 20), st.integers(1, 5)), min_size=1, max_size=8))
+def test_chain_hashes_of_prompts_equal_each_prompts_own_chain(rows):
+    """Prompts that open with part of one preamble (any length, cut mid-block or not), then their
+    own tokens: the chains taken over from the prompt before are each prompt's own chain."""
+    from hf_paged.block_table import chain_hashes, chain_hashes_of_prompts
+
+    bs = 4
+    preamble = list(range(1, 41))
+    prompts = [np.asarray(preamble[:keep] + [100 + tag] * extra, dtype=np.int64) for keep, extra, tag in rows]
+    got = chain_hashes_of_prompts(prompts, bs, b"salt")
+    assert got == [chain_hashes(p, bs, b"salt") for p in prompts]
+
+
+def test_reuse_prefix_with_given_hashes_takes_the_same_blocks():
+    """The hashes prefill planning computed (one more block's than asked for) give a row the
+    blocks it would find by hashing its tokens itself; too few hashes are not trusted."""
+    from hf_paged.block_table import chain_hashes
+
+    tables = BlockTables(BlockPool(), 16)
+    tables.add_rows(4)
+    prompt = np.arange(1, 70)
+    tables.plan_forward([0], np.ones((1, 69), bool), prompt[None, :])
+    hashes = chain_hashes(prompt[:64], 16, tables.salt)
+    assert tables.reuse_prefix(1, prompt, max_tokens=50, hashes=hashes) == 48
+    assert tables.reuse_prefix(2, prompt, max_tokens=50) == 48
+    assert tables.reuse_prefix(3, prompt, max_tokens=68, hashes=hashes[:2]) == 64  # 2 < 4 blocks: hashed again
+    assert tables.tables[1] == tables.tables[2] == tables.tables[0][:3] and tables.tables[3] == tables.tables[0][:4]
+    tables.check_consistency()

@@ -172,6 +172,29 @@ def test_another_model_or_new_weights_never_hit_the_blocks():
     assert _stats(out)["tokens_prefilled"] == sum(n - (n - 1) // 16 * 16 for n in lengths)
 
 
+def test_model_key_follows_adapter_state_once_peft_is_imported(monkeypatch):
+    """An adapter layer's active / merged / disabled adapters key the prefix hashes; the module
+    walk that finds them runs once ``peft`` is imported (no adapter layer exists before)."""
+    import sys
+    import types
+
+    from hf_paged.prefix_cache import model_key
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].active_adapters = ["a"]
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    before = model_key(model)
+    model[1].active_adapters = ["b"]
+    assert model_key(model) == before  # no peft: adapters are not looked for
+    monkeypatch.setitem(sys.modules, "peft", types.ModuleType("peft"))
+    with_b = model_key(model)
+    model[1].active_adapters = ["a"]
+    with_a = model_key(model)
+    assert with_a != with_b and model_key(model) == with_a
+    model[1].disable_adapters = True
+    assert model_key(model) != with_a
+
+
 def test_hidden_states_keep_the_full_prefill():
     paged, stock = make_pair("llama", seed=10)
     ids, mask = _batch(seed=8)
