@@ -196,8 +196,10 @@ class PagedCache(Cache):
         return (f"PagedCache(rows={self.tables.num_rows}, block_size={self.block_size}, "
                 f"blocks_used={self.pool.num_used}/{self.pool.num_blocks}, layers={len(self.layers)})")
 
-    def activate_past_recording(self):
-        pass  # every token is kept: crop can always roll back
+    def activate_past_recording(self, **kwargs):
+        # every token is kept: crop can always roll back. Assisted decoding calls it; 5.25 passes
+        # recurrent_states_to_keep (for linear-attention layers' states, which a PagedCache has not)
+        pass
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return True

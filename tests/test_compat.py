@@ -163,6 +163,29 @@ def test_crop_convention_of_assisted_decoding(llama, monkeypatch):
         assert compat.crop_length(current, n) == (expected if expected < current else None)
 
 
+def test_activate_past_recording_call_of_assisted_decoding(llama, monkeypatch):
+    """Assisted decoding asks the cache to record its past before drafting: 5.17-5.24 call
+    activate_past_recording() with no argument, 5.25 with recurrent_states_to_keep (the drafted
+    tokens, for linear-attention states). A PagedCache keeps every token either way; a new
+    argument fails here, by name."""
+    paged, _ = llama
+    calls = []
+    original = PagedCache.activate_past_recording
+
+    def recording(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedCache, "activate_past_recording", recording)
+    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
+    paged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                   prompt_lookup_num_tokens=3, pad_token_id=0)
+    assert calls
+    for args, kwargs in calls:
+        assert not args and set(kwargs) <= {"recurrent_states_to_keep"}, calls
+
+
 def test_layer_types_of_hybrid_and_chunked_models():
     llama4 = make_config("llama4_text")
     assert compat.layer_types(llama4) == ["chunked_attention", "full_attention"]
