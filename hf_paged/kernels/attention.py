@@ -14,7 +14,7 @@ import torch
 
 from . import context_lens, tuning  # tuning read at each plan: benchmarks sweep its configs
 from .arith import cdiv, next_pow2
-from .attention_kernels import _decode_kernel, _merge_splits_kernel, _multi_token_kernel, _shared_prefix_kernel
+from .attention_kernels import _cascade_decode_kernel, _decode_kernel, _merge_splits_kernel, _multi_token_kernel
 from . import cascade as cascade_plan  # MAX_CHUNK_ROWS read at each plan (tests change it)
 from .checks import check_attention_args, check_device, check_local_attention, check_pool_addresses
 from .store import store_kv
@@ -198,7 +198,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
                 query, key_cache, value_cache, slot if pool_addresses is None else pool_addresses,
                 *c.fixed_tensors,
                 query if sinks is None else sinks,
-                query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
+                query if new_key is None else new_key, query if new_value is None else new_value, slot,
                 *c.scalars, tokens_per_split, *strides, 0, 0, 0, 0, 0, 0, 0, *new_strides,
                 POOL_ADDRESSES=pool_addresses is not None, **meta,
             )
@@ -224,7 +224,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
             out, part_acc, part_max, part_sum,
             query, key_cache, value_cache, slot if pool_addresses is None else pool_addresses,
             *c.fixed_tensors, sinks_arg,
-            query if new_key is None else new_key, query if new_value is None else new_value, slot, slot,
+            query if new_key is None else new_key, query if new_value is None else new_value, slot,
             *c.scalars, tokens_per_split, *strides, *part_strides, *new_strides,
             POOL_ADDRESSES=pool_addresses is not None, **meta,
         )
@@ -237,10 +237,11 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
 
 def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new_key, new_value, slot_mapping,
                          num_kv_splits, num_shared_splits):
-    """Shared-prefix decode, three launches: the chunks' shared prefixes (one K/V read per chunk,
-    all members' query heads in one tile), each row's own part (the decode kernel from own_start,
-    the fused store as usual), and the log-sum-exp merge of both (plus the sink). Every launch's
-    grid is fixed by the batch (chunk slots, not chunks), so a CUDA graph replays it for any plan."""
+    """Shared-prefix decode, two launches: one kernel for both partial parts, the chunks' shared
+    prefixes (one K/V read per chunk, all members' query heads in one tile) and each row's own part
+    (the decode program from own_start, the fused store as usual), then the log-sum-exp merge of
+    both (plus the sink). Every launch's grid is fixed by the batch (chunk slots, not chunks), so a
+    CUDA graph replays it for any plan."""
     slots = cascade_plan.num_chunk_slots(c.batch)
     for name, t, shape in (("chunks", cascade.chunks, (slots, 3)), ("members", cascade.members, (c.batch,)),
                            ("own_start", cascade.own_start, (c.batch,))):
@@ -268,19 +269,20 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
     part_strides = (*part_acc.stride(), *part_max.stride())
     q_strides = (query.stride(0), query.stride(1), query.stride(3))
     kv_strides = (*key_cache.stride(), *value_cache.stride(), *block_table.stride(), query_pos.stride(0))
-    decode_strides = (*q_strides, *kv_strides, c.out_strides[0], c.out_strides[2], c.out_strides[3])
     new_strides = (
         (new_key.stride(0), new_key.stride(1), new_key.stride(3),
          new_value.stride(0), new_value.stride(1), new_value.stride(3), slot_mapping.stride(0))
         if fused else (0,) * 7
     )
     flags = {k: v for k, v in c.flags.items() if k != "USE_SINKS"}
-    shared_meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, ROWS=rows, SUBTILES=subtiles, BLOCK_M=block_m,
-                       BLOCK_D=c.block_d, BLOCK_N=sh_n, BLOCK_SIZE=c.block_size, num_warps=sh_warps,
-                       num_stages=sh_stages, **flags)
-    decode_meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, BLOCK_G=max(16, next_pow2(c.group)), BLOCK_D=c.block_d,
-                       BLOCK_N=block_n, BLOCK_SIZE=c.block_size, num_warps=num_warps, num_stages=num_stages,
-                       SPLIT=True, FUSED_STORE=fused, CASCADE=True, **c.flags)
+    # one launch, one warp count and pipeline depth for both parts: the shallower of the two
+    # configurations (both 4 warps; bf16 at D = 128 both 3 stages)
+    meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, ROWS=rows, SUBTILES=subtiles, BLOCK_M=block_m,
+                BLOCK_G=max(16, next_pow2(c.group)), BLOCK_D=c.block_d, SHARED_BLOCK_N=sh_n, OWN_BLOCK_N=block_n,
+                BLOCK_SIZE=c.block_size, FUSED_STORE=fused, num_warps=max(sh_warps, num_warps),
+                num_stages=min(sh_stages, num_stages), **flags)
+    num_shared_programs = slots * subtiles * c.num_kv_heads * shared_splits
+    grid = (num_shared_programs + c.batch * c.num_kv_heads * own_splits,)
     merge_args = (own_splits, shared_splits, query_pos.stride(0), c.out_strides[0], c.out_strides[2],
                   c.out_strides[3], *part_strides)
     merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(own_splits + shared_splits)),
@@ -289,22 +291,17 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
 
     def launch_cascade(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         out = c.new_out(out)
-        sinks_arg = query if sinks is None else sinks
-        addresses = slot if pool_addresses is None else pool_addresses  # (never read without POOL_ADDRESSES)
-        indirect = pool_addresses is not None
-        _shared_prefix_kernel[(slots * subtiles, c.num_kv_heads, shared_splits)](
-            part_acc, part_max, part_sum, query, key_cache, value_cache, addresses, block_table, query_pos, chunks,
-            members, *c.scalars, own_splits, *q_strides, *kv_strides, *part_strides, POOL_ADDRESSES=indirect,
-            **shared_meta,
-        )
-        _decode_kernel[(c.batch, c.num_kv_heads, own_splits)](
-            out, part_acc, part_max, part_sum,
-            query, key_cache, value_cache, addresses, *c.fixed_tensors, sinks_arg,
-            query if new_key is None else new_key, query if new_value is None else new_value, slot, own_start,
-            *c.scalars, 0, *decode_strides, *part_strides, *new_strides, POOL_ADDRESSES=indirect, **decode_meta,
+        _cascade_decode_kernel[grid](
+            part_acc, part_max, part_sum, query, key_cache, value_cache,
+            slot if pool_addresses is None else pool_addresses,  # (never read without POOL_ADDRESSES)
+            block_table, seq_lens, query_pos, chunks, members, own_start,
+            query if new_key is None else new_key, query if new_value is None else new_value, slot,
+            *c.scalars, c.num_kv_heads, own_splits, shared_splits, num_shared_programs,
+            *q_strides, *kv_strides, *part_strides, *new_strides, POOL_ADDRESSES=pool_addresses is not None, **meta,
         )
         _merge_splits_kernel[(c.batch, c.num_q_heads)](
-            out, part_acc, part_max, part_sum, query_pos, sinks_arg, own_start, *merge_args, **merge_meta,
+            out, part_acc, part_max, part_sum, query_pos, query if sinks is None else sinks, own_start,
+            *merge_args, **merge_meta,
         )
         return out
     return launch_cascade

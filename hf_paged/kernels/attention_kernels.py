@@ -291,7 +291,8 @@ def _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS: tl.co
 
 
 @triton.jit
-def _decode_kernel(
+def _decode_program(
+    b, kv_head, split, num_splits,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
@@ -325,15 +326,14 @@ def _decode_kernel(
     CASCADE: tl.constexpr = False,
     POOL_ADDRESSES: tl.constexpr = False,
 ):
+    # One (row b, kv head, split) of num_splits: the body of _decode_kernel and of the cascade
+    # kernel's own-part programs.
     # CASCADE: the row's keys before own_start[b] (its shared prefix) are read by
-    # _shared_prefix_kernel; this program reads [own_start, pos] and always writes partials
+    # _shared_prefix_program; this program reads [own_start, pos] and always writes partials
     # (SPLIT), the splits cutting the row's own range, for the merge.
     if POOL_ADDRESSES:
         key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
         value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
-    b = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     pos = tl.load(query_pos_ptr + b * stride_qpos_b).to(tl.int32)
@@ -357,16 +357,16 @@ def _decode_kernel(
     if CASCADE:
         # Splits of the row's own range (short next to the shared prefix), sized here per row:
         # a captured graph keeps no host bound on it.
-        per_split = ((tl.maximum(hi - lo, 1) + tl.num_programs(2) - 1) // tl.num_programs(2) + BLOCK_N - 1) // BLOCK_N
+        per_split = ((tl.maximum(hi - lo, 1) + num_splits - 1) // num_splits + BLOCK_N - 1) // BLOCK_N
         base = lo
         lo = base + split * per_split * BLOCK_N
-        if split < tl.num_programs(2) - 1:
+        if split < num_splits - 1:
             hi = tl.minimum(hi, lo + per_split * BLOCK_N)
     elif SPLIT:
         # tokens_per_split is a multiple of BLOCK_N; the last split runs to the end so a
         # too-small host max_seq_len hint only costs balance, never correctness.
         lo = tl.maximum(lo, split * tokens_per_split)
-        if split < tl.num_programs(2) - 1:
+        if split < num_splits - 1:
             hi = tl.minimum(hi, (split + 1) * tokens_per_split)
 
     g = tl.arange(0, BLOCK_G)
@@ -398,7 +398,7 @@ def _decode_kernel(
         )
 
     if FUSED_STORE:
-        if split == tl.num_programs(2) - 1:
+        if split == num_splits - 1:
             nk = tl.load(new_key_ptr + b * stride_nkb + kv_head * stride_nkh + dims * stride_nkd,
                          mask=dim_mask, other=0.0).to(key_cache_ptr.dtype.element_ty)
             nv = tl.load(new_value_ptr + b * stride_nvb + kv_head * stride_nvh + dims * stride_nvd,
@@ -431,6 +431,55 @@ def _decode_kernel(
 
 
 @triton.jit
+def _decode_kernel(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
+    block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
+    new_key_ptr, new_value_ptr, slot_mapping_ptr,
+    scale, softcap, local_size,
+    tokens_per_split,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_bt_b, stride_bt_n,
+    stride_qpos_b,
+    stride_ob, stride_oh, stride_od,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_mb, stride_mh, stride_ms,
+    stride_nkb, stride_nkh, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvd,
+    stride_slot_b,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FUSED_STORE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CHUNKED: tl.constexpr = False,
+    POOL_ADDRESSES: tl.constexpr = False,
+):
+    # One program per (row, kv head, split): see _decode_program (no CASCADE: own_start unread).
+    _decode_program(
+        tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_ptr, key_cache_ptr, value_cache_ptr,
+        pool_addresses_ptr, block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr, new_key_ptr,
+        new_value_ptr, slot_mapping_ptr, seq_lens_ptr, scale, softcap, local_size, tokens_per_split,
+        stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
+        stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b, stride_ob, stride_oh, stride_od,
+        stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms, stride_nkb, stride_nkh,
+        stride_nkd, stride_nvb, stride_nvh, stride_nvd, stride_slot_b, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D,
+        BLOCK_N, BLOCK_SIZE, USE_WINDOW, USE_SOFTCAP, USE_SINKS, SPLIT, FUSED_STORE, DOT_PRECISION, CHUNKED,
+        False, POOL_ADDRESSES,
+    )
+
+
+@triton.jit
 def _merge_splits_kernel(
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_pos_ptr, sinks_ptr, own_start_ptr,
     num_splits, num_shared_splits,
@@ -445,7 +494,7 @@ def _merge_splits_kernel(
     CASCADE: tl.constexpr = False,
 ):
     # Partial slots [0, num_splits) are the decode kernel's; with CASCADE the next
-    # num_shared_splits are _shared_prefix_kernel's, written only for rows in a chunk
+    # num_shared_splits are the shared-prefix programs', written only for rows in a chunk
     # (own_start > 0): other rows' shared slots hold stale data and are not read.
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -483,7 +532,8 @@ def _merge_splits_kernel(
 
 
 @triton.jit
-def _shared_prefix_kernel(
+def _shared_prefix_program(
+    slot, sub, kv_head, split, num_splits,
     part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr,
@@ -499,7 +549,6 @@ def _shared_prefix_kernel(
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
-    SUBTILES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -510,20 +559,15 @@ def _shared_prefix_kernel(
     DOT_PRECISION: tl.constexpr,
     POOL_ADDRESSES: tl.constexpr = False,
 ):
-    if POOL_ADDRESSES:  # (see _decode_kernel)
+    if POOL_ADDRESSES:  # (see _decode_program)
         key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
         value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
-    # Cascade decode, the shared part: one program per (chunk slot x subtile, kv head, split).
+    # Cascade decode, the shared part: one program per (chunk slot, subtile, kv head, split).
     # A chunk (kernels/cascade.py) is rows whose first S stored tokens sit in the same blocks;
     # tile row r = (member sub * ROWS + r // GROUP, head r % GROUP of this kv head), so one K/V
     # tile of the prefix, read through the first member's block table, feeds the query heads of
     # up to ROWS rows in one tl.dot. Writes each row's unnormalised partial (acc, max, sum-exp:
     # log2 domain) at slot first_slot + split, after the decode kernel's own-part slots.
-    slot = tl.program_id(0) // SUBTILES
-    sub = tl.program_id(0) % SUBTILES
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     shared_len = tl.load(chunks_ptr + slot * 3).to(tl.int32)
     first = tl.load(chunks_ptr + slot * 3 + 1)
@@ -585,6 +629,84 @@ def _shared_prefix_kernel(
         pm = b * stride_mb + head * stride_mh + ps * stride_ms
         tl.store(part_max_ptr + pm, m_i, mask=row_mask)
         tl.store(part_sum_ptr + pm, l_i, mask=row_mask)
+
+
+@triton.jit
+def _cascade_decode_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr,
+    query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
+    block_table_ptr, seq_lens_ptr, query_pos_ptr, chunks_ptr, members_ptr, own_start_ptr,
+    new_key_ptr, new_value_ptr, slot_mapping_ptr,
+    scale, softcap, local_size,
+    num_kv_heads, own_splits, shared_splits, num_shared_programs,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_bt_b, stride_bt_n,
+    stride_qpos_b,
+    stride_pb, stride_ph, stride_ps, stride_pd,
+    stride_mb, stride_mh, stride_ms,
+    stride_nkb, stride_nkh, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvd,
+    stride_slot_b,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    SUBTILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SHARED_BLOCK_N: tl.constexpr,
+    OWN_BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    FUSED_STORE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    POOL_ADDRESSES: tl.constexpr = False,
+):
+    # Cascade decode, both partial parts in one launch (the merge follows as its own launch): a
+    # 1-D grid whose first num_shared_programs programs are the shared prefixes' (chunk slot x
+    # subtile, kv head, split), split fastest, and the rest the rows' own parts (row, kv head,
+    # split), split fastest. The longer shared-prefix programs come first, so they start in the
+    # first wave; one launch per layer fewer than running the two parts as two kernels.
+    pid = tl.program_id(0)
+    if pid < num_shared_programs:
+        split = pid % shared_splits
+        kv_head = (pid // shared_splits) % num_kv_heads
+        tile = pid // (shared_splits * num_kv_heads)
+        _shared_prefix_program(
+            tile // SUBTILES, tile % SUBTILES, kv_head, split, shared_splits,
+            part_acc_ptr, part_max_ptr, part_sum_ptr, query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
+            block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr, scale, softcap, local_size, own_splits,
+            stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
+            stride_vb, stride_vt, stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b,
+            stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms,
+            GROUP, HEAD_DIM, ROWS, BLOCK_M, BLOCK_D, SHARED_BLOCK_N, BLOCK_SIZE, USE_WINDOW, CHUNKED, USE_SOFTCAP,
+            DOT_PRECISION, POOL_ADDRESSES,
+        )
+    else:
+        own = pid - num_shared_programs
+        split = own % own_splits
+        kv_head = (own // own_splits) % num_kv_heads
+        b = (own // (own_splits * num_kv_heads)).to(tl.int64)
+        # out and sinks are read only without SPLIT (the merge applies the sinks)
+        _decode_program(
+            b, kv_head, split, own_splits,
+            part_acc_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+            query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
+            block_table_ptr, seq_lens_ptr, query_pos_ptr, query_ptr,
+            new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr,
+            scale, softcap, local_size, 0,
+            stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
+            stride_vb, stride_vt, stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b,
+            0, 0, 0,
+            stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms,
+            stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd, stride_slot_b,
+            GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, OWN_BLOCK_N, BLOCK_SIZE, USE_WINDOW, USE_SOFTCAP, False, True,
+            FUSED_STORE, DOT_PRECISION, CHUNKED, True, POOL_ADDRESSES,
+        )
 
 
 @triton.jit

@@ -40,7 +40,7 @@ from .env import switch
 ENV_VAR = "HF_PAGED_CASCADE"
 MAX_CHUNK_ROWS = 16  # rows of one group read a shared K/V tile together (their heads fill the tile)
 # Auto mode: the shared reads saved must be a real share of the step's K/V traffic, and large
-# enough to repay the two extra launches per layer (the shared-prefix kernel and the merge).
+# enough to repay the extra launch per layer (the merge) and the partials written.
 MIN_SAVED_FRACTION = 0.25
 MIN_SAVED_TOKENS = 2048
 
