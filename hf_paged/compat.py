@@ -273,7 +273,9 @@ def supports_attention_backend(model_cls) -> bool:
 
 
 def is_stateful(model_cls) -> bool:
-    """The model keeps recurrent state (RNN-like layers) beside or instead of a K/V cache."""
+    """The model keeps recurrent state (RNN-like layers) beside or instead of a K/V cache (up to
+    transformers 5.24; 5.25 dropped the flag and names such layers in the config's layer_types,
+    which support.check_supported reads too)."""
     return bool(getattr(model_cls, "_is_stateful", False))
 
 

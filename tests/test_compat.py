@@ -242,13 +242,18 @@ def test_expand_kv_of_DeepSeek_latent_attention(monkeypatch):
 
 
 def test_attention_backend_and_stateful_flags():
-    """_supports_attention_backend (the model's attention goes through the interface) and
-    _is_stateful (recurrent state beside or instead of K/V)."""
-    from transformers import BloomForCausalLM, LlamaForCausalLM, MambaForCausalLM
+    """_supports_attention_backend (the model's attention goes through the interface), and how a
+    model says it keeps recurrent state beside or instead of K/V: _is_stateful up to 5.24, the
+    config's layer_types ("linear_attention" for Mamba's layers) from 5.25 (_is_stateful is gone).
+    support.check_supported reads both; a model flagged by neither would pass as attention-only."""
+    from transformers import BloomForCausalLM, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+    from hf_paged.support import ATTENTION_LAYER_TYPES
 
     assert compat.supports_attention_backend(LlamaForCausalLM) and not compat.is_stateful(LlamaForCausalLM)
     assert not compat.supports_attention_backend(BloomForCausalLM)
-    assert compat.is_stateful(MambaForCausalLM)
+    recurrent_layers = set(compat.layer_types(MambaConfig(num_hidden_layers=2))) - ATTENTION_LAYER_TYPES
+    assert compat.is_stateful(MambaForCausalLM) or recurrent_layers
 
 
 def test_input_modalities_and_media_input_names():
