@@ -107,12 +107,6 @@ def paged_attention(
     return launch(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses)
 
 
-# The cascade decode runs its shared-prefix programs before the rows' own parts; tests set this to
-# run the own parts first, so that under the interpreter (programs in order) the shared programs
-# are the last to arrive and merge.
-CASCADE_OWN_FIRST = False
-
-
 @dataclass(frozen=True)
 class _Common:
     """What both kernels' launches share: shapes, flags, scalars, the output's strides."""
@@ -218,7 +212,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
     part_sum = torch.empty_like(part_max)
     grid = (c.batch, c.num_kv_heads, num_splits)
     part_strides = (*part_acc.stride(), *part_max.stride())
-    merge_args = (num_splits, query_pos.stride(0), c.out_strides[0], c.out_strides[2], c.out_strides[3],
+    merge_args = (num_splits, 0, query_pos.stride(0), c.out_strides[0], c.out_strides[2], c.out_strides[3],
                   *part_strides)
     merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(num_splits)),
                       USE_SINKS=c.flags["USE_SINKS"], num_warps=4)
@@ -235,7 +229,7 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
             POOL_ADDRESSES=pool_addresses is not None, **meta,
         )
         _merge_splits_kernel[(c.batch, c.num_q_heads)](
-            out, part_acc, part_max, part_sum, query_pos, sinks_arg, *merge_args, **merge_meta,
+            out, part_acc, part_max, part_sum, query_pos, sinks_arg, query_pos, *merge_args, **merge_meta,
         )
         return out
     return launch_split
@@ -243,11 +237,11 @@ def _plan_decode(c: _Common, query, key_cache, value_cache, max_seq_len, new_key
 
 def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new_key, new_value, slot_mapping,
                          num_kv_splits, num_shared_splits):
-    """Shared-prefix decode, one launch: the chunks' shared prefixes (one K/V read per chunk, all
-    members' query heads in one tile) and each row's own part (the decode program from own_start,
-    the fused store as usual) write partials, and the last program to write one of a row merges
-    the row's by their log-sum-exp (plus the sink). The grid is fixed by the batch (chunk slots,
-    not chunks), so a CUDA graph replays it for any plan."""
+    """Shared-prefix decode, two launches: one kernel for both partial parts, the chunks' shared
+    prefixes (one K/V read per chunk, all members' query heads in one tile) and each row's own part
+    (the decode program from own_start, the fused store as usual), then the log-sum-exp merge of
+    both (plus the sink). Every launch's grid is fixed by the batch (chunk slots, not chunks), so a
+    CUDA graph replays it for any plan."""
     slots = cascade_plan.num_chunk_slots(c.batch)
     for name, t, shape in (("chunks", cascade.chunks, (slots, 3)), ("members", cascade.members, (c.batch,)),
                            ("own_start", cascade.own_start, (c.batch,))):
@@ -272,8 +266,6 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
                            device=c.device)
     part_max = torch.empty(c.batch, c.num_q_heads, own_splits + shared_splits, dtype=torch.float32, device=c.device)
     part_sum = torch.empty_like(part_max)
-    # arrivals per (row, query head), back at 0 after every launch (the merging program resets its)
-    counters = torch.zeros(c.batch, c.num_q_heads, dtype=torch.int32, device=c.device)
     part_strides = (*part_acc.stride(), *part_max.stride())
     q_strides = (query.stride(0), query.stride(1), query.stride(3))
     kv_strides = (*key_cache.stride(), *value_cache.stride(), *block_table.stride(), query_pos.stride(0))
@@ -282,28 +274,34 @@ def _plan_cascade_decode(c: _Common, query, key_cache, value_cache, cascade, new
          new_value.stride(0), new_value.stride(1), new_value.stride(3), slot_mapping.stride(0))
         if fused else (0,) * 7
     )
+    flags = {k: v for k, v in c.flags.items() if k != "USE_SINKS"}
     # one launch, one warp count and pipeline depth for both parts: the shallower of the two
     # configurations (both 4 warps; bf16 at D = 128 both 3 stages)
     meta = dict(GROUP=c.group, HEAD_DIM=c.head_dim, ROWS=rows, SUBTILES=subtiles, BLOCK_M=block_m,
                 BLOCK_G=max(16, next_pow2(c.group)), BLOCK_D=c.block_d, SHARED_BLOCK_N=sh_n, OWN_BLOCK_N=block_n,
                 BLOCK_SIZE=c.block_size, FUSED_STORE=fused, num_warps=max(sh_warps, num_warps),
-                num_stages=min(sh_stages, num_stages), **c.flags)
+                num_stages=min(sh_stages, num_stages), **flags)
     num_shared_programs = slots * subtiles * c.num_kv_heads * shared_splits
-    num_own_programs = c.batch * c.num_kv_heads * own_splits
-    grid = (num_shared_programs + num_own_programs,)
+    grid = (num_shared_programs + c.batch * c.num_kv_heads * own_splits,)
+    merge_args = (own_splits, shared_splits, query_pos.stride(0), c.out_strides[0], c.out_strides[2],
+                  c.out_strides[3], *part_strides)
+    merge_meta = dict(HEAD_DIM=c.head_dim, BLOCK_D=c.block_d, BLOCK_S=max(2, next_pow2(own_splits + shared_splits)),
+                      USE_SINKS=c.flags["USE_SINKS"], CASCADE=True, num_warps=4)
     chunks, members, own_start = cascade.chunks, cascade.members, cascade.own_start
 
     def launch_cascade(query, key_cache, value_cache, sinks, out, new_key, new_value, pool_addresses):
         out = c.new_out(out)
         _cascade_decode_kernel[grid](
-            out, part_acc, part_max, part_sum, counters, query, key_cache, value_cache,
+            part_acc, part_max, part_sum, query, key_cache, value_cache,
             slot if pool_addresses is None else pool_addresses,  # (never read without POOL_ADDRESSES)
-            block_table, seq_lens, query_pos, query if sinks is None else sinks, chunks, members, own_start,
+            block_table, seq_lens, query_pos, chunks, members, own_start,
             query if new_key is None else new_key, query if new_value is None else new_value, slot,
-            *c.scalars, c.num_kv_heads, own_splits, shared_splits, num_shared_programs, num_own_programs,
-            *q_strides, *kv_strides, c.out_strides[0], c.out_strides[2], c.out_strides[3], *part_strides,
-            *new_strides, *counters.stride(), OWN_FIRST=CASCADE_OWN_FIRST, POOL_ADDRESSES=pool_addresses is not None,
-            **meta,
+            *c.scalars, c.num_kv_heads, own_splits, shared_splits, num_shared_programs,
+            *q_strides, *kv_strides, *part_strides, *new_strides, POOL_ADDRESSES=pool_addresses is not None, **meta,
+        )
+        _merge_splits_kernel[(c.batch, c.num_q_heads)](
+            out, part_acc, part_max, part_sum, query_pos, query if sinks is None else sinks, own_start,
+            *merge_args, **merge_meta,
         )
         return out
     return launch_cascade

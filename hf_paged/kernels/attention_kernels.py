@@ -22,8 +22,7 @@ Memory layout:
     split partials         : fp32 acc [B, Hq, S, D], max / sum-exp [B, Hq, S] (log2 domain)
     cascade (decode)       : int32 chunks [C, 3] = (shared tokens, first member, members), members [B],
                              own_start [B] (kernels/cascade.py); partial slots [0, S_own) are the
-                             rows' own parts, [S_own, S_own + S_shared) their chunk's shared prefix;
-                             arrival counters int32 [B, Hq], 0 between launches
+                             rows' own parts, [S_own, S_own + S_shared) their chunk's shared prefix
 
 The query heads of one kv head are packed into the rows of a tile (decode: the group,
 padded to >= 16 rows; multi-token: tokens x group), so every K/V tile is loaded once per
@@ -292,70 +291,14 @@ def _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, row_mask, USE_SINKS: tl.co
 
 
 @triton.jit
-def _arrive_and_merge(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr, sinks_ptr,
-    b, head, pos, lanes, expected, max_parts, dims, dim_mask,
-    stride_ob, stride_oh, stride_od,
-    stride_pb, stride_ph, stride_ps, stride_pd,
-    stride_mb, stride_mh, stride_ms,
-    stride_cb, stride_ch,
-    USE_SINKS: tl.constexpr,
-):
-    """Cascade decode, after a program stored its partials for the tile rows ``lanes`` (row ``b``,
-    query head ``head``): count them in, and the program whose partials arrive last for a row
-    merges all ``expected`` of that row (own and shared parts), adds the sink and writes the
-    output; no separate merge launch. ``counters`` [B, Hq] (int32) start at 0 and are put back to
-    0 by the merging program, so the next launch (next layer, next replay) finds them so.
-
-    Memory order: the CTA barrier orders every thread's partial stores before the counting
-    atomic, whose release (GPU scope) publishes them; the last arriver's acquire, then a barrier,
-    orders its loads of the others' partials after their stores (loaded past L1: .cg)."""
-    tl.debug_barrier()
-    counter = counters_ptr + b * stride_cb + head * stride_ch
-    arrived = tl.atomic_add(counter, 1, mask=lanes, sem="acq_rel", scope="gpu")
-    last = lanes & (arrived == expected - 1)
-    tl.debug_barrier()
-    if tl.max(last.to(tl.int32), 0) > 0:
-        tl.atomic_xchg(counter, 0, mask=last, sem="relaxed", scope="gpu")
-        m_run = tl.where(last, _NEG_INF, _NEG_INF)
-        l_run = tl.where(last, 0.0, 0.0)
-        acc = tl.zeros([head.shape[0], dims.shape[0]], tl.float32)
-        for part in range(0, max_parts):
-            ok = last & ((head * 0 + part) < expected)  # (a vector compare: the interpreter's bool & scalar is int)
-            pm = b * stride_mb + head * stride_mh + part * stride_ms
-            m = tl.load(part_max_ptr + pm, mask=ok, other=_NEG_INF, cache_modifier=".cg")
-            l = tl.load(part_sum_ptr + pm, mask=ok, other=0.0, cache_modifier=".cg")
-            a = tl.load(part_acc_ptr + b[:, None] * stride_pb + head[:, None] * stride_ph + part * stride_ps
-                        + dims[None, :] * stride_pd, mask=ok[:, None] & dim_mask[None, :], other=0.0,
-                        cache_modifier=".cg")
-            m_new = tl.maximum(m_run, m)
-            m_safe = tl.where(m_new == _NEG_INF, 0.0, m_new)  # empty parts have m = -inf: weight 0
-            alpha = tl.exp2(m_run - m_safe)
-            beta = tl.exp2(m - m_safe)
-            l_run = l_run * alpha + l * beta
-            acc = acc * alpha[:, None] + a * beta[:, None]
-            m_run = m_new
-        if USE_SINKS:  # a sink joins the denominator only
-            sink = tl.load(sinks_ptr + head, mask=last, other=0.0).to(tl.float32) * LOG2E
-            m_new = tl.maximum(m_run, sink)
-            alpha = tl.exp2(m_run - m_new)
-            l_run = l_run * alpha + tl.exp2(sink - m_new)
-            acc = acc * alpha[:, None]
-        keep = (l_run > 0.0) & (pos >= 0)
-        o = tl.where(keep[:, None], acc / tl.where(keep, l_run, 1.0)[:, None], 0.0)
-        tl.store(out_ptr + b[:, None] * stride_ob + head[:, None] * stride_oh + dims[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=last[:, None] & dim_mask[None, :])
-
-
-@triton.jit
 def _decode_program(
     b, kv_head, split, num_splits,
     out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
-    new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr, counters_ptr,
+    new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr,
     scale, softcap, local_size,
-    tokens_per_split, shared_splits,
+    tokens_per_split,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
@@ -367,7 +310,6 @@ def _decode_program(
     stride_nkb, stride_nkh, stride_nkd,
     stride_nvb, stride_nvh, stride_nvd,
     stride_slot_b,
-    stride_cb, stride_ch,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -388,8 +330,7 @@ def _decode_program(
     # kernel's own-part programs.
     # CASCADE: the row's keys before own_start[b] (its shared prefix) are read by
     # _shared_prefix_program; this program reads [own_start, pos] and always writes partials
-    # (SPLIT), the splits cutting the row's own range; the last program to store a partial of the
-    # row merges them all (_arrive_and_merge).
+    # (SPLIT), the splits cutting the row's own range, for the merge.
     if POOL_ADDRESSES:
         key_cache_ptr = _pool_base(pool_addresses_ptr, 0, key_cache_ptr)
         value_cache_ptr = _pool_base(pool_addresses_ptr, 1, value_cache_ptr)
@@ -480,14 +421,6 @@ def _decode_program(
         pm = b * stride_mb + head * stride_mh + split * stride_ms
         tl.store(part_max_ptr + pm, m_i, mask=head_mask)
         tl.store(part_sum_ptr + pm, l_i, mask=head_mask)
-        if CASCADE:  # a row in a chunk also waits for its shared part's splits
-            expected = num_splits + tl.where(own > 0, shared_splits, 0)
-            _arrive_and_merge(
-                out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr, sinks_ptr,
-                tl.full([BLOCK_G], 0, tl.int64) + b, head, pos_rows, head_mask, expected, num_splits + shared_splits,
-                dims, dim_mask, stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps, stride_pd,
-                stride_mb, stride_mh, stride_ms, stride_cb, stride_ch, USE_SINKS,
-            )
     else:
         o = _finish_rows(acc, m_i, l_i, pos, sinks_ptr, head, head_mask, USE_SINKS)
         tl.store(
@@ -531,17 +464,16 @@ def _decode_kernel(
     CHUNKED: tl.constexpr = False,
     POOL_ADDRESSES: tl.constexpr = False,
 ):
-    # One program per (row, kv head, split): see _decode_program (no CASCADE: own_start and the
-    # counters unread).
+    # One program per (row, kv head, split): see _decode_program (no CASCADE: own_start unread).
     _decode_program(
         tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
         out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_ptr, key_cache_ptr, value_cache_ptr,
         pool_addresses_ptr, block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr, new_key_ptr,
-        new_value_ptr, slot_mapping_ptr, seq_lens_ptr, seq_lens_ptr, scale, softcap, local_size, tokens_per_split, 0,
+        new_value_ptr, slot_mapping_ptr, seq_lens_ptr, scale, softcap, local_size, tokens_per_split,
         stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd, stride_vb, stride_vt,
         stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b, stride_ob, stride_oh, stride_od,
         stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms, stride_nkb, stride_nkh,
-        stride_nkd, stride_nvb, stride_nvh, stride_nvd, stride_slot_b, 0, 0, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D,
+        stride_nkd, stride_nvb, stride_nvh, stride_nvd, stride_slot_b, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D,
         BLOCK_N, BLOCK_SIZE, USE_WINDOW, USE_SOFTCAP, USE_SINKS, SPLIT, FUSED_STORE, DOT_PRECISION, CHUNKED,
         False, POOL_ADDRESSES,
     )
@@ -549,8 +481,8 @@ def _decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_pos_ptr, sinks_ptr,
-    num_splits,
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, query_pos_ptr, sinks_ptr, own_start_ptr,
+    num_splits, num_shared_splits,
     stride_qpos_b,
     stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
@@ -559,13 +491,19 @@ def _merge_splits_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    CASCADE: tl.constexpr = False,
 ):
-    # The split-KV decode's partial slots [0, num_splits) of one (row, query head). (The cascade
-    # decode merges in its own launch: _arrive_and_merge.)
+    # Partial slots [0, num_splits) are the decode kernel's; with CASCADE the next
+    # num_shared_splits are the shared-prefix programs', written only for rows in a chunk
+    # (own_start > 0): other rows' shared slots hold stale data and are not read.
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < num_splits
+    if CASCADE:
+        in_chunk = tl.load(own_start_ptr + b) > 0
+        split_mask = splits < num_splits + tl.where(in_chunk, num_shared_splits, 0)
+    else:
+        split_mask = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
 
@@ -596,7 +534,7 @@ def _merge_splits_kernel(
 @triton.jit
 def _shared_prefix_program(
     slot, sub, kv_head, split, num_splits,
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr, sinks_ptr,
+    part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
     block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr,
     scale, softcap, local_size,
@@ -606,10 +544,8 @@ def _shared_prefix_program(
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_bt_b, stride_bt_n,
     stride_qpos_b,
-    stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_mb, stride_mh, stride_ms,
-    stride_cb, stride_ch,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
@@ -621,7 +557,6 @@ def _shared_prefix_program(
     CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    USE_SINKS: tl.constexpr,
     POOL_ADDRESSES: tl.constexpr = False,
 ):
     if POOL_ADDRESSES:  # (see _decode_program)
@@ -632,8 +567,7 @@ def _shared_prefix_program(
     # tile row r = (member sub * ROWS + r // GROUP, head r % GROUP of this kv head), so one K/V
     # tile of the prefix, read through the first member's block table, feeds the query heads of
     # up to ROWS rows in one tl.dot. Writes each row's unnormalised partial (acc, max, sum-exp:
-    # log2 domain) at slot first_slot + split, after the rows' own-part slots; the last program to
-    # store a partial of a row merges them (_arrive_and_merge).
+    # log2 domain) at slot first_slot + split, after the decode kernel's own-part slots.
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     shared_len = tl.load(chunks_ptr + slot * 3).to(tl.int32)
     first = tl.load(chunks_ptr + slot * 3 + 1)
@@ -695,35 +629,26 @@ def _shared_prefix_program(
         pm = b * stride_mb + head * stride_mh + ps * stride_ms
         tl.store(part_max_ptr + pm, m_i, mask=row_mask)
         tl.store(part_sum_ptr + pm, l_i, mask=row_mask)
-        # the rows' own parts (first_slot splits) and this chunk's num_splits shared ones
-        _arrive_and_merge(
-            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr, sinks_ptr,
-            b, head, pos, row_mask, first_slot + num_splits, first_slot + num_splits, dims, dim_mask,
-            stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps, stride_pd,
-            stride_mb, stride_mh, stride_ms, stride_cb, stride_ch, USE_SINKS,
-        )
 
 
 @triton.jit
 def _cascade_decode_kernel(
-    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr,
+    part_acc_ptr, part_max_ptr, part_sum_ptr,
     query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
-    block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr, chunks_ptr, members_ptr, own_start_ptr,
+    block_table_ptr, seq_lens_ptr, query_pos_ptr, chunks_ptr, members_ptr, own_start_ptr,
     new_key_ptr, new_value_ptr, slot_mapping_ptr,
     scale, softcap, local_size,
-    num_kv_heads, own_splits, shared_splits, num_shared_programs, num_own_programs,
+    num_kv_heads, own_splits, shared_splits, num_shared_programs,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
     stride_vb, stride_vt, stride_vh, stride_vd,
     stride_bt_b, stride_bt_n,
     stride_qpos_b,
-    stride_ob, stride_oh, stride_od,
     stride_pb, stride_ph, stride_ps, stride_pd,
     stride_mb, stride_mh, stride_ms,
     stride_nkb, stride_nkh, stride_nkd,
     stride_nvb, stride_nvh, stride_nvd,
     stride_slot_b,
-    stride_cb, stride_ch,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,
@@ -737,59 +662,49 @@ def _cascade_decode_kernel(
     USE_WINDOW: tl.constexpr,
     CHUNKED: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
-    USE_SINKS: tl.constexpr,
     FUSED_STORE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    OWN_FIRST: tl.constexpr = False,
     POOL_ADDRESSES: tl.constexpr = False,
 ):
-    # Cascade decode in one launch over a 1-D grid of two kinds of programs: the shared prefixes'
-    # (chunk slot x subtile, kv head, split), split fastest, and the rows' own parts (row, kv head,
+    # Cascade decode, both partial parts in one launch (the merge follows as its own launch): a
+    # 1-D grid whose first num_shared_programs programs are the shared prefixes' (chunk slot x
+    # subtile, kv head, split), split fastest, and the rest the rows' own parts (row, kv head,
     # split), split fastest. The longer shared-prefix programs come first, so they start in the
-    # first wave (OWN_FIRST: the other order, which tests use to have the shared programs merge).
-    # Each writes its partials, and the last to write one of a row merges the row's (the
-    # counters), so the layer's attention is this one launch.
+    # first wave; one launch per layer fewer than running the two parts as two kernels.
     pid = tl.program_id(0)
-    if OWN_FIRST:
-        shared_pid = pid - num_own_programs
-        own_pid = pid
-    else:
-        shared_pid = pid
-        own_pid = pid - num_shared_programs
-    if (shared_pid >= 0) & (shared_pid < num_shared_programs):
-        split = shared_pid % shared_splits
-        kv_head = (shared_pid // shared_splits) % num_kv_heads
-        tile = shared_pid // (shared_splits * num_kv_heads)
+    if pid < num_shared_programs:
+        split = pid % shared_splits
+        kv_head = (pid // shared_splits) % num_kv_heads
+        tile = pid // (shared_splits * num_kv_heads)
         _shared_prefix_program(
             tile // SUBTILES, tile % SUBTILES, kv_head, split, shared_splits,
-            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, counters_ptr, sinks_ptr,
-            query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
+            part_acc_ptr, part_max_ptr, part_sum_ptr, query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
             block_table_ptr, query_pos_ptr, chunks_ptr, members_ptr, scale, softcap, local_size, own_splits,
             stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
             stride_vb, stride_vt, stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b,
-            stride_ob, stride_oh, stride_od, stride_pb, stride_ph, stride_ps, stride_pd,
-            stride_mb, stride_mh, stride_ms, stride_cb, stride_ch,
+            stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms,
             GROUP, HEAD_DIM, ROWS, BLOCK_M, BLOCK_D, SHARED_BLOCK_N, BLOCK_SIZE, USE_WINDOW, CHUNKED, USE_SOFTCAP,
-            DOT_PRECISION, USE_SINKS, POOL_ADDRESSES,
+            DOT_PRECISION, POOL_ADDRESSES,
         )
-    if (own_pid >= 0) & (own_pid < num_own_programs):
-        split = own_pid % own_splits
-        kv_head = (own_pid // own_splits) % num_kv_heads
-        b = (own_pid // (own_splits * num_kv_heads)).to(tl.int64)
+    else:
+        own = pid - num_shared_programs
+        split = own % own_splits
+        kv_head = (own // own_splits) % num_kv_heads
+        b = (own // (own_splits * num_kv_heads)).to(tl.int64)
+        # out and sinks are read only without SPLIT (the merge applies the sinks)
         _decode_program(
             b, kv_head, split, own_splits,
-            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+            part_acc_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
             query_ptr, key_cache_ptr, value_cache_ptr, pool_addresses_ptr,
-            block_table_ptr, seq_lens_ptr, query_pos_ptr, sinks_ptr,
-            new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr, counters_ptr,
-            scale, softcap, local_size, 0, shared_splits,
+            block_table_ptr, seq_lens_ptr, query_pos_ptr, query_ptr,
+            new_key_ptr, new_value_ptr, slot_mapping_ptr, own_start_ptr,
+            scale, softcap, local_size, 0,
             stride_qb, stride_qh, stride_qd, stride_kb, stride_kt, stride_kh, stride_kd,
             stride_vb, stride_vt, stride_vh, stride_vd, stride_bt_b, stride_bt_n, stride_qpos_b,
-            stride_ob, stride_oh, stride_od,
+            0, 0, 0,
             stride_pb, stride_ph, stride_ps, stride_pd, stride_mb, stride_mh, stride_ms,
             stride_nkb, stride_nkh, stride_nkd, stride_nvb, stride_nvh, stride_nvd, stride_slot_b,
-            stride_cb, stride_ch,
-            GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, OWN_BLOCK_N, BLOCK_SIZE, USE_WINDOW, USE_SOFTCAP, USE_SINKS, True,
+            GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, OWN_BLOCK_N, BLOCK_SIZE, USE_WINDOW, USE_SOFTCAP, False, True,
             FUSED_STORE, DOT_PRECISION, CHUNKED, True, POOL_ADDRESSES,
         )
 

@@ -5,7 +5,7 @@ Beams, ``num_return_sequences`` samples and prompts with a common preamble hold 
 prefix in the same pool blocks. The plain decode kernel still reads those blocks once per row; the
 cascade decode reads them once per **chunk** (up to ``MAX_CHUNK_ROWS`` rows of one group, all
 their query heads in one tile) and each row's own blocks as before; the two partial softmaxes
-merge by their log-sum-exp in the same launch (``attention_kernels.py``).
+merge by their log-sum-exp (``attention_kernels.py``).
 
 A group is the rows whose block tables start with the same block; its shared length ``S`` is the
 longest run of leading blocks every member holds, in tokens, capped by the members' query
@@ -40,7 +40,7 @@ from .env import switch
 ENV_VAR = "HF_PAGED_CASCADE"
 MAX_CHUNK_ROWS = 16  # rows of one group read a shared K/V tile together (their heads fill the tile)
 # Auto mode: the shared reads saved must be a real share of the step's K/V traffic, and large
-# enough to repay the partials written and merged.
+# enough to repay the extra launch per layer (the merge) and the partials written.
 MIN_SAVED_FRACTION = 0.25
 MIN_SAVED_TOKENS = 2048
 
