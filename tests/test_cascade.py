@@ -144,10 +144,11 @@ def _feature(feature, g, num_q_heads, device):
 
 
 def _run(case: SharedCase, heads, dtype, device, feature, fused, splits=(None, None), min_chunks=1,
-         via_addresses=False):
+         via_addresses=False, launches=1):
     """Cascade vs the reference on one case; returns the plan. ``via_addresses``: the kernels get
     the pools through ``pool_addresses`` and decoys (same shape and strides) as key_cache /
-    value_cache, which must stay untouched."""
+    value_cache, which must stay untouched. ``launches``: the same launch (one plan, as layer
+    after layer of a forward: its partial buffers reused) run that many times, each output checked."""
     num_q_heads, num_kv_heads = heads
     head_dim = case.key_cache.shape[3]
     batch = case.block_table.shape[0]
@@ -172,16 +173,20 @@ def _run(case: SharedCase, heads, dtype, device, feature, fused, splits=(None, N
         new_kw = dict(new_key=new_key, new_value=new_value, slot_mapping=slots)
     ref = reference.paged_attention(query, case.key_cache.clone(), case.value_cache.clone(), case.block_table,
                                     case.seq_lens, case.query_pos, scale, **kw)
-    out = torch.full((batch, 1, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
     pools, addresses = (k_cache, v_cache), None
     if via_addresses:
         pools = (torch.full_like(k_cache, 7.0), torch.full_like(v_cache, 7.0))
         addresses = torch.tensor([k_cache.data_ptr(), v_cache.data_ptr()], dtype=torch.int64, device=device)
-    K.get_backend("triton").paged_attention(
-        query, *pools, case.block_table, case.seq_lens, case.query_pos, scale, out=out, **kw, **new_kw,
-        cascade=cascade.CascadeBatch.from_plan(plan, device), num_kv_splits=splits[0], num_shared_splits=splits[1],
-        pool_addresses=addresses)
-    _check_close(out, ref, dtype)
+    plans: dict = {}
+    batch_plan = cascade.CascadeBatch.from_plan(plan, device)
+    for _ in range(launches):
+        out = torch.full((batch, 1, num_q_heads, head_dim), NAN, dtype=dtype, device=device)
+        K.get_backend("triton").paged_attention(
+            query, *pools, case.block_table, case.seq_lens, case.query_pos, scale, out=out, **kw, **new_kw,
+            cascade=batch_plan, num_kv_splits=splits[0], num_shared_splits=splits[1], pool_addresses=addresses,
+            plans=plans)
+        _check_close(out, ref, dtype)
+    assert len(plans) == 1
     if via_addresses:
         assert (pools[0] == 7.0).all() and (pools[1] == 7.0).all()
     pads = (case.query_pos[:, 0] < 0).cpu()
@@ -225,7 +230,7 @@ CUDA_CASES = [
 @pytest.mark.parametrize("device,seed,heads,head_dim,dtype,feature,fused,splits", CASES + CUDA_CASES)
 def test_cascade_fixed_structure(device, seed, heads, head_dim, dtype, feature, fused, splits):
     case = SharedCase(seed, FIXED_ROWS, heads[1], head_dim, 16, dtype, device, pad_rows=(6,))
-    plan = _run(case, heads, dtype, device, feature, fused, splits, min_chunks=3)
+    plan = _run(case, heads, dtype, device, feature, fused, splits, min_chunks=3, launches=2)
     assert plan.own_start.tolist() == [48, 48, 48, 0, 80, 80, 0, 0, 16, 16]
     assert plan.num_chunks == 3
 
