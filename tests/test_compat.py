@@ -138,6 +138,15 @@ def test_prepare_cache_for_generation_makes_a_DynamicCache_we_replace(llama):
     assert type(compat.cache_of(out)) is PagedCache
 
 
+def _prompt_lookup_generate(model, max_new_tokens):
+    """Prompt-lookup (assisted) decoding over a prompt that repeats itself, so drafts are found
+    (and some rejected: the cache is rolled back)."""
+    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
+    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                   prompt_lookup_num_tokens=3, pad_token_id=0)
+
+
 def test_crop_convention_of_assisted_decoding(llama, monkeypatch):
     """Prompt-lookup (assisted) decoding rolls the cache back with crop: 5.23+ passes -n (drop n
     tokens) or 0, 5.17 the length to keep. compat.crop_length reads both; any other call fails here."""
@@ -150,10 +159,7 @@ def test_crop_convention_of_assisted_decoding(llama, monkeypatch):
         return original(self, max_length)
 
     monkeypatch.setattr(PagedCache, "crop", recording)
-    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
-    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
-    paged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
-                   prompt_lookup_num_tokens=3, pad_token_id=0)
+    _prompt_lookup_generate(paged, max_new_tokens=14)
     assert calls
     negative = all(n <= 0 for n, _ in calls)
     lengths = all(0 <= n <= current for n, current in calls)
@@ -177,10 +183,7 @@ def test_activate_past_recording_call_of_assisted_decoding(llama, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(PagedCache, "activate_past_recording", recording)
-    pattern = torch.randint(3, 256, (7,), generator=torch.Generator().manual_seed(4))
-    ids = torch.cat([pattern, pattern, pattern[:4]]).unsqueeze(0)
-    paged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                   prompt_lookup_num_tokens=3, pad_token_id=0)
+    _prompt_lookup_generate(paged, max_new_tokens=6)
     assert calls
     for args, kwargs in calls:
         assert not args and set(kwargs) <= {"recurrent_states_to_keep"}, calls
