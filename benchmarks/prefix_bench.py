@@ -229,7 +229,9 @@ if args.phases:
             ("shared+cascade, pool grows 4x", "shared", "auto", 4.0, {}),
             ("shared+cascade, 1 graph per step", "shared", "auto", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
             ("unshared, 1 graph per step", "unshared", "0", None, {"HF_PAGED_GRAPH_SEGMENTS": "1"}),
-            ("shared+cascade, no deferred stop", "shared", "auto", None, {"HF_PAGED_DEFERRED_STOP": "0"})):
+            ("shared+cascade, no deferred stop", "shared", "auto", None, {"HF_PAGED_DEFERRED_STOP": "0"}),
+            ("unshared (PyTorch norms)", "unshared", "0", None, {"HF_PAGED_FUSED_NORMS": "0"}),
+            ("shared+cascade (PyTorch norms)", "shared", "auto", None, {"HF_PAGED_FUSED_NORMS": "0"})):
         if args.paths is not None and label not in args.paths.split(","):
             continue
         os.environ["HF_PAGED_CASCADE"] = cascade_mode

@@ -9,7 +9,8 @@ unchanged):
 - ``GenerationMixin._prepare_cache_for_generation``: create a :class:`PagedCache` when the user
   passed no cache.
 - ``GenerationMixin.generate`` (public): for the duration of the call, ``model.forward`` is a
-  :class:`~hf_paged.graphs.GraphedForward`, which runs decode steps as CUDA graphs; a user's cache
+  :class:`~hf_paged.graphs.GraphedForward`, which runs decode steps as CUDA graphs, and the
+  model's Llama-style RMSNorms run one Triton kernel each (:mod:`hf_paged.norms`); a user's cache
   left mid-generation by an exception is marked so (it refuses to continue until ``reset()``).
 - ``GenerationMixin._prefill``: when ``generate`` has expanded prompts for beams or
   ``num_return_sequences``, run each distinct prompt's prefill once, then fork the rows (blocks by
@@ -33,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import compat
+from . import compat, norms
 from .block_table import chain_hashes_of_prompts
 from .cache import PagedCache
 from .graphs import GraphedForward, graphs_enabled
@@ -127,7 +128,9 @@ def _wrap_generate(orig):
         call = self.__dict__["_hf_paged_call"] = {"prefix_cache": prefix_cache, "created": []}
         failed = True
         try:
-            out = orig(self, *args, **kwargs)
+            with norms.fused(self) as fused_norms:
+                call["fused_norms"] = fused_norms  # part of a decode graph's key (graphs.py)
+                out = orig(self, *args, **kwargs)
             failed = False
             return out
         except BaseException as exc:

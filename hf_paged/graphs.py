@@ -204,6 +204,7 @@ class _GraphKey(NamedTuple):
     model: bytes
     window_layers: tuple  # the layers read through the window tables
     segments: int  # graphs per step (graph_segments())
+    fused_norms: int  # RMSNorms running hf-paged's kernel in the captured forward (hf_paged.norms)
 
 
 # Graphs a PrefixCache keeps for the calls that borrow its pools (each holds its static buffers
@@ -465,7 +466,8 @@ def _graphed_step(model, forward, cache: PagedCache, kwargs: dict, segments: int
         key = _GraphKey(batch, width, cache.pools.layout_version,
                         tuple((k, tuple(t.shape), t.dtype) for k, t in inputs.items()),
                         tuple((k, kwargs.get(k)) for k in _PLAIN_INPUTS), model_id,
-                        tuple(sorted(cache.window_layers)), segments)
+                        tuple(sorted(cache.window_layers)), segments,
+                        model.__dict__.get("_hf_paged_call", {}).get("fused_norms", 0))
         # Rows with pads: the replay runs without the 2D mask, so a forward that reads it beyond
         # attention (and not the paged metadata) differs from its eager step only then.
         kind = "padded" if any(cache.tables.left_pads) or any(cache.tables.inner_pads) else "unpadded"

@@ -409,12 +409,13 @@ def test_graph_segments_setting_and_split_points(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["HF_PAGED_CUDA_GRAPHS", "HF_PAGED_WINDOW_BLOCKS", "HF_PAGED_PACKED_PREFILL",
-                                  "HF_PAGED_CASCADE", "HF_PAGED_DEFERRED_STOP"])
+                                  "HF_PAGED_CASCADE", "HF_PAGED_DEFERRED_STOP", "HF_PAGED_FUSED_NORMS"])
 def test_on_off_switches_read_alike(name, monkeypatch):
     """Every on/off switch takes 1/true/on/yes and 0/false/off/no in any case, is on (auto for
     the cascade) when unset, and refuses a typo by name instead of keeping its default."""
     from hf_paged.cache import _window_layers
     from hf_paged.generation import deferred_stop_enabled, packed_prefill_enabled
+    from hf_paged import norms
     from hf_paged.kernels import cascade
 
     mistral = make_pair("mistral")[0].config
@@ -422,7 +423,8 @@ def test_on_off_switches_read_alike(name, monkeypatch):
             "HF_PAGED_WINDOW_BLOCKS": lambda: bool(_window_layers(mistral)[1]),
             "HF_PAGED_PACKED_PREFILL": packed_prefill_enabled,
             "HF_PAGED_CASCADE": cascade.setting,
-            "HF_PAGED_DEFERRED_STOP": deferred_stop_enabled}[name]
+            "HF_PAGED_DEFERRED_STOP": deferred_stop_enabled,
+            "HF_PAGED_FUSED_NORMS": norms.enabled}[name]
     monkeypatch.delenv(name, raising=False)
     assert read() is (None if name == "HF_PAGED_CASCADE" else True)
     for value, expected in (("1", True), (" On", True), ("YES", True), ("0", False), ("off", False), ("No", False)):

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .. import compat
+from .. import compat, norms
 from ..block_pool import OutOfBlocksError
 from ..block_table import chain_hashes
 from ..cache import DEFAULT_BLOCK_SIZE, PagedCache
@@ -111,6 +111,11 @@ class Engine:
         self.cache.pool.reserve(self.bound_blocks)
         sequences = sum(seq.request.num_sequences for seq in self.waiting)
         self.cache.reserve_window_blocks(sequences, self.max_batch_tokens, self.bound_blocks)
+        # the model's Llama-style RMSNorms run one kernel each for the run (hf_paged.norms)
+        with norms.fused(self.model):
+            yield from self._steps()
+
+    def _steps(self) -> Iterator[list[EngineRequest]]:
         while self.busy:
             finished: list[EngineRequest] = []
             progress = self._prefill(finished) + self._decode(finished)

@@ -13,6 +13,7 @@ K's); see reference.py for every argument's layout.
 store kernels then read the pools' addresses from it, so that a CUDA graph of the launch survives
 the pools' reallocation (``hf_paged.layer_pools``); the PyTorch reference ignores it.
     backend.copy_blocks(key_cache, value_cache, src, dst)
+    out = backend.rms_norm(x, weight, eps)   # Llama's RMSNorm formula (reference.rms_norm)
 
 ``batch`` is any object with the batch's ``block_table``, ``seq_lens``, ``query_pos``,
 ``slot_mapping``, ``max_seq_len`` and ``max_context_len`` (:class:`BatchMetadata`); each backend's
@@ -102,13 +103,15 @@ class LayerAttention:
 
 @dataclass(frozen=True)
 class Backend:
-    """The kernels of one backend: ``store_kv``, ``copy_blocks`` and ``paged_attention`` are its
-    functions over tensors; :meth:`attend` is the typed call the cache's attention makes."""
+    """The kernels of one backend: ``store_kv``, ``copy_blocks``, ``paged_attention`` and
+    ``rms_norm`` are its functions over tensors; :meth:`attend` is the typed call the cache's
+    attention makes."""
 
     name: str
     store_kv: Callable
     copy_blocks: Callable
     paged_attention: Callable
+    rms_norm: Callable
 
     def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, batch: BatchMetadata,
                layer: LayerAttention, *, new_key: torch.Tensor | None = None, new_value: torch.Tensor | None = None,
@@ -126,7 +129,8 @@ class Backend:
         )
 
 
-_TORCH_BACKEND = Backend("torch", reference.store_kv, reference.copy_blocks, reference.paged_attention)
+_TORCH_BACKEND = Backend("torch", reference.store_kv, reference.copy_blocks, reference.paged_attention,
+                         reference.rms_norm)
 _TRITON_BACKEND: Backend | None = None
 
 
@@ -137,10 +141,18 @@ def _triton_backend() -> Backend:
             attention = importlib.import_module(".attention", __name__)
             store = importlib.import_module(".store", __name__)
             copy = importlib.import_module(".copy", __name__)
+            norm = importlib.import_module(".norm", __name__)
         except ImportError as exc:  # triton missing or broken
             raise RuntimeError(f"the Triton backend needs a working triton install ({exc}); use "
                                f"{ENV_VAR}=torch") from exc
-        _TRITON_BACKEND = Backend("triton", store.store_kv, copy.copy_blocks, attention.paged_attention)
+        def rms_norm(x, weight, eps):
+            # shapes the kernel does not take (a strided last dim, a row wider than MAX_WIDTH)
+            # get the reference: the same numbers, in PyTorch's kernels
+            if norm.supports(x, weight):
+                return norm.rms_norm(x, weight, eps)
+            return reference.rms_norm(x, weight, eps)
+
+        _TRITON_BACKEND = Backend("triton", store.store_kv, copy.copy_blocks, attention.paged_attention, rms_norm)
     return _TRITON_BACKEND
 
 

@@ -1,6 +1,6 @@
 """hf_paged's on/off environment switches, read by one parser (``HF_PAGED_CUDA_GRAPHS``,
 ``HF_PAGED_WINDOW_BLOCKS``, ``HF_PAGED_PACKED_PREFILL``, ``HF_PAGED_CASCADE``,
-``HF_PAGED_DEFERRED_STOP``).
+``HF_PAGED_DEFERRED_STOP``, ``HF_PAGED_FUSED_NORMS``).
 
 Here, in the kernels package, so that every module can import it without a cycle (the kernels
 import nothing of hf_paged's top level)."""

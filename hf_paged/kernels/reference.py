@@ -188,3 +188,15 @@ def paged_attention(
         o = o.view(batch, num_kv_heads, group, nq, value_dim).permute(0, 3, 1, 2, 4)
         out[:, q0:q1] = o.reshape(batch, nq, num_q_heads, value_dim).to(out.dtype)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square normalisation over the last dim, as Llama's ``LlamaRMSNorm.forward``
+    computes it: in fp32, the result cast back to ``x``'s dtype, then scaled by ``weight`` (so the
+    output's dtype is ``x``'s and ``weight``'s promoted). The order of casts is part of the
+    contract: ``hf_paged.norms`` replaces only modules whose own forward gives this bit for bit."""
+    input_dtype = x.dtype
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
