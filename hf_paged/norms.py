@@ -1,10 +1,10 @@
 """A paged model's RMSNorm layers on the kernels' backend while hf-paged generates.
 
 Why: a decode step of a Llama-shaped model runs two RMSNorms per layer, and transformers' RMSNorm
-is eight PyTorch kernels (cast, square, mean, add, rsqrt, multiply, cast, scale). With 32 rows
-of 4,096 each is a few microseconds of work, so a step of an 8B model spends ~1,000 of its ~1,500
-kernels and a quarter of its GPU time there (docs/performance.md): the Triton kernel
-(``kernels/norm.py``) does it in one.
+is eight PyTorch kernels (cast, square, mean, add, rsqrt, multiply, cast, scale), each a few
+microseconds of work over 32 rows of 4,096: ~500 of an 8B model's ~1,500 kernels per step. The
+Triton kernel (``kernels/norm.py``) does a norm in one; the step went from 9.2 to 7.8 ms on an
+H200 (docs/performance.md).
 
 What: for the duration of a paged ``generate`` call (:mod:`hf_paged.generation`) or an engine run,
 each RMSNorm module whose own forward computes ``kernels.reference.rms_norm`` bit for bit gets an
@@ -80,12 +80,15 @@ def _check_formula(module: torch.nn.Module) -> bool:
     return True
 
 
+def _fusable(module: torch.nn.Module) -> bool:
+    return "forward" not in module.__dict__ and _shaped_like_rms_norm(module) and computes_reference(module)
+
+
 def fusable(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The modules of ``model`` that :func:`fused` would give the backend's ``rms_norm``: RMSNorms
-    computing the reference's formula, without an instance ``forward`` of someone else's
-    (accelerate's device_map hooks, an enclosing call's)."""
-    return [m for m in model.modules()
-            if "forward" not in m.__dict__ and _shaped_like_rms_norm(m) and computes_reference(m)]
+    computing the reference's formula, without an instance ``forward`` (someone else's, such as
+    accelerate's device_map hooks, or an enclosing call's)."""
+    return [m for m in model.modules() if _fusable(m)]
 
 
 class FusedRMSNorm:
@@ -97,8 +100,10 @@ class FusedRMSNorm:
     def __init__(self, module: torch.nn.Module):
         self.module = module
 
-    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         module = self.module
+        if args or kwargs:  # a call with more than the hidden states was checked by nobody
+            return type(module).forward(module, hidden_states, *args, **kwargs)
         with device_guard(hidden_states.device):
             return backend_for(hidden_states.device).rms_norm(hidden_states, module.weight, _epsilon(module))
 
@@ -111,18 +116,22 @@ def _on_triton(model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def fused(model: torch.nn.Module):
     """Within the block, ``model``'s fusable RMSNorms (:func:`fusable`) run the backend's
-    ``rms_norm``; yields how many: 0 when ``HF_PAGED_FUSED_NORMS=0`` or where the model's backend
-    is the PyTorch one (the CPU's by default: the reference is the modules' own arithmetic, so
-    there is nothing to gain). Removed on exit, error or not; a module whose ``forward`` someone
-    replaced meanwhile keeps theirs."""
-    modules = fusable(model) if enabled() and _on_triton(model) else []
-    placed = []
+    ``rms_norm``; yields how many run it in the block, those an enclosing call placed included
+    (decode graphs are keyed on it). None are placed when ``HF_PAGED_FUSED_NORMS=0`` or where the
+    model's backend is the PyTorch one (the CPU's by default: the reference is the modules' own
+    arithmetic, so there is nothing to gain). Removed on exit, error or not; a module whose
+    ``forward`` someone replaced meanwhile keeps theirs."""
+    place = enabled() and _on_triton(model)
+    placed, enclosing = [], 0
     try:
-        for module in modules:
-            forward = FusedRMSNorm(module)
-            module.forward = forward
-            placed.append((module, forward))
-        yield len(placed)
+        for module in model.modules():
+            if isinstance(module.__dict__.get("forward"), FusedRMSNorm):
+                enclosing += 1
+            elif place and _fusable(module):
+                forward = FusedRMSNorm(module)
+                module.forward = forward
+                placed.append((module, forward))
+        yield enclosing + len(placed)
     finally:
         for module, forward in placed:
             if module.__dict__.get("forward") is forward:

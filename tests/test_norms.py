@@ -128,6 +128,20 @@ def test_only_rms_norms_of_the_reference_formula_are_fusable():
     assert norms.fusable(model) == [model[0]]
 
 
+def test_a_call_with_more_than_hidden_states_runs_the_modules_own_forward():
+    class GatedRMSNorm(LlamaRMSNorm):  # passes the formula check; its extra argument is not checked
+        def forward(self, x, gate=None):
+            out = super().forward(x)
+            return out if gate is None else out * gate
+
+    module = GatedRMSNorm(16)
+    assert norms.fusable(torch.nn.Sequential(module)) == [module]
+    fused = norms.FusedRMSNorm(module)
+    x = torch.randn(3, 16)
+    assert torch.equal(fused(x, gate=torch.zeros(16)), torch.zeros(3, 16))
+    assert torch.equal(fused(x, torch.full((16,), 2.0)), 2 * module(x))
+
+
 def test_fused_installs_for_the_block_only(monkeypatch):
     """On the Triton backend the model's Llama norms get the kernel inside the block and lose it on
     exit, an exception included; none with the switch off or on the PyTorch backend."""
@@ -137,6 +151,11 @@ def test_fused_installs_for_the_block_only(monkeypatch):
     with norms.fused(model) as count:
         assert count == expected
         assert sum(isinstance(m.__dict__.get("forward"), norms.FusedRMSNorm) for m in model.modules()) == expected
+        # a call within the call (the count keys decode graphs): the outer call's norms are counted,
+        # and stay when the inner call ends
+        with norms.fused(model) as inner:
+            assert inner == expected
+        assert isinstance(model.model.norm.__dict__.get("forward"), norms.FusedRMSNorm)
     assert not any("forward" in m.__dict__ for m in model.modules())
     with pytest.raises(RuntimeError, match="boom"):
         with norms.fused(model):
