@@ -178,7 +178,8 @@ def _wrap_prefill(orig):
             return orig(self, input_ids, generation_config, model_kwargs, is_first_iteration, *args, **kwargs)
 
         batch = input_ids.shape[0]
-        rep, inverse, lengths, left_padded = _distinct_rows(input_ids, mask)
+        host_ids, host_mask = _to_host(input_ids, mask)  # one copy each, for both readers below
+        rep, inverse, lengths, left_padded = _distinct_rows(host_ids, host_mask)
         if not cache.share_prefixes:
             rep, inverse = list(range(batch)), list(range(batch))
         prompt_lengths = [lengths[r] for r in rep]
@@ -195,7 +196,7 @@ def _wrap_prefill(orig):
         # (position_ids: the suffix starts past the reused tokens).
         if (cache.share_prefixes and left_padded and not generation_config.output_hidden_states
                 and model_kwargs.get("position_ids") is not None and model_kwargs["position_ids"].dim() == 2):
-            phases = prefill_phases(cache, _prompt_tokens(input_ids, mask, rep))
+            phases = prefill_phases(cache, _prompt_tokens(host_ids, host_mask, rep))
         if phases is not None:
             # the prompts' distinct blocks not stored yet (each computed once), not every row's
             cache.pool.reserve(phases.new_blocks)
@@ -342,10 +343,17 @@ def _gather_last_logits(merged: torch.Tensor | None, outputs, cache_rows: list[i
     return merged
 
 
-def _prompt_tokens(input_ids: torch.Tensor, mask: torch.Tensor | None, rep: list[int]) -> list[np.ndarray]:
-    """The real (non-pad) token ids of the prompts ``rep``, int64."""
-    ids = input_ids.cpu().numpy().astype(np.int64)
-    keep = mask.cpu().numpy().astype(bool) if mask is not None and mask.dim() == 2 else np.ones(ids.shape, bool)
+def _to_host(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The prompts' ids and 2D mask (None without one) as numpy arrays: the prefill's only reads
+    of them on the host."""
+    mask = attention_mask.cpu().numpy() if attention_mask is not None and attention_mask.dim() == 2 else None
+    return input_ids.cpu().numpy(), mask
+
+
+def _prompt_tokens(ids: np.ndarray, mask: np.ndarray | None, rep: list[int]) -> list[np.ndarray]:
+    """The real (non-pad) token ids of the prompts ``rep`` (rows of ``ids``, their 2D ``mask``), int64."""
+    ids = ids.astype(np.int64)
+    keep = mask.astype(bool) if mask is not None else np.ones(ids.shape, bool)
     return [ids[r][keep[r]] for r in rep]
 
 
@@ -442,11 +450,10 @@ def _shared_prefill(orig, model, cache: PagedCache, input_ids, generation_config
     return outputs
 
 
-def _distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+def _distinct_rows(ids: np.ndarray, mask: np.ndarray | None):
     """First row of each distinct (tokens, mask) prompt, each row's index among them, each row's
-    real (non-pad) length, and whether every row has its pads first (left padding)."""
-    ids = input_ids.cpu().numpy()
-    mask = attention_mask.cpu().numpy() if attention_mask is not None and attention_mask.dim() == 2 else None
+    real (non-pad) length, and whether every row has its pads first (left padding); ``ids`` and
+    ``mask`` from :func:`_to_host`."""
     first: dict[bytes, int] = {}
     rep: list[int] = []
     inverse: list[int] = []
