@@ -8,8 +8,8 @@ H200 (docs/performance.md).
 
 What: for the duration of a paged ``generate`` call (:mod:`hf_paged.generation`) or an engine run,
 each RMSNorm module whose own forward computes ``kernels.reference.rms_norm`` bit for bit gets an
-instance ``forward`` calling the backend's ``rms_norm`` (the Triton kernel on CUDA; on CPU the
-reference, the same operations as the module's). The formula is checked once per class, on the
+instance ``forward`` calling the Triton backend's ``rms_norm`` (on the PyTorch backend, the CPU's
+default, nothing is placed: the reference is the module's own arithmetic). The formula is checked once per class, on the
 CPU, in bf16 and fp32 with a random weight: Gemma's ``(1 + weight)``, OLMo 2's scaling before the
 cast, a LayerNorm or a class that changed in a transformers release keep their own forward.
 Nothing stays on the model after the call. ``HF_PAGED_FUSED_NORMS=0`` turns it off.
